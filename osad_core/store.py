@@ -1,0 +1,134 @@
+"""Glue between a finished :class:`~osad_core.experiment.RunResult` and the database.
+
+The library proper never imports ``db``; the CLI and the worker call this module so a
+run started anywhere is stored the same way and the app shows it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+
+from .data import Dataset, ImageRecord, file_sha1
+from .evaluate import METRIC_DETAILS
+
+log = logging.getLogger(__name__)
+
+LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unlabeled"}
+SOURCES = {"elpv": "elpv", "headct": "headct"}
+
+
+def image_items(records: list[ImageRecord], root: str | None = None) -> list[dict]:
+    """Rows for ``db.queries.add_images`` (hash and size read from each file)."""
+    items = []
+    for r in records:
+        try:
+            with PILImage.open(r.path) as im:
+                w, h = im.size
+            digest = file_sha1(r.path)
+        except OSError:
+            w = h = None
+            digest = None
+        rel = str(Path(r.path).relative_to(root)) if root and r.path.startswith(str(root)) else Path(r.path).name
+        items.append({
+            "path": r.path, "rel_path": rel, "split": r.split, "label": LABEL_NAMES[r.label],
+            "defect_type": r.defect_type if r.label == 1 else None, "content_hash": digest,
+            "width": w, "height": h, "mask_path": r.mask_path,
+        })
+    return items
+
+
+def ensure_project(s, ds: Dataset, name: str | None = None) -> int:
+    """The project holding this dataset's images (created and filled on first use)."""
+    from db import queries as q
+
+    name = name or ds.name
+    proj = q.get_project_by_name(s, name)
+    if proj is None:
+        proj = q.create_project(s, name, SOURCES.get(ds.name, "cli"), root_path=ds.root,
+                                description=f"created by the command line from {ds.root or ds.name}")
+    q.add_images(s, proj.id, image_items(ds.records, ds.root))
+    return proj.id
+
+
+def display_range(res) -> tuple[float, float]:
+    """Fixed heatmap colour range of a run: 0 .. the 99th percentile of normal test maps,
+    so good images do not light up (falls back to all maps)."""
+    pred = res.prediction
+    normal = np.array([r.label == 0 for r in pred.records], bool)
+    src = pred.maps[normal] if normal.any() else pred.maps
+    hi = float(np.percentile(src, 99)) if src.size else 1.0
+    return 0.0, max(hi, 1e-6)
+
+
+def result_rows(res, id_of: dict[str, int]) -> list[dict]:
+    """Per-image rows (score, role, heatmap, embedding, t-SNE) for ``store_run_results``."""
+    seen = set(res.split.seen_types)
+    train_an = {r.path for r in res.split.train_anomalies}
+    tsne = {r.path: xy for r, xy in zip(res.tsne_records, res.tsne)} if res.tsne is not None else {}
+    rows: dict[str, dict] = {}
+
+    def add(pred, role_of):
+        for i, r in enumerate(pred.records):
+            iid = r.image_id or id_of.get(r.path)
+            if iid is None:
+                continue
+            xy = tsne.get(r.path)
+            rows[r.path] = {
+                "image_id": iid, "score": float(pred.scores[i]), "role": role_of(r),
+                "label_at_run": LABEL_NAMES[r.label], "defect_type_at_run": r.defect_type,
+                "seen": (r.defect_type in seen) if r.label == 1 else None,
+                "tsne_x": None if xy is None else float(xy[0]), "tsne_y": None if xy is None else float(xy[1]),
+                "heatmap": pred.maps[i].astype(np.float32), "embedding": pred.embeddings[i],
+                "embedding_kind": pred.embedding_kind,
+            }
+
+    if res.train_prediction is not None:
+        add(res.train_prediction, lambda r: "train_anomaly" if r.path in train_an else "train_normal")
+    add(res.prediction, lambda r: "test")
+    if res.extra_prediction is not None:
+        add(res.extra_prediction, lambda r: "scored")
+    return list(rows.values())
+
+
+def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None = None,
+               model_path: str | Path | None = None, run_id: int | None = None, url: str | None = None) -> int:
+    """Store a finished run (metrics, curves, per-image scores, maps, embeddings, t-SNE)."""
+    from db import init_db, session_scope
+    from db import queries as q
+
+    init_db(url)
+    det = res.detector
+    bi = det.backbone_info or {}
+    summary = res.summary()
+    with session_scope(url) as s:
+        if run_id is None:
+            pid = ensure_project(s, ds, project_name)
+            run = q.create_run(s, pid, det.name, det.preset, det.config, res.split.protocol.to_dict(), source,
+                               status="running")
+            run_id = run.id
+        else:
+            pid = q.get_run(s, run_id).project_id
+        id_of = {im.path: im.id for im in q.get_images(s, pid)}
+        lo, hi = display_range(res)
+        config = dict(det.config, display={"heatmap_vmin": lo, "heatmap_vmax": hi,
+                                           "note": "colour range fixed per run: 0 .. 99th percentile of normal test maps"})
+        q.update_run(
+            s, run_id, status="done", backbone=bi.get("name"), weights=bi.get("weights"),
+            weights_source=bi.get("weights_source"), device=det.device_name, config=config,
+            train_seconds=res.train_seconds, infer_seconds=res.infer_seconds,
+            n_train_normal=summary["n_train_normal"], n_train_anomaly=summary["n_train_anomaly"],
+            n_test=summary["n_test"], seen_defect_types=res.split.seen_types, threshold=res.threshold,
+            model_path=str(model_path) if model_path else None,
+        )
+        metrics = {k: (v, METRIC_DETAILS.get(k)) for k, v in res.metrics.items()}
+        metrics["test_images_per_s"] = (res.images_per_s, f"inference throughput on {det.device_name}")
+        rows = result_rows(res, id_of)
+        allmaps = np.stack([r["heatmap"] for r in rows]) if rows else np.zeros((1, 1, 1))
+        q.store_run_results(s, run_id, metrics, res.curves, rows,
+                            heatmap_range=(float(allmaps.min()), float(allmaps.max())))
+        for h in det.history:
+            q.add_train_log(s, run_id, h["epoch"], None, h["loss"], h["elapsed_s"])
+    return run_id

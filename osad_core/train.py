@@ -1,0 +1,155 @@
+"""What every method's training shares: device, seeding, sampling, progress, cancel."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class TrainingCancelled(Exception):
+    """Raised inside fit() when the callbacks ask to stop."""
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """CUDA when available, then Apple MPS, else CPU; an explicit choice must exist."""
+    if choice not in DEVICES and not choice.startswith("cuda:"):
+        raise ValueError(f"unknown device {choice!r}; choose one of {', '.join(DEVICES)}")
+    if choice == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA GPU is available")
+    if choice == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps was requested but Apple MPS is not available")
+    return torch.device(choice)
+
+
+def describe_device(device: torch.device | str) -> str:
+    """Human name, e.g. "CUDA · NVIDIA H100" or "CPU · 2 threads"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return f"CUDA · {torch.cuda.get_device_name(idx)}"
+    if device.type == "mps":
+        return "MPS · Apple GPU"
+    return f"CPU · {torch.get_num_threads()} threads"
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch RNGs; a CPU run with the same seed repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+@dataclass
+class Progress:
+    epoch: int
+    epochs: int
+    step: int  # step within the epoch, 1-based
+    steps: int
+    loss: float
+    elapsed_s: float
+    eta_s: float
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        done = (self.epoch * self.steps + self.step)
+        return min(1.0, done / max(1, self.epochs * self.steps))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["fraction"] = self.fraction
+        return d
+
+
+class Callbacks:
+    """Progress reporting and cancellation; the CLI, worker and tests subclass or pass functions."""
+
+    def __init__(self, on_progress: Callable[[Progress], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None, every_s: float = 1.0):
+        self._on_progress = on_progress
+        self._should_stop = should_stop
+        self.every_s = every_s
+        self._last = 0.0
+
+    def progress(self, p: Progress, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._on_progress and (force or now - self._last >= self.every_s):
+            self._last = now
+            self._on_progress(p)
+
+    def check_cancel(self) -> None:
+        if self._should_stop and self._should_stop():
+            raise TrainingCancelled("training was cancelled")
+
+
+class InfiniteStream:
+    """Shuffled indices, re-permuted every time they run out (the few anomalies repeat)."""
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        self.n, self.rng = n, rng
+        self._perm: list[int] = []
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if not self._perm:
+                self._perm = list(self.rng.permutation(self.n))
+            out.append(int(self._perm.pop()))
+        return out
+
+
+def run_loop(
+    step_fn: Callable[[int, int], float],
+    epochs: int,
+    steps: int,
+    callbacks: Callbacks | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    message: str = "",
+) -> list[dict]:
+    """Run ``step_fn(epoch, step)`` for epochs x steps, reporting progress and honouring cancel.
+
+    Returns the per-epoch mean loss history.
+    """
+    cb = callbacks or Callbacks()
+    t0 = time.monotonic()
+    history = []
+    total = epochs * steps
+    for epoch in range(epochs):
+        if on_epoch_start:
+            on_epoch_start(epoch)
+        losses = []
+        for step in range(steps):
+            cb.check_cancel()
+            loss = float(step_fn(epoch, step))
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"training diverged (loss {loss}) at epoch {epoch + 1}, step {step + 1}")
+            losses.append(loss)
+            done = epoch * steps + step + 1
+            el = time.monotonic() - t0
+            cb.progress(Progress(epoch, epochs, step + 1, steps, loss, el, el / done * (total - done), message),
+                        force=(done == total))
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": time.monotonic() - t0})
+        log.info("epoch %d/%d loss %.4f", epoch + 1, epochs, history[-1]["loss"])
+    return history
+
+
+def batches(n: int, size: int) -> Iterator[slice]:
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))

