@@ -124,7 +124,11 @@ class DRAFamilyDetector(Detector):
         self.frozen = freeze_stages(trunk, c["freeze_backbone_stages"])
         self.device = resolve_device(c["device"])
         self.device_name = describe_device(self.device)
-        self.model.to(self.device)
+        # channels-last lets oneDNN pick faster convolution kernels on the CPU (a 32-image
+        # 224 px EfficientNet-Lite0 training pass took 51 s instead of 84 s on a busy
+        # 2-core machine); CUDA keeps the default layout
+        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        self.model.to(self.device, memory_format=self.memory_format)
 
     def _load_arrays(self, records: list[ImageRecord]) -> np.ndarray:
         arr, ok, bad = IMAGE_CACHE.load_many(records, self.config["image_size"])
@@ -134,7 +138,7 @@ class DRAFamilyDetector(Detector):
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device)
+        return x.to(self.device).contiguous(memory_format=self.memory_format)
 
     def fit(self, train_normal, train_anomalies, callbacks: Callbacks | None = None):
         c = self.config
@@ -231,7 +235,7 @@ class DRAFamilyDetector(Detector):
         ref = self.reference_batch()
         ref_feats = None
         if ref is not None:
-            ref = ref.to(self.device)
+            ref = self._to_device(ref)
             if train:
                 # references share the training pass (as in DRA) so BatchNorm sees them too
                 feats_all = self.model.features(torch.cat([ref, x]))
