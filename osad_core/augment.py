@@ -83,3 +83,165 @@ def train_transform(batch: np.ndarray, gen: torch.Generator | None = None, rotat
 def test_transform(batch: np.ndarray) -> torch.Tensor:
     return normalize(to_tensor(batch))
 
+
+# --------------------------------------------------------------------------------------
+# AHL's offline pseudo-anomaly generators (METHODS.md §0.6): CutPaste (G2) and the
+# DRAEM-style Perlin-mask texture blend (G4). DTD cannot be downloaded, so G4 blends
+# procedurally generated textures (fractal Perlin noise and turbulent bands in random
+# colours) instead of DTD photographs.
+# --------------------------------------------------------------------------------------
+def cutpaste(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """AHL's "CutPaste" (G2): the same algorithm and parameters as DRA's CutMix (G1)."""
+    return cutmix(img, rng)
+
+
+def _quintic(t: np.ndarray) -> np.ndarray:
+    return t * t * t * (t * (t * 6 - 15) + 10)  # 6t^5 - 15t^4 + 10t^3
+
+
+def perlin_noise(h: int, w: int, res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D Perlin noise (h, w) on a lattice of ``res`` = (rows, cols) cells, roughly in [-1, 1].
+
+    Random unit gradients at the lattice points, quintic fade (DRAEM's generator); any
+    image size works (cells need not divide it).
+    """
+    ry, rx = int(res[0]), int(res[1])
+    y = np.arange(h) * (ry / h)
+    x = np.arange(w) * (rx / w)
+    yi, xi = y.astype(np.int64), x.astype(np.int64)
+    yf, xf = y - yi, x - xi
+    ang = rng.uniform(0, 2 * np.pi, (ry + 1, rx + 1))
+    gy, gx = np.cos(ang), np.sin(ang)
+
+    def corner(oy: int, ox: int) -> np.ndarray:
+        r, c = (yi + oy)[:, None], (xi + ox)[None, :]
+        return gy[r, c] * (yf - oy)[:, None] + gx[r, c] * (xf - ox)[None, :]
+
+    u, v = _quintic(yf)[:, None], _quintic(xf)[None, :]
+    n0 = corner(0, 0) * (1 - u) + corner(1, 0) * u
+    n1 = corner(0, 1) * (1 - u) + corner(1, 1) * u
+    return (math.sqrt(2) * (n0 * (1 - v) + n1 * v)).astype(np.float32)
+
+
+def _rotate_float(a: np.ndarray, deg: float) -> np.ndarray:
+    """Rotate a float map about its centre (bilinear, empty corners 0)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a, np.float32), mode="F").rotate(
+        deg, resample=Image.BILINEAR, fillcolor=0.0))
+
+
+def perlin_mask(h: int, w: int, rng: np.random.Generator, max_log2_res: int = 5, threshold: float = 0.5,
+                max_tries: int = 10) -> np.ndarray:
+    """DRAEM's anomaly mask (G4 step 4): Perlin noise with 2^a x 2^b cells, a, b uniform in
+    0..``max_log2_res``, rotated by U(-90°, 90°), binarised at ``threshold`` -> bool (h, w).
+
+    An empty mask would label an unchanged image as an anomaly, so the noise is redrawn
+    (up to ``max_tries`` times, then its top 5 % is taken).
+    """
+    for _ in range(max_tries):
+        a, b = rng.integers(0, max_log2_res + 1, 2)
+        noise = _rotate_float(perlin_noise(h, w, (2 ** int(a), 2 ** int(b)), rng), rng.uniform(-90, 90))
+        mask = noise > threshold
+        if mask.any():
+            return mask
+    return noise >= np.quantile(noise, 0.95)
+
+
+def procedural_texture(h: int, w: int, rng: np.random.Generator, octaves: int = 4) -> np.ndarray:
+    """A stand-in for a DTD texture photograph: uint8 (h, w, 3).
+
+    Either fractal Perlin noise (blotchy, stained, porous looks) or turbulent bands
+    (banded, veined, striped looks), mapped between two random colours with a little
+    independent noise per channel.
+    """
+    base = int(rng.integers(1, 4))
+    fbm = np.zeros((h, w), np.float32)
+    for o in range(octaves):
+        cells = min(2 ** (base + o), max(1, min(h, w) // 2))
+        fbm += 0.5 ** o * perlin_noise(h, w, (cells, cells), rng)
+    if rng.random() < 0.5:  # turbulent bands
+        ang = rng.uniform(0, np.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / max(h, w)
+        freq = rng.uniform(4, 24)
+        field = np.sin(2 * np.pi * freq * (np.cos(ang) * xx + np.sin(ang) * yy) + rng.uniform(2, 8) * np.abs(fbm))
+    else:
+        field = fbm
+    t = (field - field.min()) / max(float(field.max() - field.min()), 1e-6)
+    c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    tex = c0 + (c1 - c0) * t[..., None]
+    tex += 0.25 * 255 * np.stack([perlin_noise(h, w, (min(h, 32), min(w, 32)), rng) for _ in range(3)], -1) * \
+        rng.uniform(0, 1)
+    return tex.clip(0, 255).astype(np.uint8)
+
+
+def _gamma_contrast(im: Image.Image, rng) -> Image.Image:
+    a = np.asarray(im, np.float32) / 255
+    return Image.fromarray((255 * a ** rng.uniform(0.5, 2.0, 3)).clip(0, 255).astype(np.uint8))
+
+
+def _multiply_add_brightness(im: Image.Image, rng) -> Image.Image:
+    a = np.asarray(im, np.float32) * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30)
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+def _hue_saturation(im: Image.Image, rng) -> Image.Image:
+    hsv = np.asarray(im.convert("HSV")).astype(np.int32)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-50, 51))) % 256
+    hsv[..., 1] = (hsv[..., 1] + int(rng.integers(-50, 51))).clip(0, 255)
+    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+
+
+def _solarize(im: Image.Image, rng) -> Image.Image:
+    from PIL import ImageOps
+
+    return ImageOps.solarize(im, int(rng.integers(32, 129))) if rng.random() < 0.5 else im
+
+
+def _texture_ops():
+    from PIL import ImageEnhance, ImageOps
+
+    return (
+        _gamma_contrast,
+        _multiply_add_brightness,
+        lambda im, rng: ImageEnhance.Sharpness(im).enhance(rng.uniform(0.0, 2.0)),
+        _hue_saturation,
+        _solarize,
+        lambda im, rng: ImageOps.posterize(im, int(rng.integers(1, 9))),
+        lambda im, rng: ImageOps.invert(im),
+        lambda im, rng: ImageOps.autocontrast(im),
+        lambda im, rng: ImageOps.equalize(im),
+        lambda im, rng: im.rotate(rng.uniform(-45, 45), resample=Image.BILINEAR),
+    )
+
+
+def augment_texture(tex: np.ndarray, rng: np.random.Generator, n_ops: int = 3) -> np.ndarray:
+    """DRAEM's texture augmentation (G4 step 3): ``n_ops`` distinct operations drawn from
+    gamma contrast, brightness multiply/add, sharpness, hue/saturation shift, solarize,
+    posterize, invert, autocontrast, equalize and rotation, applied in sequence."""
+    ops = _texture_ops()
+    im = Image.fromarray(np.ascontiguousarray(tex))
+    for j in rng.choice(len(ops), size=min(n_ops, len(ops)), replace=False):
+        im = ops[int(j)](im, rng)
+    return np.asarray(im.convert("RGB"))
+
+
+def draem_pseudo(img: np.ndarray, rng: np.random.Generator, texture: np.ndarray, beta_max: float = 0.8,
+                 rotate_prob: float = 0.0) -> np.ndarray:
+    """DRAEM-style pseudo anomaly (G4): blend an augmented texture into the image inside a
+    Perlin mask P, ``x·(1-P) + (1-β)·texture·P + β·x·P`` with β ~ U(0, ``beta_max``).
+
+    RGB in, RGB out (uint8), so it goes through the same normalisation as every other
+    image (the official code feeds BGR without normalisation). ``rotate_prob``: chance of
+    first rotating the image by U(-90°, 90°), as DRAEM's loader does (off by default).
+    """
+    h, w = img.shape[:2]
+    x = img.astype(np.float32) / 255
+    if rotate_prob > 0 and rng.random() < rotate_prob:
+        x = np.asarray(Image.fromarray(np.ascontiguousarray(img)).rotate(rng.uniform(-90, 90)), np.float32) / 255
+    tex = texture
+    if tex.shape[:2] != (h, w):
+        tex = np.asarray(Image.fromarray(tex).resize((w, h), Image.BILINEAR))
+    tex = augment_texture(tex, rng).astype(np.float32) / 255
+    p = perlin_mask(h, w, rng)[..., None].astype(np.float32)
+    beta = rng.uniform(0, beta_max)
+    out = x * (1 - p) + (1 - beta) * tex * p + beta * x * p
+    return (out * 255).round().clip(0, 255).astype(np.uint8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -170,7 +171,9 @@ def import_elpv(include_uncertain: bool = False) -> Dataset:
 
 
 def default_headct_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "shared" / "datasets" / "headct"
+    """``OSAD_HEADCT_DIR``, else ``../shared/datasets/headct`` beside the repository."""
+    env = os.environ.get("OSAD_HEADCT_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "datasets" / "headct"
 
 
 def import_headct(path: str | Path | None = None) -> Dataset:
