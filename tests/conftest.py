@@ -12,6 +12,10 @@ import pytest
 from PIL import Image
 
 os.environ["OSAD_OFFLINE"] = "1"  # tests never download weights
+# Tests use tiny tensors: one passive OpenMP thread is as fast on an idle machine and many
+# times faster when other processes share the two cores (spinning threads fight them).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 HEADCT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "headct"
 

@@ -51,14 +51,15 @@ def test_cancel_stops_training(mvtec_dir):
     assert seen and seen[0].epochs == 2 and seen[0].loss > 0
 
 
-def test_dra_learns_headct_clearly_above_chance(headct_dir):
-    """Real CT slices at 128 px on the offline pretrained EfficientNet-Lite0 with most of the
-    trunk frozen: ~20 s on 2 CPU cores. Chance is 0.5 (std ~0.065 for 25 vs 90 images)."""
+def test_learns_headct_clearly_above_chance(headct_dir):
+    """Real CT slices at 128 px on the offline pretrained EfficientNet-Lite0, trunk frozen to
+    stride 16, 20 DevNet steps: ~30 s on one CPU core. Chance is 0.5 (std ~0.065 for 25
+    normal vs 90 anomalous test images); this run measured 0.765 (seeds 1, 2: 0.776, 0.925)."""
     from osad_core.data import import_headct
 
-    res = run_experiment(import_headct(headct_dir), Protocol("general", 10, seed=0), "dra", "tiny",
-                         {"image_size": 128, "epochs": 3, "steps_per_epoch": 5, "batch_size": 24,
-                          "freeze_backbone_stages": 12},
+    res = run_experiment(import_headct(headct_dir), Protocol("general", 10, seed=0), "devnet", "tiny",
+                         {"image_size": 128, "epochs": 4, "steps_per_epoch": 5, "batch_size": 24,
+                          "freeze_levels": 3},
                          with_tsne=True)
     assert res.detector.backbone_info["pretrained"]
     assert res.metrics["image_auroc"] > 0.7, res.metrics

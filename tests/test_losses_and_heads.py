@@ -95,3 +95,14 @@ def test_rotation_fills_corners_with_zero():
     x = torch.ones(4, 3, 32, 32)
     r = augment.random_rotate(x, torch.Generator().manual_seed(0))
     assert r.shape == x.shape and (r == 0).any()
+
+
+def test_freeze_levels_only_freeze_pretrained_trunks():
+    det = make_detector("devnet", "tiny", {"backbone": "efficientnet_lite0", "freeze_levels": 2})
+    det._build(fresh=True)
+    trunk = det.model.trunk.net
+    assert not any(p.requires_grad for p in trunk._blocks[4].parameters())  # end of stride 8
+    assert all(p.requires_grad for p in trunk._blocks[5].parameters())
+    det = make_detector("devnet", "tiny", {"backbone": "resnet18", "weights": "random", "freeze_levels": 2})
+    det._build(fresh=True)
+    assert all(p.requires_grad for p in det.model.parameters())  # random weights are always trained

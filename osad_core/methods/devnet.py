@@ -23,8 +23,8 @@ class DevNet(DRAFamilyDetector):
     presets = {
         "paper": {},
         # see README "Presets": small images, a partly frozen pretrained trunk, fewer steps
-        "quick": dict(image_size=224, epochs=10, steps_per_epoch=10, batch_size=32, lr_step_epochs=8,
-                      freeze_backbone_stages=4),
+        "quick": dict(image_size=160, epochs=10, steps_per_epoch=10, batch_size=32, lr_step_epochs=8,
+                      freeze_levels=2),
         "tiny": dict(image_size=64, epochs=2, steps_per_epoch=3, batch_size=8, lr_step_epochs=10, map_size=32),
     }
     map_heads = ("seen",)

@@ -45,7 +45,7 @@ FAMILY_DEFAULTS = dict(
     backbone="auto",
     weights="auto",
     weights_path=None,
-    freeze_backbone_stages=0,  # 0 = fine-tune everything, as the papers do
+    freeze_levels=0,  # 0 = fine-tune everything, as the papers do; only applied to pretrained trunks
     device="auto",
     seed=42,
     map_size=64,
@@ -74,20 +74,29 @@ class TwoScaleModel(nn.Module):
         return feats
 
 
-def freeze_stages(trunk: nn.Module, n: int) -> list[nn.Module]:
-    """Freeze the first n child modules of the trunk (stem first), for cheap presets.
+# Trunk modules up to the end of each stride level (1: stride 4, 2: stride 8, 3: stride 16).
+def _level_modules(trunk: nn.Module, levels: int) -> list[nn.Module]:
+    if hasattr(trunk, "body"):  # torchvision ResNet: conv1, bn1, relu, maxpool, layer1..layer4
+        return list(trunk.body.children())[: 4 + levels]
+    net = trunk.net  # EfficientNet-Lite0: blocks 0-2 end at stride 4, 3-4 at 8, 5-10 at 16
+    ends = {1: 3, 2: 5, 3: 11}
+    return [net._conv_stem, net._bn0, *net._blocks[: ends[levels]]]
 
-    Returns them so training can keep them in eval mode: their BatchNorm statistics stay
-    the pretrained ones instead of drifting with a frozen affine part.
+
+def freeze_levels(trunk: nn.Module, levels: int) -> list[nn.Module]:
+    """Freeze the trunk up to the end of stride level ``levels`` (0 = nothing; at most 3).
+
+    A cheap-preset device: the pretrained early layers stay as they are, and backward
+    stops there. Returns the frozen modules so training keeps them in eval mode (their
+    BatchNorm statistics stay the pretrained ones).
     """
-    if n <= 0:
+    if levels <= 0:
         return []
-    children = list(trunk.body.children()) if hasattr(trunk, "body") else [trunk.net._conv_stem, trunk.net._bn0,
-                                                                          *trunk.net._blocks]
-    for m in children[:n]:
+    mods = _level_modules(trunk, min(int(levels), 3))
+    for m in mods:
         for p in m.parameters():
             p.requires_grad_(False)
-    return children[:n]
+    return mods
 
 
 class DRAFamilyDetector(Detector):
@@ -121,7 +130,11 @@ class DRAFamilyDetector(Detector):
             trunk = build_arch_only(self.backbone_info)
         heads = self.make_heads(self.backbone_info["channels"])
         self.model = TwoScaleModel(trunk, heads, c["n_scales"])
-        self.frozen = freeze_stages(trunk, c["freeze_backbone_stages"])
+        # freezing random weights would only hurt: a random-init trunk is always trained
+        pretrained = bool(self.backbone_info.get("pretrained"))
+        self.frozen = freeze_levels(trunk, c["freeze_levels"] if pretrained else 0)
+        if c["freeze_levels"] and not pretrained:
+            log.info("freeze_levels=%s ignored: the backbone is not pretrained", c["freeze_levels"])
         self.device = resolve_device(c["device"])
         self.device_name = describe_device(self.device)
         # channels-last lets oneDNN pick faster convolution kernels on the CPU (a 32-image
