@@ -85,6 +85,53 @@ def test_transform(batch: np.ndarray) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
+# SaliencyCut (METHODS.md §4.3): a saliency map from an input gradient, and the paste of
+# one image's non-salient region into another image.
+# --------------------------------------------------------------------------------------
+def bspline_kernel(p: int, order: int = 2) -> torch.Tensor:
+    """1-D B-spline of ``order`` for upsampling by stride ``p``: a p-box convolved with itself
+    ``order`` times (length order*(p-1)+p), scaled so copies shifted by p sum to 1."""
+    box = torch.ones(1, 1, p)
+    k = box
+    for _ in range(order):
+        k = F.conv1d(F.pad(k, (p - 1, p - 1)), box)
+    return (k / p**order).view(-1)
+
+
+def saliency_map(grad: torch.Tensor, grid: int = 18, order: int = 2) -> torch.Tensor:
+    """Per-image saliency in [0, 1] from an input gradient (B, C, H, W) -> (B, H, W).
+
+    L2 norm over channels, average-pooled to a ``grid`` x ``grid`` grid, smoothed back up
+    with a B-spline transposed convolution (stride p = H // grid), resized to H x W and
+    min-max scaled per image. A flat gradient gives an all-zero map.
+    """
+    b, _, h, w = grad.shape
+    g = max(1, min(grid, h, w))
+    p = max(1, min(h, w) // g)
+    sal = grad.detach().float().pow(2).sum(1, keepdim=True).sqrt()
+    sal = F.adaptive_avg_pool2d(sal, (g, g))
+    k1 = bspline_kernel(p, order).to(sal.device)
+    pad = (k1.numel() - p) // 2  # output is exactly g*p, each cell centred on its own p x p block
+    sal = F.conv_transpose2d(sal, torch.outer(k1, k1)[None, None], stride=p, padding=pad)
+    sal = F.interpolate(sal, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    lo = sal.flatten(1).min(1).values.view(b, 1, 1)
+    hi = sal.flatten(1).max(1).values.view(b, 1, 1)
+    return (sal - lo) / (hi - lo).clamp_min(1e-12)
+
+
+def saliency_cut(base, insert, salient):
+    """SaliencyCut's pseudo anomaly: ``(1 - S) * base + S * insert``.
+
+    ``base`` (x_a) keeps its non-salient region and receives ``insert`` (x_b) where its own
+    saliency mask ``salient`` (S_a, boolean) is set. NumPy images are (H, W, C) with an
+    (H, W) mask; tensors are (..., C, H, W) with a (..., H, W) mask.
+    """
+    if isinstance(base, np.ndarray):
+        return np.where(np.asarray(salient, bool)[..., None], insert, base).astype(base.dtype)
+    return torch.where(salient.bool().unsqueeze(-3), insert, base)
+
+
+# --------------------------------------------------------------------------------------
 # AHL's offline pseudo-anomaly generators (METHODS.md §0.6): CutPaste (G2) and the
 # DRAEM-style Perlin-mask texture blend (G4). DTD cannot be downloaded, so G4 blends
 # procedurally generated textures (fractal Perlin noise and turbulent bands in random

@@ -1,0 +1,318 @@
+"""SaliencyCut: a normality head, a patch-residual anomaly head and saliency-guided pseudo
+anomalies (METHODS.md §4).
+
+Pseudo anomalies: the gradient of the two-head loss with respect to a normal input x_a
+(model in eval mode) gives its saliency map (``augment.saliency_map``); where x_a is
+salient (map > 0.4) another normal image x_b shows through:
+``x~ = (1 - S_a) * x_a + S_a * x_b`` (``augment.saliency_cut``).
+
+``pseudo_refresh`` chooses when the saliency comes from the model:
+
+* ``"epoch"`` (default; the paper's Algorithm 1): before each epoch the saliency masks of
+  random normal training images (``saliency_donors``; 0 = one per pseudo slot of the epoch)
+  are computed with the current model; each pseudo slot of that epoch pairs the next donor
+  x_a with the loop's random normal x_b, in image space, before the training rotation.
+  Donors must be many: the pseudo anomaly is mostly x_a, so a handful of donors teaches the
+  anomaly head that those few normal images are anomalous.
+* ``"iteration"`` (the official code): every batch first holds plain normal images in its
+  pseudo slots; each pseudo slot is pasted with the saliency of a random label-0 image of
+  the same batch, computed with the current weights on the rotated, normalised batch.
+  Only the chosen donors are back-propagated: in eval mode every sample's input gradient
+  depends on that sample alone, so this equals the code's whole-batch pass at a fraction
+  of its cost (the code's pass roughly doubles the step).
+
+With these implementations both variants cost about the same (≈16 resp. ≈10 donor passes
+per step of 48; measured ≈12–15 % of a step on CPU, against ≈45–55 % for the code's whole-batch
+pass). The per-epoch variant is the default: it is the paper's, its masks come from clean
+un-rotated images (no pasted rotation corners), and it was not worse in a small HeadCT
+comparison; ``scripts/bench_saliencycut.sh`` compares the two on the full grid.
+
+Anomaly head (patch-wise residual, eq. 8): per scale the feature map (side s) gives four
+blocks of side b, ``R = w4 - (w3 - (w2 - w1))``, then 3x3 conv, BN, ReLU, 1x1 conv and
+top-K MIL on the b x b map. Layout (defined for any map size, covers every position):
+
+* ``patch_side="half"`` (paper: half the map): b = ceil(s/2), i.e. 7 at 14x14 (448 px),
+  4 at 7x7, 1 at 2x2; ``"code"``: b = floor(s/2) + 1 (8 at 14x14, 4 at 7x7).
+* ``patch_offsets="free"`` (paper: random patches): four distinct (row, column) corners
+  drawn from {0..s-b}^2; ``"diagonal"`` (code): four distinct offsets used for rows and
+  columns alike, which never shows the map's off-diagonal corners to the head.
+* Training draws a fresh layout per forward pass. Test time averages the head over
+  ``test_layouts`` layouts drawn once when the model is trained and stored with it (the
+  code re-draws at test time, so its scores are random); with free offsets the first one
+  is the four corner blocks, which cover every position.
+* A map too small for four distinct blocks (1x1, e.g. the half-size scale of a 64 px
+  image) has no residual: the head sees the map itself.
+
+Anomaly map: the head's |b x b| map of each layout is added back onto the four source
+blocks it was computed from, divided by how often each position was covered, averaged
+over the test layouts, upsampled and averaged over the scales (METHODS.md §4.5).
+Test score: anomaly head - normality head, each averaged over the two scales.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import augment
+from ..losses import deviation_loss
+from ..train import InfiniteStream
+from .base import register
+from .dra import DRA, NormalityHead, ResidualHead
+from .drafamily import FAMILY_DEFAULTS, DRAFamilyDetector, topk_mean
+
+REFRESH_MODES = ("epoch", "iteration")
+PATCH_SIDES = ("half", "code")
+PATCH_OFFSETS = ("free", "diagonal")
+
+
+# --------------------------------------------------------------------------------------
+# patch layouts
+# --------------------------------------------------------------------------------------
+def block_side(s: int, mode: str = "half") -> int:
+    """Side of the residual blocks on an s x s map (see the module docstring)."""
+    if mode == "half":
+        return max(1, math.ceil(s / 2))
+    if mode == "code":
+        return min(s, s // 2 + 1)
+    raise ValueError(f"patch_side must be one of {PATCH_SIDES}, got {mode!r}")
+
+
+def draw_layout(s: int, b: int, offsets: str, rng: np.random.Generator) -> np.ndarray | None:
+    """Four distinct block corners (4, 2) as (row, column), or None if the map cannot hold
+    four distinct blocks."""
+    n = s - b + 1
+    if offsets == "diagonal" and n >= 4:
+        o = rng.choice(n, size=4, replace=False)
+        return np.stack([o, o], 1)
+    if offsets not in PATCH_OFFSETS:
+        raise ValueError(f"patch_offsets must be one of {PATCH_OFFSETS}, got {offsets!r}")
+    if n * n < 4:
+        return None
+    idx = rng.choice(n * n, size=4, replace=False)  # diagonal falls back here on small maps
+    return np.stack([idx // n, idx % n], 1)
+
+
+def corner_layout(s: int, b: int, rng: np.random.Generator) -> np.ndarray:
+    """The four corner blocks in random order; they cover the whole map when 2b >= s."""
+    e = s - b
+    corners = np.array([[0, 0], [0, e], [e, 0], [e, e]])
+    return corners[rng.permutation(4)]
+
+
+def make_test_layouts(s: int, b: int, offsets: str, count: int, rng: np.random.Generator) -> np.ndarray | None:
+    """``count`` layouts (count, 4, 2) for deterministic scoring, or None (no residual)."""
+    if (s - b + 1) ** 2 < 4:
+        return None
+    out = []
+    if offsets == "free":
+        out.append(corner_layout(s, b, rng))
+    while len(out) < max(1, count):
+        out.append(draw_layout(s, b, offsets, rng))
+    return np.stack(out).astype(np.int64)
+
+
+def patch_residual(f: torch.Tensor, layout, b: int) -> torch.Tensor:
+    """R = w4 - (w3 - (w2 - w1)) for blocks w_k = f[..., r_k:r_k+b, c_k:c_k+b] (eq. 8)."""
+    w = [f[..., int(r):int(r) + b, int(c):int(c) + b] for r, c in layout]
+    return w[3] - (w[2] - (w[1] - w[0]))
+
+
+def back_project(a: torch.Tensor, layout, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add a (B, b, b) block map onto the four source blocks of an s x s map: (sum, counts)."""
+    acc = a.new_zeros(a.shape[0], s, s)
+    cnt = a.new_zeros(s, s)
+    for r, c in layout:
+        r, c = int(r), int(c)
+        acc[:, r:r + b, c:c + b] += a
+        cnt[r:r + b, c:c + b] += 1
+    return acc, cnt
+
+
+# --------------------------------------------------------------------------------------
+@register
+class SaliencyCut(DRAFamilyDetector):
+    name = "saliencycut"
+    description = ("SaliencyCut — saliency-guided pseudo anomalies and a patch-residual anomaly head; "
+                   "catches unseen defect types, also with no labelled anomalies")
+    defaults = dict(
+        FAMILY_DEFAULTS,
+        lr_step_at_epoch_start=False,  # the code steps StepLR after each epoch: 2e-4 / 2e-5 / 2e-6
+        saliency_grid=18,  # g: the saliency is pooled to g x g before the B-spline smoothing
+        saliency_threshold=0.4,  # salient = saliency > 0.4 (paper's best, code's constant)
+        pseudo_refresh="epoch",  # "epoch" (paper) or "iteration" (code); see the module docstring
+        saliency_donors=0,  # per-epoch refresh: donor masks per epoch; 0 = one per pseudo slot of the epoch
+        patch_side="half",  # "half" (paper) or "code" (floor(s/2) + 1)
+        patch_offsets="free",  # "free" (paper: random patches) or "diagonal" (code)
+        test_layouts=16,  # patch layouts averaged at test time, drawn once per model
+    )
+    presets = {
+        "paper": {},
+        # DRA's quick preset, so the two compare at equal cost
+        "quick": {k: v for k, v in DRA.presets["quick"].items() if k in FAMILY_DEFAULTS},
+        "tiny": dict(image_size=64, epochs=2, steps_per_epoch=3, batch_size=9, lr_step_epochs=10, map_size=32,
+                     test_layouts=4),
+    }
+    preset_notes = {
+        "quick": "as DRA's quick preset",
+        "tiny": "smoke tests only: 64 px, 4 test layouts",
+    }
+    map_heads = ("anomaly",)
+
+    def __init__(self, preset: str = "quick", overrides: dict | None = None):
+        super().__init__(preset, overrides)
+        for key, allowed in (("pseudo_refresh", REFRESH_MODES), ("patch_side", PATCH_SIDES),
+                             ("patch_offsets", PATCH_OFFSETS)):
+            if self.config[key] not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {self.config[key]!r}")
+
+    def fit(self, train_normal, train_anomalies, callbacks=None):
+        self._callbacks = callbacks  # the per-epoch saliency refresh checks for cancel too
+        try:
+            return super().fit(train_normal, train_anomalies, callbacks)
+        finally:
+            self._callbacks = None
+
+    # -- heads ---------------------------------------------------------------------------
+    def make_heads(self, channels: int) -> nn.Module:
+        return nn.ModuleDict({"normal": NormalityHead(channels), "anomaly": ResidualHead(channels)})
+
+    def prepare_training(self, normals, anomalies, rng):
+        c = self.config
+        self._donors = None
+        # pseudo slots per epoch: the per-epoch refresh makes one donor mask for each by default
+        n_an = int(round(c["batch_size"] * c["anomaly_fraction"])) if len(anomalies) else 0
+        self._pseudo_per_epoch = max(1, math.ceil(c["steps_per_epoch"] * (c["batch_size"] - n_an) * c["pseudo_prob"]))
+        # Layouts have their own generators so they do not shift the data stream.
+        self._layout_rng = np.random.default_rng([c["seed"], 1])
+        self._draw_layouts(np.random.default_rng([c["seed"], 2]))
+
+    def _draw_layouts(self, rng: np.random.Generator) -> None:
+        """Fix the test-time layouts of every scale (needs the feature-map sizes)."""
+        c = self.config
+        self.model.eval()
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, c["image_size"], c["image_size"], device=self.device)
+            sides = [f.shape[-1] for f in self.model.features(probe)]
+        self.scales = []
+        for s in sides:
+            b = block_side(s, c["patch_side"])
+            lay = make_test_layouts(s, b, c["patch_offsets"], c["test_layouts"], rng)
+            self.scales.append({"side": s, "block": b if lay is not None else s,
+                                "layouts": None if lay is None else torch.from_numpy(lay)})
+
+    def forward(self, x, train):
+        self._random_layout = train  # training and saliency passes draw a fresh layout
+        return super().forward(x, train)
+
+    def head_outputs(self, heads, feats, ref_feats):
+        k = self.config["topk"]
+        normal = torch.stack([heads["normal"](f) for f in feats]).mean(0)
+        scores, maps = [], []
+        for f, sc in zip(feats, self.scales):
+            if f.shape[-1] != sc["side"]:
+                raise RuntimeError(f"feature map {f.shape[-1]}x{f.shape[-1]} does not match the model's "
+                                   f"patch layouts ({sc['side']}x{sc['side']}); use image_size "
+                                   f"{self.config['image_size']}")
+            s, b, lays = sc["side"], sc["block"], sc["layouts"]
+            if lays is None:  # too small for four distinct blocks: no residual
+                a = heads["anomaly"](f)
+                scores.append(topk_mean(a, k))
+                maps.append(a.abs())
+                continue
+            if getattr(self, "_random_layout", False):
+                lay = draw_layout(s, b, self.config["patch_offsets"], self._layout_rng)
+                a = heads["anomaly"](patch_residual(f, lay, b))
+                scores.append(topk_mean(a, k))
+                maps.append(None)
+                continue
+            # all stored layouts in one head call: (L*B, C, b, b)
+            n, L = f.shape[0], lays.shape[0]
+            a = heads["anomaly"](torch.cat([patch_residual(f, lay, b) for lay in lays]))
+            scores.append(topk_mean(a, k).view(L, n).mean(0))
+            acc, cnt = f.new_zeros(n, s, s), f.new_zeros(s, s)
+            for lay, al in zip(lays, a.view(L, n, b, b)):
+                da, dc = back_project(al.abs(), lay, b, s)
+                acc += da
+                cnt += dc
+            maps.append(acc / cnt.clamp_min(1))  # never-covered positions stay 0
+        anomaly_maps = None if any(m is None for m in maps) else maps
+        return {"normal": (normal, None), "anomaly": (torch.stack(scores).mean(0), anomaly_maps)}
+
+    def loss(self, out, y):
+        # both heads on every sample; seen and pseudo anomalies are the anomaly head's positives
+        return (deviation_loss(out["normal"][0], (y == 0).float())
+                + deviation_loss(out["anomaly"][0], (y != 0).float()))
+
+    def score(self, out):
+        return out["anomaly"][0] - out["normal"][0]
+
+    # -- saliency-guided pseudo anomalies --------------------------------------------------
+    def saliency(self, x: torch.Tensor) -> torch.Tensor:
+        """Saliency maps (B, H, W) in [0, 1] of normal inputs x (normalised, on the device).
+
+        The gradient of the two-head loss (the inputs labelled normal) with respect to the
+        input, with the model in eval mode; parameter gradients are never formed.
+        """
+        c = self.config
+        self.model.eval()
+        out = []
+        for i in range(0, x.shape[0], c["test_batch_size"]):
+            if getattr(self, "_callbacks", None):
+                self._callbacks.check_cancel()
+            xi = x[i:i + c["test_batch_size"]].detach().requires_grad_(True)
+            heads = self.forward(xi, train=True)
+            loss = self.loss(heads, torch.zeros(xi.shape[0], dtype=torch.long, device=xi.device))
+            (grad,) = torch.autograd.grad(loss, xi)
+            out.append(augment.saliency_map(grad, c["saliency_grid"]))
+        return torch.cat(out)
+
+    def before_epoch(self, epoch, normals, rng):
+        c = self.config
+        if c["pseudo_refresh"] != "epoch" or c["pseudo_prob"] <= 0:
+            return
+        n = min(c["saliency_donors"] or self._pseudo_per_epoch, len(normals))
+        idx = np.sort(rng.choice(len(normals), size=n, replace=False))
+        sal = self.saliency(self._to_device(augment.test_transform(normals[idx])))
+        self._donors = (idx, (sal > c["saliency_threshold"]).cpu().numpy())
+        self._donor_stream = InfiniteStream(n, rng)
+
+    def make_pseudo(self, src, normals, rng):
+        if self.config["pseudo_refresh"] == "iteration":
+            return src  # pasted in prepare_batch with the batch's own saliency
+        idx, masks = self._donors
+        j = self._donor_stream.take(1)[0]
+        if len(idx) > 1 and np.may_share_memory(normals[idx[j]], src):
+            j = self._donor_stream.take(1)[0]  # x_a and x_b must differ
+        return augment.saliency_cut(normals[idx[j]], src, masks[j])
+
+    def prepare_batch(self, x, y, rng):
+        c = self.config
+        if c["pseudo_refresh"] != "iteration":
+            return x
+        slots = torch.nonzero(y == 2).flatten().tolist()
+        if not slots:
+            return x
+        pool = torch.nonzero(y == 0).flatten().tolist() or slots  # pseudo slots still hold clean normals
+        donors = []
+        for j in slots:
+            cand = [i for i in pool if i != j] or [j]
+            donors.append(cand[int(rng.integers(len(cand)))])
+        uniq, inv = np.unique(donors, return_inverse=True)
+        sal = self.saliency(x[torch.as_tensor(uniq, device=x.device)])
+        masks = sal[torch.as_tensor(inv, device=x.device)] > c["saliency_threshold"]
+        x = x.clone()
+        x[slots] = augment.saliency_cut(x[donors], x[slots], masks)
+        return x
+
+    # -- persistence ----------------------------------------------------------------------
+    def state(self):
+        s = super().state()
+        s["scales"] = self.scales
+        return s
+
+    def load_state(self, state):
+        self.scales = state["scales"]
+        super().load_state(state)
