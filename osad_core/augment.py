@@ -132,6 +132,258 @@ def saliency_cut(base, insert, salient):
 
 
 # --------------------------------------------------------------------------------------
+# BGAD: foreground masks, RandAugment-style joint image+mask augmentation, defect pasting
+# (METHODS.md §5.3). numpy/torch equivalents of the albumentations groups the paper's
+# code draws from; geometric operations move the image and its mask together.
+# --------------------------------------------------------------------------------------
+def _otsu(gray: np.ndarray) -> tuple[float, float]:
+    """Otsu threshold of a uint8 image and its effectiveness σ_between² / σ_total² (0..1)."""
+    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    p = hist / max(hist.sum(), 1)
+    levels = np.arange(256)
+    w0 = np.cumsum(p)
+    mu = np.cumsum(p * levels)
+    mu_t = mu[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0))
+    between = np.nan_to_num(between, nan=0.0, posinf=0.0)
+    t = int(np.argmax(between))
+    total = float((p * (levels - mu_t) ** 2).sum())
+    return t + 0.5, float(between[t] / total) if total > 0 else 0.0
+
+
+def foreground_mask(img: np.ndarray, min_effectiveness: float = 0.75) -> np.ndarray:
+    """Binary foreground (H, W) by grey-level thresholding (BGAD's paper: "grayscale binary
+    thresholding"), for objects on a plain background (e.g. a head CT on black).
+
+    Otsu on a blurred grey image; the class that owns most of the border is background.
+    Where the histogram is not clearly bimodal (textures, full-frame parts: effectiveness
+    below ``min_effectiveness``; a unimodal Gaussian scores 2/π ≈ 0.64) or the object would
+    be tiny, the whole image counts as foreground.
+    """
+    from scipy import ndimage
+
+    h, w = img.shape[:2]
+    gray = img.mean(2) if img.ndim == 3 else img.astype(np.float64)
+    gray = ndimage.gaussian_filter(gray, max(1.0, min(h, w) / 64)).clip(0, 255).astype(np.uint8)
+    t, eff = _otsu(gray)
+    full = np.ones((h, w), bool)
+    if eff < min_effectiveness:
+        return full
+    above = gray > t
+    border = np.concatenate([above[0], above[-1], above[:, 0], above[:, -1]])
+    fg = ~above if border.mean() > 0.5 else above
+    fg = ndimage.binary_fill_holes(ndimage.binary_closing(fg, iterations=2))
+    return fg if fg.mean() >= 0.05 else full
+
+
+def _warp(img: np.ndarray, mask: np.ndarray, grid: torch.Tensor, border: str = "reflection"):
+    """Sample image (bilinear) and mask (nearest) at ``grid`` (1, H, W, 2) in [-1, 1] coords."""
+    x = torch.from_numpy(np.array(img, np.float32)).permute(2, 0, 1)[None]  # a copy: inputs may be read-only
+    m = torch.from_numpy(np.array(mask, np.float32))[None, None]
+    xi = F.grid_sample(x, grid, mode="bilinear", padding_mode=border, align_corners=False)
+    mi = F.grid_sample(m, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return (xi[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy(),
+            (mi[0, 0] > 0.5).numpy().astype(np.uint8))
+
+
+def _identity_grid(h: int, w: int) -> torch.Tensor:
+    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([gx, gy], -1)[None]
+
+
+def _optical(img, mask, rng, limit: float = 1.0):
+    # radial distortion; `limit` is albumentations' k range for coordinates in [-0.5, 0.5],
+    # i.e. k/4 for the [-1, 1] coordinates used here
+    g = _identity_grid(*img.shape[:2])
+    k = rng.uniform(-limit, limit) / 4
+    r2 = (g ** 2).sum(-1, keepdim=True)
+    return _warp(img, mask, g * (1 + k * r2))
+
+
+def _grid_distort(img, mask, rng, cells: int = 5, limit: float = 0.3):
+    h, w = img.shape[:2]
+    off = torch.from_numpy(rng.uniform(-limit, limit, (1, 2, cells + 1, cells + 1)).astype(np.float32))
+    off = F.interpolate(off * (2.0 / cells), size=(h, w), mode="bicubic", align_corners=True)
+    return _warp(img, mask, _identity_grid(h, w) + off.permute(0, 2, 3, 1))
+
+
+def _local_affine(img, mask, rng, scale=(0.03, 0.05), cells: int = 4):
+    # stand-in for piecewise-affine: small independent displacements of a coarse lattice
+    h, w = img.shape[:2]
+    s = rng.uniform(*scale)
+    off = torch.from_numpy(rng.normal(0, s, (1, 2, cells, cells)).astype(np.float32)) * 2
+    off = F.interpolate(off, size=(h, w), mode="bilinear", align_corners=True)
+    return _warp(img, mask, _identity_grid(h, w) + off.permute(0, 2, 3, 1))
+
+
+def _shift_scale_rotate(img, mask, rng, shift=0.0625, scale=0.2, rotate=45.0):
+    h, w = img.shape[:2]
+    a = math.radians(rng.uniform(-rotate, rotate))
+    s = 1 + rng.uniform(-scale, scale)
+    tx, ty = rng.uniform(-shift, shift, 2) * 2
+    theta = torch.tensor([[math.cos(a) / s, -math.sin(a) / s, tx], [math.sin(a) / s, math.cos(a) / s, ty]],
+                         dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, [1, 3, h, w], align_corners=False)
+    return _warp(img, mask, grid)
+
+
+def _noise(img, rng):
+    std = math.sqrt(rng.uniform(10, 50))
+    return (img + rng.normal(0, std, img.shape)).clip(0, 255).astype(np.uint8)
+
+
+def _blur(img, rng):
+    from scipy import ndimage
+
+    kind = rng.integers(3)
+    f = img.astype(np.float32)
+    if kind == 0:  # motion blur: a line kernel of length 3..7 at a random angle
+        n = int(rng.choice([3, 5, 7]))
+        k = np.zeros((n, n), np.float32)
+        c = n // 2
+        a = rng.uniform(0, math.pi)
+        for t in np.linspace(-c, c, 4 * n):
+            k[int(round(c + t * math.sin(a))), int(round(c + t * math.cos(a)))] = 1
+        k /= k.sum()
+        out = np.stack([ndimage.convolve(f[..., i], k, mode="reflect") for i in range(3)], -1)
+    elif kind == 1:
+        out = ndimage.median_filter(f, size=(3, 3, 1))
+    else:
+        out = ndimage.uniform_filter(f, size=(3, 3, 1))
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _contrast_group(img, rng):
+    from scipy import ndimage
+
+    kind = rng.integers(4)
+    f = img.astype(np.float32)
+    if kind == 0:  # histogram equalisation (stand-in for CLAHE)
+        gray = img.mean(2).astype(np.uint8)
+        cdf = np.cumsum(np.bincount(gray.ravel(), minlength=256)).astype(np.float32)
+        cdf = (cdf - cdf.min()) / max(cdf.max() - cdf.min(), 1) * 255
+        out = f * (cdf[gray] / np.maximum(gray, 1))[..., None]
+    elif kind == 1:  # sharpen
+        blur = ndimage.uniform_filter(f, size=(3, 3, 1))
+        out = f + rng.uniform(0.2, 0.5) * 4 * (f - blur)
+    elif kind == 2:  # emboss
+        k = np.array([[-1, -1, 0], [-1, 0, 1], [0, 1, 1]], np.float32)
+        emb = np.stack([ndimage.convolve(f[..., i], k, mode="reflect") for i in range(3)], -1)
+        alpha = rng.uniform(0.2, 0.5)
+        out = (1 - alpha) * f + alpha * (emb + 128)
+    else:  # brightness and contrast ±0.2
+        out = f * (1 + rng.uniform(-0.2, 0.2)) + rng.uniform(-0.2, 0.2) * 255
+    return out.clip(0, 255).astype(np.uint8)
+
+
+def _hsv_shift(img, rng, hue=20, sat=30, val=20):
+    hsv = np.asarray(Image.fromarray(np.ascontiguousarray(img)).convert("HSV")).astype(np.int32)
+    hsv[..., 0] = (hsv[..., 0] + int(rng.integers(-hue, hue + 1))) % 256
+    hsv[..., 1] = (hsv[..., 1] + int(rng.integers(-sat, sat + 1))).clip(0, 255)
+    hsv[..., 2] = (hsv[..., 2] + int(rng.integers(-val, val + 1))).clip(0, 255)
+    return np.asarray(Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB"))
+
+
+def _rot90(img, mask, rng):
+    k = int(rng.integers(4))
+    return np.rot90(img, k), np.rot90(mask, k)
+
+
+def _flip(img, mask, rng):
+    axes = [(0,), (1,), (0, 1)][int(rng.integers(3))]
+    return np.flip(img, axes), np.flip(mask, axes)
+
+
+def _transpose(img, mask, rng):
+    return img.transpose(1, 0, 2), mask.T
+
+
+def _distortion_group(img, mask, rng):
+    return (_optical, _grid_distort, _local_affine)[int(rng.integers(3))](img, mask, rng)
+
+
+# (name, probability, function(img, mask, rng) -> (img, mask)): the ten groups of BGAD's code
+RANDAUGMENT_OPS = (
+    ("rotate90", 0.5, _rot90),
+    ("flip", 0.5, _flip),
+    ("transpose", 0.5, _transpose),
+    ("optical_distortion", 1.0, _optical),
+    ("noise", 0.2, lambda i, m, r: (_noise(i, r), m)),
+    ("blur", 0.2, lambda i, m, r: (_blur(i, r), m)),
+    ("shift_scale_rotate", 0.2, _shift_scale_rotate),
+    ("distortion", 0.2, _distortion_group),
+    ("contrast", 0.3, lambda i, m, r: (_contrast_group(i, r), m)),
+    ("hsv", 0.3, lambda i, m, r: (_hsv_shift(i, r), m)),
+)
+
+
+def randaugment_pair(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, n_ops: int = 3):
+    """Apply ``n_ops`` groups drawn without replacement from :data:`RANDAUGMENT_OPS` (each
+    with its own probability) to an image and its binary mask together. Square images only
+    (90° rotations and transposes keep the size)."""
+    img, mask = np.ascontiguousarray(img), (np.asarray(mask) > 0).astype(np.uint8)
+    for j in rng.choice(len(RANDAUGMENT_OPS), size=min(n_ops, len(RANDAUGMENT_OPS)), replace=False):
+        _, p, fn = RANDAUGMENT_OPS[int(j)]
+        if rng.random() < p:
+            img, mask = fn(img, mask, rng)
+            img, mask = np.ascontiguousarray(img), np.ascontiguousarray(mask)
+    return img, mask
+
+
+def paste_defect(normal: np.ndarray, defect: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                 fg: np.ndarray | None = None, inside: float = 2 / 3) -> tuple[np.ndarray, np.ndarray]:
+    """Paste the masked pixels of ``defect`` into a copy of ``normal`` (same size).
+
+    If more than ``inside`` of the defect already lies in the foreground ``fg`` it stays where
+    it is; otherwise each connected defect region is moved so its centroid lands on a random
+    foreground point at least half the largest region's size away from the borders (BGAD).
+    Returns (image, pasted mask as uint8 0/1).
+    """
+    from scipy import ndimage
+
+    h, w = normal.shape[:2]
+    m = np.asarray(mask) > 0
+    out = normal.copy()
+    if not m.any():
+        return out, np.zeros((h, w), np.uint8)
+    fg = np.ones((h, w), bool) if fg is None else np.asarray(fg, bool)
+    if (m & fg).sum() > inside * m.sum():
+        out[m] = defect[m]
+        return out, m.astype(np.uint8)
+    lab, n = ndimage.label(m)
+    boxes = ndimage.find_objects(lab)
+    size = max(max(b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes)
+    margin = size // 2
+    allowed = np.zeros((h, w), bool)
+    allowed[margin:h - margin, margin:w - margin] = True
+    ys, xs = np.nonzero(fg & allowed)
+    if len(ys) == 0:
+        ys, xs = np.nonzero(allowed) if allowed.any() else np.nonzero(np.ones((h, w), bool))
+    new = np.zeros((h, w), bool)
+    for r in range(1, n + 1):
+        ry, rx = np.nonzero(lab == r)
+        k = int(rng.integers(len(ys)))
+        dy, dx = int(ys[k] - round(ry.mean())), int(xs[k] - round(rx.mean()))
+        ty, tx = ry + dy, rx + dx
+        ok = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
+        out[ty[ok], tx[ok]] = defect[ry[ok], rx[ok]]
+        new[ty[ok], tx[ok]] = True
+    return out, new.astype(np.uint8)
+
+
+def random_box_mask(h: int, w: int, rng: np.random.Generator, area=(0.02, 0.15)) -> np.ndarray:
+    """A random rectangle (uint8 0/1 mask) with DRA's CutMix area and aspect-ratio law."""
+    pw, ph = _patch_box(rng, h, w, area=area)
+    x, y = int(rng.integers(0, w - pw + 1)), int(rng.integers(0, h - ph + 1))
+    m = np.zeros((h, w), np.uint8)
+    m[y:y + ph, x:x + pw] = 1
+    return m
+
+
+# --------------------------------------------------------------------------------------
 # AHL's offline pseudo-anomaly generators (METHODS.md §0.6): CutPaste (G2) and the
 # DRAEM-style Perlin-mask texture blend (G4). DTD cannot be downloaded, so G4 blends
 # procedurally generated textures (fractal Perlin noise and turbulent bands in random

@@ -326,3 +326,101 @@ def describe_available_weights() -> BackboneInfo:
     _, info = build_backbone("auto", "auto", allow_download=False)
     return info
 
+
+# --------------------------------------------------------------------------------------
+# Frozen multi-scale feature extractors (BGAD, CKAAD)
+# --------------------------------------------------------------------------------------
+# Levels 1..4 = the maps at strides 4, 8, 16, 32 (ResNet layer1..layer4; for
+# EfficientNet-Lite0 the ends of its stride-4, -8, -16 and -32 stages, as timm's
+# features_only numbers them).
+_LEVEL_CHANNELS = {
+    "resnet18": (64, 128, 256, 512),
+    "wide_resnet50_2": (256, 512, 1024, 2048),
+    "efficientnet_lite0": (24, 40, 112, 320),
+}
+_LEVEL_STRIDES = (4, 8, 16, 32)
+_LITE0_LEVEL_ENDS = (3, 5, 11, 16)  # index after the last MBConv block of each level
+
+
+@dataclass
+class MultiScaleInfo(BackboneInfo):
+    """A BackboneInfo whose ``channels``/``stride`` describe the deepest selected level."""
+
+    layers: tuple = ()  # selected levels, 1-based, ascending
+    layer_channels: tuple = ()  # channels of each selected level
+    layer_strides: tuple = ()  # stride of each selected level
+    level_channels: tuple = ()  # channels of all four levels (to bridge between selected ones)
+
+
+class MultiScaleExtractor(nn.Module):
+    """Frozen trunk returning the maps of the selected levels, shallow first.
+
+    Runs only up to the deepest selected level and stays in eval mode whatever
+    ``train()`` is called with, so the pretrained BatchNorm statistics never move.
+    """
+
+    def __init__(self, arch: str, net: nn.Module, layers: tuple[int, ...]):
+        super().__init__()
+        self.arch, self.layers = arch, tuple(layers)
+        deepest = max(self.layers)
+        if arch == "efficientnet_lite0":
+            self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
+            ends = (0,) + _LITE0_LEVEL_ENDS
+            self.stages = nn.ModuleList(
+                nn.Sequential(*net._blocks[ends[i]:ends[i + 1]]) for i in range(deepest))
+        else:
+            self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+            self.stages = nn.ModuleList(getattr(net, f"layer{i + 1}") for i in range(deepest))
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # noqa: D401 - always frozen
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        x = self.stem(x)
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i + 1 in self.layers:
+                out.append(x)
+        return out
+
+
+def _check_layers(layers) -> tuple[int, ...]:
+    layers = tuple(sorted({int(v) for v in layers}))
+    if not layers or layers[0] < 1 or layers[-1] > 4:
+        raise ValueError(f"feature levels must be among 1, 2, 3, 4 (strides 4..32), got {layers}")
+    return layers
+
+
+def _multiscale_info(arch: str, base: BackboneInfo, layers: tuple[int, ...]) -> MultiScaleInfo:
+    lc = _LEVEL_CHANNELS[arch]
+    d = base.to_dict()
+    d.update(channels=lc[layers[-1] - 1], stride=_LEVEL_STRIDES[layers[-1] - 1])
+    return MultiScaleInfo(**d, layers=layers, layer_channels=tuple(lc[i - 1] for i in layers),
+                          layer_strides=tuple(_LEVEL_STRIDES[i - 1] for i in layers), level_channels=lc)
+
+
+def build_multiscale(
+    backbone: str = "auto",
+    weights: str = "auto",
+    weights_path: str | None = None,
+    layers=(1, 2, 3),
+    allow_download: bool = True,
+) -> tuple[MultiScaleExtractor, MultiScaleInfo]:
+    """A frozen extractor of the given levels (1..4 = strides 4, 8, 16, 32), with the same
+    weight resolution as :func:`build_backbone`, and what it was built from."""
+    layers = _check_layers(layers)
+    net, arch, info = load_full_network(backbone, weights, weights_path, allow_download)
+    return MultiScaleExtractor(arch, net, layers), _multiscale_info(arch, info, layers)
+
+
+def build_multiscale_arch_only(info: dict) -> MultiScaleExtractor:
+    """An extractor of the architecture and levels named in a stored MultiScaleInfo; the
+    caller loads its saved weights."""
+    inv = {v: k for k, v in _PRETTY.items()}
+    arch = inv[info["name"]]
+    return MultiScaleExtractor(arch, _build_arch(arch), _check_layers(info["layers"]))

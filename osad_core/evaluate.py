@@ -107,6 +107,9 @@ def evaluate_prediction(records: list[ImageRecord], scores, maps, seen_types: li
     pa = pixel_auroc(recs, np.asarray(maps)[keep]) if maps is not None and len(maps) else None
     if pa is not None:
         m["pixel_auroc"] = pa
+        pro = pro_auc(recs, np.asarray(maps)[keep])
+        if pro is not None:
+            m["pro_auc"] = pro
     return m
 
 
@@ -117,3 +120,70 @@ METRIC_DETAILS = {
     "image_auroc_unseen": "ROC AUC of test normals vs test anomalies of defect types never shown in training",
     "pixel_auroc": "ROC AUC over all pixels of masked test images at the map resolution",
 }
+
+
+def pro_curve(gts: list[np.ndarray], maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Exact PRO curve over a whole test set: (pixel FPR, mean per-region overlap) at every
+    distinct threshold of the maps, highest threshold first.
+
+    ``gts``: binary masks (all-zero for normal images); ``maps``: same-shaped score maps.
+    Regions are the 8-connected components of each mask; every region counts once,
+    whatever its image. The FPR is over all pixels outside the masks. Sorting all pixels
+    by score once gives every point of the curve exactly (no threshold grid).
+    """
+    from scipy import ndimage
+
+    scores, region_w, negative = [], [], []
+    n_regions = 0
+    for gt, m in zip(gts, maps):
+        lab, n = ndimage.label(np.asarray(gt) > 0, structure=np.ones((3, 3), int))
+        sizes = np.bincount(lab.ravel(), minlength=n + 1).astype(np.float64)
+        w = np.where(lab > 0, 1.0 / sizes[lab], 0.0)  # each region's pixels sum to 1
+        scores.append(np.asarray(m, np.float64).ravel())
+        region_w.append(w.ravel())
+        negative.append((lab == 0).ravel())
+        n_regions += n
+    if n_regions == 0:
+        return np.zeros(0), np.zeros(0)
+    s, w, neg = np.concatenate(scores), np.concatenate(region_w), np.concatenate(negative)
+    n_neg = max(int(neg.sum()), 1)
+    order = np.argsort(-s, kind="stable")
+    s, w, neg = s[order], w[order], neg[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last pixel of each run of equal scores
+    fpr = np.cumsum(neg)[last] / n_neg
+    pro = np.cumsum(w)[last] / n_regions
+    return np.r_[0.0, fpr], np.r_[0.0, pro]
+
+
+def pro_auc(records: list[ImageRecord], maps: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+    """Standard whole-test-set PRO (METHODS.md §7.5): area under the exact PRO-vs-FPR curve for
+    FPR in [0, ``fpr_limit``], divided by ``fpr_limit`` (1.0 = perfect), at the map resolution.
+
+    Images as :func:`pixel_auroc` takes them (normals are all-zero masks, anomalies without a
+    mask are left out); None when no test image has a defect region.
+    """
+    if not any(r.mask_path for r in records):
+        return None
+    size = maps.shape[-1]
+    gts, ms = [], []
+    for r, m in zip(records, maps):
+        if r.label == 1 and not r.mask_path:
+            continue
+        gts.append(read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8))
+        ms.append(m)
+    fpr, pro = pro_curve(gts, ms)
+    if len(fpr) == 0:
+        return None
+    # cut the piecewise-linear curve at the limit (interpolating the crossing segment)
+    keep = fpr <= fpr_limit
+    x, y = fpr[keep], pro[keep]
+    if x[-1] < fpr_limit and keep.sum() < len(fpr):
+        j = int(keep.sum())
+        x0, x1, y0, y1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
+        y_lim = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0) if x1 > x0 else y1
+        x, y = np.r_[x, fpr_limit], np.r_[y, y_lim]
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / fpr_limit)  # trapezoids (numpy 1.x and 2.x)
+
+
+METRIC_DETAILS["pro_auc"] = ("standard PRO: area under per-region overlap vs pixel FPR up to 0.3, divided by 0.3, "
+                             "exact curve over all masked test images at the map resolution")
