@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:  # bad settings (unknown method, preset, device, …)
+        if a.verbose:
+            raise  # with -v, show where a ValueError came from
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingCancelled:

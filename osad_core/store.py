@@ -49,7 +49,10 @@ def ensure_project(s, ds: Dataset, name: str | None = None) -> int:
     if proj is None:
         proj = q.create_project(s, name, SOURCES.get(ds.name, "cli"), root_path=ds.root,
                                 description=f"created by the command line from {ds.root or ds.name}")
-    q.add_images(s, proj.id, image_items(ds.records, ds.root))
+    known = {im.path for im in q.get_images(s, proj.id)}
+    new = [r for r in ds.records if r.path not in known]  # hash and measure only new files
+    if new:
+        q.add_images(s, proj.id, image_items(new, ds.root))
     return proj.id
 
 
