@@ -45,6 +45,7 @@ class Detector(ABC):
     defaults: ClassVar[dict]
     presets: ClassVar[dict[str, dict]]  # preset -> overrides of defaults
     preset_notes: ClassVar[dict[str, str]] = {}
+    choices: ClassVar[dict[str, tuple]] = {}  # setting -> allowed values, checked on creation
 
     def __init__(self, preset: str = "quick", overrides: dict | None = None):
         if preset not in self.presets:
@@ -57,6 +58,9 @@ class Detector(ABC):
             if k not in cfg:
                 raise ValueError(f"unknown setting {k!r} for {self.name}; known: {', '.join(sorted(cfg))}")
             cfg[k] = v
+        for key, allowed in self.choices.items():
+            if cfg[key] not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(map(str, allowed))}, got {cfg[key]!r}")
         self.preset = preset
         self.config = cfg
         self.backbone_info: dict | None = None

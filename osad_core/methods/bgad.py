@@ -185,12 +185,11 @@ class BGAD(Detector):
         "tiny": "smoke tests only: 64 px, 2 coupling blocks",
     }
 
+    choices = {"ml_loss": ML_LOSSES, "boundary": BOUNDARIES, "spp_reduction": REDUCTIONS,
+               "image_label_masks": LABEL_MASKS, "foreground": FOREGROUNDS}
+
     def __init__(self, preset: str = "quick", overrides: dict | None = None):
         super().__init__(preset, overrides)
-        for key, allowed in (("ml_loss", ML_LOSSES), ("boundary", BOUNDARIES), ("spp_reduction", REDUCTIONS),
-                             ("image_label_masks", LABEL_MASKS), ("foreground", FOREGROUNDS)):
-            if self.config[key] not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {self.config[key]!r}")
         self.config["layers"] = tuple(int(v) for v in self.config["layers"])
         self.config["paste_area"] = tuple(float(v) for v in self.config["paste_area"])
 

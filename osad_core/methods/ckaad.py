@@ -235,12 +235,10 @@ class CKAAD(Detector):
         "tiny": "smoke tests only: 64 px",
     }
 
+    choices = {"generator_loss": GENERATOR_LOSSES, "elastic_anomalies": ELASTIC_MODES, "ae_block": AE_BLOCKS}
+
     def __init__(self, preset: str = "quick", overrides: dict | None = None):
         super().__init__(preset, overrides)
-        for key, allowed in (("generator_loss", GENERATOR_LOSSES), ("elastic_anomalies", ELASTIC_MODES),
-                             ("ae_block", AE_BLOCKS)):
-            if self.config[key] not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {self.config[key]!r}")
         self.config["layers"] = tuple(int(v) for v in self.config["layers"])
 
     # -- model ---------------------------------------------------------------------------

@@ -161,12 +161,7 @@ class SaliencyCut(DRAFamilyDetector):
     }
     map_heads = ("anomaly",)
 
-    def __init__(self, preset: str = "quick", overrides: dict | None = None):
-        super().__init__(preset, overrides)
-        for key, allowed in (("pseudo_refresh", REFRESH_MODES), ("patch_side", PATCH_SIDES),
-                             ("patch_offsets", PATCH_OFFSETS)):
-            if self.config[key] not in allowed:
-                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {self.config[key]!r}")
+    choices = {"pseudo_refresh": REFRESH_MODES, "patch_side": PATCH_SIDES, "patch_offsets": PATCH_OFFSETS}
 
     def fit(self, train_normal, train_anomalies, callbacks=None):
         self._callbacks = callbacks  # the per-epoch saliency refresh checks for cancel too
