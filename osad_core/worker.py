@@ -181,10 +181,15 @@ def ensure_local_worker(max_age_s: float = 20.0) -> bool:
         if q.alive_workers(s, max_age_s=max_age_s):
             return False
     logf = open(Path(data_dir()) / "worker.log", "ab")
+    env = dict(os.environ)
+    # The worker shares the CPU with the web app (and often other processes): OpenMP
+    # threads that spin while waiting make torch and t-SNE many times slower under
+    # contention (tiny DRA run on 2 busy cores: ~100 s spinning vs ~7 s passive).
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     subprocess.Popen(
         [sys.executable, "-m", "osad_core", "worker"],
         stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True,  # survives the page's script run and a browser reload
-        cwd=str(Path(__file__).resolve().parents[1]),
+        cwd=str(Path(__file__).resolve().parents[1]), env=env,
     )
     return True

@@ -1,0 +1,257 @@
+"""Inspect: one image with its heatmap on the run's fixed colour scale, its score and
+verdict; step through images by score; score new uploads with a chosen run; export.
+
+Stored heatmaps are drawn as they are (no model needed). Scoring uploads loads the
+run's saved model once per server process and runs it on the few uploaded images only.
+"""
+from __future__ import annotations
+
+import html
+import io
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from db import data_dir, session_scope
+from db import queries as q
+from ui import common, figures, fmt, ingest, thumbs
+
+MAX_UPLOAD_SCORE = 32
+ROLE_FILTER = {
+    "test": "held out (test)",
+    "train_normal": "training normal",
+    "train_anomaly": "training anomaly",
+    "scored": "unlabelled",
+}
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _detector(model_path: str, mtime: float):
+    from osad_core.methods.base import load_detector
+
+    return load_detector(model_path, device="auto")
+
+
+def _set_pos(pos: int) -> None:
+    st.session_state["inspect_pos"] = pos
+    st.session_state.pop("inspect_image_id", None)
+
+
+def _verdict_html(score: float, threshold: float | None) -> str:
+    if threshold is None:
+        return f'<span class="osad-verdict">score {score:.4f}</span>'
+    flagged = score >= threshold
+    word = "ANOMALY" if flagged else "NORMAL"
+    rel = "≥" if flagged else "<"
+    cls = "anomaly" if flagged else "normal"
+    return (f'<span class="osad-verdict {cls}">{word}</span> &nbsp; score <b>{score:.4f}</b> {rel} '
+            f"threshold {threshold:.4f}")
+
+
+def browse_tab(run) -> None:
+    with session_scope() as s:
+        df = figures.scores_frame(q.run_scores(s, run.id))
+    if df.empty:
+        st.info("This run stored no per-image scores.")
+        return
+    c1, c2, c3 = st.columns([2, 2, 1])
+    roles = c1.multiselect("Images", list(ROLE_FILTER), format_func=ROLE_FILTER.get, key=f"ins_roles_{run.id}",
+                           placeholder="all scored images")
+    order = c2.radio("Order", ["score, high → low", "score, low → high"], horizontal=True, key="ins_order")
+    if roles:
+        df = df[df["role"].isin(roles)]
+    df = df.sort_values("score", ascending=order.endswith("low → high"), kind="stable").reset_index(drop=True)
+    n = len(df)
+    if n == 0:
+        st.info("No images of that kind in this run.")
+        return
+    want = st.session_state.get("inspect_image_id")
+    if want is not None and want in set(df["image_id"]):
+        st.session_state["inspect_pos"] = int(df.index[df["image_id"] == want][0])
+    pos = min(max(int(st.session_state.get("inspect_pos", 0)), 0), n - 1)
+    c3.metric("Images", f"{n:,}")
+    with st.container(horizontal=True, vertical_alignment="center"):
+        st.button("Previous", icon="⬅️", key="ins_prev", shortcut="Left", on_click=_set_pos, args=(max(0, pos - 1),),
+                  disabled=pos == 0)
+        st.button("Next", icon="➡️", key="ins_next", shortcut="Right", on_click=_set_pos,
+                  args=(min(n - 1, pos + 1),), disabled=pos >= n - 1)
+        st.markdown(f"Rank **{pos + 1:,}** of {n:,} by score")
+        # no key: the box follows the image shown; typing a rank jumps there
+        goto = st.number_input("Go to rank", 1, n, pos + 1, label_visibility="collapsed", width=120)
+        if goto != pos + 1:
+            _set_pos(int(goto) - 1)
+            st.rerun()
+    row = df.iloc[pos]
+    left, right = st.columns([3, 2])
+    with right:
+        st.markdown(f"**{html.escape(str(row['rel_path']))}**")
+        st.markdown(_verdict_html(float(row["score"]), run.threshold), unsafe_allow_html=True)
+        label = row["label"]
+        lab = {"anomaly": f"anomaly · {row['defect_type']}", "normal": "normal", "unlabeled": "unlabelled"}[label]
+        seen = ""
+        if row["label_at_run"] == "anomaly":
+            shown = row["seen"] is True
+            seen = f" (a defect type {'shown' if shown else 'never shown'} in training)"
+        st.markdown(f"Label now: **{lab}** · at training time: {row['label_at_run']}{seen}")
+        st.caption(f"Role in run {run.id}: {row['role_name']} · `{row['path']}`")
+        show = st.toggle("Heatmap", value=True, key="ins_heat")
+        opacity = st.slider("Opacity", 0.0, 1.0, 0.45, 0.05, key="ins_opacity")
+        scale = st.radio("Colour scale", ["fixed for the run", "this image's own range"], horizontal=True,
+                         key="ins_scale", help="The fixed scale compares images; the image's own range shows "
+                                               "where inside one image the map is highest.")
+        with session_scope() as s:
+            heat = q.run_heatmap(s, run.id, int(row["image_id"]))
+        vmin, vmax = fmt.display_range(run, (0.0, 1.0))
+        if scale == "fixed for the run":
+            st.caption(f"Colour scale fixed for run {run.id}: {vmin:.3f} … {vmax:.3f} (0 … the 99th percentile "
+                       "of normal held-out maps), so good images do not light up.")
+        elif heat is not None:
+            vmin, vmax = float(heat.min()), max(float(heat.max()), float(heat.min()) + 1e-6)
+            st.caption(f"Colour scale of this image alone: {vmin:.3f} … {vmax:.3f} — shows where, not how much.")
+        if heat is None:
+            st.caption("No heatmap stored for this image.")
+    with left:
+        try:
+            arr = thumbs.view_image(str(row["path"]))
+        except Exception as exc:
+            common.show_error(exc)
+            return
+        fig = figures.overlay_figure(arr, heat if show else None, vmin, vmax, opacity)
+        st.plotly_chart(fig, key="ins_overlay", config={"displayModeBar": False})
+
+
+def _save_uploads(run_id: int, entries: list[tuple[str, bytes]]) -> list[str]:
+    folder = data_dir() / "uploads" / "scored" / f"run_{run_id}" / uuid.uuid4().hex[:8]
+    paths = []
+    for rel, data in entries:
+        dest = folder / Path(rel).name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        paths.append(str(dest))
+    return paths
+
+
+def score_tab(run) -> None:
+    if not run.model_path or not Path(run.model_path).is_file():
+        st.info(f"Run {run.id} has no saved model to score new images with (runs started from the app save one).")
+        return
+    st.caption(f"Score up to {MAX_UPLOAD_SCORE} new images with run {run.id}'s model. They are not added to the "
+               "project.")
+    with st.form("score_form", border=False):
+        files = st.file_uploader("Images to score", accept_multiple_files=True, key="score_files")
+        go = st.form_submit_button(f"Score with run {run.id}", type="primary")
+    if go:
+        try:
+            if not files:
+                raise ingest.IngestError("Choose one or more images to score.")
+            entries, _ = ingest.collect_upload([(f.name, f.getvalue()) for f in files],
+                                               nothing="nothing was scored")
+            if len(entries) > MAX_UPLOAD_SCORE:
+                raise ingest.IngestError(f"Score at most {MAX_UPLOAD_SCORE} images at a time here; use "
+                                         "`python -m osad_core score` for more.")
+            paths = _save_uploads(run.id, entries)
+            with st.spinner(f"Scoring {len(paths)} image(s) with run {run.id}…"):
+                det = _detector(run.model_path, Path(run.model_path).stat().st_mtime)
+                pred = det.predict(paths)
+        except (ValueError, FileNotFoundError) as exc:
+            common.show_error(exc)
+            return
+        st.session_state["scored"] = {
+            "run_id": run.id,
+            "rows": [{"file": Path(r.path).name, "path": r.path, "score": float(sc)}
+                     for r, sc in zip(pred.records, pred.scores)],
+            "maps": [np.asarray(m, np.float32) for m in pred.maps],
+            "skipped": pred.skipped,
+        }
+    res = st.session_state.get("scored")
+    if not res or res["run_id"] != run.id:
+        return
+    rows = res["rows"]
+    for path, why in res["skipped"]:
+        st.warning(common.sentence(why))
+    if not rows:
+        return
+    table = pd.DataFrame(rows)
+    if run.threshold is not None:
+        table["verdict"] = np.where(table["score"] >= run.threshold, "anomaly", "normal")
+    st.dataframe(table.drop(columns=["path"]), hide_index=True, width="stretch",
+                 column_config={"score": st.column_config.NumberColumn(format="%.4f")})
+    st.download_button("Download these scores (CSV)", table.to_csv(index=False), f"run_{run.id}_new_scores.csv",
+                       "text/csv", key="dl_new_scores", on_click="ignore")
+    vmin, vmax = fmt.display_range(run, (0.0, 1.0))
+    pick = st.selectbox("Show", range(len(rows)), format_func=lambda i: rows[i]["file"], key="scored_pick")
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        arr = thumbs.view_image(rows[pick]["path"])
+        st.plotly_chart(figures.overlay_figure(arr, res["maps"][pick], vmin, vmax, 0.45), key="scored_overlay",
+                        config={"displayModeBar": False})
+    with c2:
+        st.markdown(_verdict_html(rows[pick]["score"], run.threshold), unsafe_allow_html=True)
+
+
+def export_tab(run) -> None:
+    with session_scope() as s:
+        rows = q.run_scores(s, run.id)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        cols = ["image_id", "rel_path", "path", "score", "role", "label_at_run", "defect_type_at_run", "seen",
+                "label", "defect_type", "split", "tsne_x", "tsne_y"]
+        df = df[[c for c in cols if c in df.columns]]
+        if run.threshold is not None:
+            df["verdict"] = np.where(df["score"] >= run.threshold, "anomaly", "normal")
+        # every row says what produced it
+        for key, value in (("run_id", run.id), ("method", run.method), ("preset", run.preset),
+                           ("protocol", fmt.protocol_text(run.protocol_json)), ("backbone", run.backbone),
+                           ("weights", run.weights), ("device", run.device), ("threshold", run.threshold)):
+            df[key] = value
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    c1, c2 = st.columns(2)
+    c1.download_button(f"Scores of run {run.id} (CSV, {len(df):,} images)", buf.getvalue(),
+                       f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon="📄", on_click="ignore")
+    if run.model_path and Path(run.model_path).is_file():
+        path = Path(run.model_path)
+        c2.download_button(f"Model of run {run.id} ({path.stat().st_size / 1e6:.1f} MB)",
+                           lambda: path.read_bytes(), f"osad_run_{run.id}_{run.method}.pt",
+                           "application/octet-stream", key="dl_model", icon="🧠", on_click="ignore")
+        st.caption("Load it with `osad_core.methods.load_detector(path)` or score folders with "
+                   "`python -m osad_core score --model <file> <images>`.")
+    else:
+        c2.caption("No saved model for this run.")
+    st.caption("Each CSV row names the run, method, preset, protocol, backbone weights and device that produced it.")
+
+
+def main() -> None:
+    project = common.require_project()
+    if project is None:
+        return
+    st.title(f"Inspect · {project.name}")
+    with session_scope() as s:
+        done = [r.run for r in q.list_runs(s, project.id) if r.run.status == "done"]
+    if not done:
+        st.info("No finished run yet: heatmaps and scores appear after the first training run.")
+        st.page_link(common.PAGES["train"], label="Go to Train", icon="🧠")
+        return
+    ids = [r.id for r in done]
+    by_id = {r.id: r for r in done}
+    if st.session_state.get("inspect_run") not in ids:
+        st.session_state["inspect_run"] = ids[0]
+    run_id = st.selectbox("Run", ids, key="inspect_run", format_func=lambda i: fmt.run_title(by_id[i]))
+    run = by_id[run_id]
+    st.caption(fmt.provenance(run))
+    warn = fmt.weights_warning(run)
+    if warn:
+        st.error(warn, icon="🚨")
+    tabs = st.tabs(["Images by score", "Score new images", "Export"])
+    with tabs[0]:
+        browse_tab(run)
+    with tabs[1]:
+        score_tab(run)
+    with tabs[2]:
+        export_tab(run)
+
+
+common.run_page(main)

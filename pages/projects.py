@@ -1,0 +1,173 @@
+"""Projects: create (server folder, upload, ELPV demo), list with counts, delete."""
+from __future__ import annotations
+
+import streamlit as st
+
+from db import session_scope
+from db import queries as q
+from osad_core.data import DataError
+from ui import common, fmt, ingest
+
+
+def _flash() -> None:
+    msg = st.session_state.pop("projects_flash", None)
+    if msg:
+        st.success(msg, icon="✅")
+
+
+def _created(c: ingest.Created) -> None:
+    common.set_project(c.project_id)
+    notes = " · ".join(c.notes)
+    st.session_state["projects_flash"] = (
+        f"Created project “{c.name}” with {c.images:,} images in {c.seconds:.1f} s. {notes}")
+    st.rerun()
+
+
+def _create_elpv() -> None:
+    with st.spinner("Creating the ELPV demo project (2,624 images)…"):
+        try:
+            created = ingest.create_elpv_demo(author=common.user_name())
+        except (DataError, ValueError) as exc:
+            common.show_error(exc)
+            return
+    _created(created)
+
+
+def hero() -> None:
+    st.markdown(
+        '<div class="osad-hero"><h3 style="margin-top:0">Welcome to OSAD Studio</h3>'
+        "Tag a few defective images, retrain with one click, and see where and why the detector flags new "
+        "images — including defect types nobody tagged.<br><br>"
+        "Start with the built-in demo: <b>2,624 electroluminescence images of solar cells</b> "
+        "(ELPV), normal cells and two defect types already labelled the way the papers use them.</div>",
+        unsafe_allow_html=True,
+    )
+    st.write("")
+    if st.button("Open the ELPV solar cells demo", type="primary", icon="☀️", key="elpv_demo"):
+        _create_elpv()
+
+
+def create_section(has_elpv: bool, expanded: bool) -> None:
+    with st.expander("➕ New project", expanded=expanded):
+        tabs = st.tabs(["From a folder on the server", "Upload images or a zip", "ELPV demo"])
+        with tabs[0]:
+            st.caption("MVTec layout is recognised: `train/good` → normal, `test/good` → normal held out for "
+                       "testing, `test/<type>` → anomaly of that type. Any other folder: all images unlabelled.")
+            with st.form("from_folder", border=False):
+                path = st.text_input("Folder path", placeholder="/data/parts/bottle", key="folder_path")
+                name = st.text_input("Project name", placeholder="default: the folder's name", key="folder_name")
+                go = st.form_submit_button("Create project", type="primary")
+            if go:
+                try:
+                    with st.spinner("Reading the folder…"):
+                        created = ingest.create_from_folder(path, name, author=common.user_name())
+                except (DataError, ValueError) as exc:
+                    common.show_error(exc)
+                else:
+                    _created(created)
+        with tabs[1]:
+            st.caption("Image files or a .zip (an MVTec-layout zip keeps its labels). Files are stored under "
+                       "the data folder's `uploads/`.")
+            with st.form("from_upload", border=False, clear_on_submit=False):
+                name = st.text_input("Project name", key="upload_name")
+                files = st.file_uploader("Images or a zip", accept_multiple_files=True, key="upload_files")
+                go = st.form_submit_button("Create project", type="primary")
+            if go:
+                try:
+                    with st.spinner("Checking and storing the images…"):
+                        created = ingest.create_from_uploads(
+                            [(f.name, f.getvalue()) for f in files or []], name, author=common.user_name())
+                except (DataError, ValueError) as exc:
+                    common.show_error(exc)
+                else:
+                    _created(created)
+        with tabs[2]:
+            if has_elpv:
+                st.info(f"The demo project “{ingest.ELPV_DEMO_NAME}” already exists.")
+            else:
+                st.caption("2,624 solar-cell images from the `elpv-dataset` package; normal = defect probability "
+                           "0 (75 % train / 25 % held out), anomalies mono / poly, 401 uncertain cells unlabelled.")
+                if st.button("Create the ELPV demo project", key="elpv_tab"):
+                    _create_elpv()
+
+
+def _confirm_delete(p: dict) -> None:
+    with st.container(border=True):
+        st.warning(
+            f"Delete “{p['name']}”? Its {p['images']:,} image records, all labels and their history, and every run "
+            "with its results go with it. Image files on the server are not touched; uploaded files and model "
+            "checkpoints in the data folder are removed.", icon="🗑️")
+        c1, c2, _ = st.columns([1, 1, 4])
+        if c1.button("Yes, delete", type="primary", key=f"del_yes_{p['id']}"):
+            try:
+                name = ingest.delete_project(p["id"])
+            except ValueError as exc:
+                common.show_error(exc)
+                return
+            st.session_state.pop("confirm_delete", None)
+            if common.current_project_id() == p["id"]:
+                common.set_project(None)
+            st.session_state["projects_flash"] = f"Deleted project “{name}”."
+            st.rerun()
+        if c2.button("Cancel", key=f"del_no_{p['id']}"):
+            st.session_state.pop("confirm_delete", None)
+            st.rerun()
+
+
+def project_card(p: dict) -> None:
+    current = p["id"] == common.current_project_id()
+    with st.container(border=True, key=f"project_{p['id']}"):
+        head, actions = st.columns([5, 2], vertical_alignment="center")
+        with head:
+            badge = " &nbsp; :blue-badge[current]" if current else ""
+            st.markdown(f"#### {p['name']}{badge}")
+            st.caption(f"{p['source']} · {p['description'] or ''}"
+                       + (f" · `{p['root_path']}`" if p["root_path"] and p["source"] != "elpv" else ""))
+        with actions:
+            b1, b2, b3 = st.columns(3)
+            if b1.button("Open", key=f"open_{p['id']}", type="primary" if current else "secondary",
+                         help="Make this the current project and go to labelling"):
+                common.set_project(p["id"])
+                st.switch_page(common.PAGES["label"])
+            if b2.button("Train", key=f"train_{p['id']}"):
+                common.set_project(p["id"])
+                st.switch_page(common.PAGES["train"])
+            if b3.button("Delete", key=f"delete_{p['id']}", icon="🗑️"):
+                st.session_state["confirm_delete"] = p["id"]
+        cols = st.columns(6)
+        cols[0].metric("Images", f"{p['images']:,}")
+        cols[1].metric("Normal", f"{p['normal']:,}",
+                       help=f"{p['by_split']['train']['normal']:,} for training, "
+                            f"{p['by_split']['test']['normal']:,} held out for testing")
+        types = p["anomaly_by_type"]
+        cols[2].metric("Anomaly", f"{p['anomaly']:,}",
+                       help=", ".join(f"{t}: {n}" for t, n in sorted(types.items())) or "none yet")
+        cols[3].metric("Unlabelled", f"{p['unlabeled']:,}")
+        auroc = p["last_run_image_auroc"]
+        last = (f"run {p['last_run_id']} · {p['last_run_method']} · {p['last_run_status']}"
+                if p["last_run_id"] else "no run yet")
+        cols[4].metric("Last run AUROC", fmt.num(auroc) if auroc is not None else "—", help=last)
+        with cols[5]:
+            st.caption("Anomalies by type")
+            st.markdown(" ".join(f'<span class="osad-chip anomaly">{t} {n}</span>' for t, n in sorted(types.items()))
+                        or "—", unsafe_allow_html=True)
+        if st.session_state.get("confirm_delete") == p["id"]:
+            _confirm_delete(p)
+
+
+def main() -> None:
+    st.title("Projects")
+    _flash()
+    with session_scope() as s:
+        projects = q.list_projects(s)
+    if not projects:
+        hero()
+    has_elpv = any(p["name"] == ingest.ELPV_DEMO_NAME for p in projects)
+    create_section(has_elpv, expanded=not projects)
+    if projects:
+        st.subheader(f"{len(projects)} project{'s' if len(projects) != 1 else ''}")
+        for p in projects:
+            project_card(p)
+
+
+common.run_page(main)

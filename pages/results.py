@@ -1,0 +1,257 @@
+"""Results: what a finished run measured, read from the database (nothing recomputed).
+
+Headline AUROC/AUPR and the open-set question — AUROC on defect types the model was
+shown vs on types it was not — then ROC/PR curves, score histograms, a threshold in
+plain counts with its confusion matrix, the t-SNE map (click a point to see the image
+and its heatmap), and several runs side by side.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import streamlit as st
+
+from db import session_scope
+from db import queries as q
+from osad_core.data import DataError
+from ui import common, figures, fmt, thumbs, training
+
+HEADLINE = ("image_auroc", "image_aupr", "image_auroc_seen", "image_auroc_unseen")
+MISSING_HELP = {
+    "image_auroc_seen": "No held-out defects of a type the model was shown.",
+    "image_auroc_unseen": "No held-out defects of a type the model was not shown. Train with the hard setting "
+                          "(one known type) or hold out a defect type entirely to measure it.",
+    "image_auroc": "Needs held-out images of both labels.",
+    "image_aupr": "Needs held-out images of both labels.",
+}
+
+
+def _runs(project_id: int):
+    with session_scope() as s:
+        return q.list_runs(s, project_id)
+
+
+def _scores(run_id: int) -> pd.DataFrame:
+    with session_scope() as s:
+        return figures.scores_frame(q.run_scores(s, run_id))
+
+
+def headline(run, details: dict) -> None:
+    st.caption("Every number below: " + fmt.provenance(run))
+    warn = fmt.weights_warning(run)
+    if warn:
+        st.error(warn, icon="🚨")
+    elif run.weights_source == "efficientnet_lite0_package":
+        st.caption("ℹ️ Backbone: the offline ImageNet EfficientNet-Lite0 (the papers use ImageNet ResNets).")
+    cols = st.columns(len(HEADLINE) + (1 if "pixel_auroc" in details else 0))
+    keys = list(HEADLINE) + (["pixel_auroc"] if "pixel_auroc" in details else [])
+    for col, key in zip(cols, keys):
+        value, detail = details.get(key, (math.nan, None))
+        col.metric(fmt.METRIC_NAMES[key], fmt.num(value),
+                   help=(detail or "") + ("" if value == value else " " + MISSING_HELP.get(key, "")))
+    seen = run.seen_defect_types or []
+    if seen:
+        st.caption(f"Seen defect types (shown in training): **{', '.join(seen)}**. "
+                   "“Unseen” = every other held-out defect type — the open-set question.")
+
+
+def curves_tab(run, df: pd.DataFrame) -> None:
+    with session_scope() as s:
+        curves = q.run_curves(s, run.id)
+    if not curves:
+        st.info("This run has no curves: it had no held-out images of both labels.")
+        return
+    ev = figures.evaluation_frame(df)
+    base = [float((ev["label_at_run"] == "anomaly").mean())] if len(ev) else []
+    c1, c2 = st.columns(2)
+    if "roc" in curves:
+        c1.plotly_chart(figures.roc_figure([(f"run {run.id}", curves["roc"])], run.threshold), key="roc")
+    if "pr" in curves:
+        c2.plotly_chart(figures.pr_figure([(f"run {run.id}", curves["pr"])], base), key="pr")
+
+
+def threshold_tab(run, df: pd.DataFrame) -> None:
+    ev = figures.evaluation_frame(df)
+    if ev.empty or ev["label_at_run"].nunique() < 2:
+        st.info("No held-out images of both labels in this run, so there is nothing to threshold.")
+        return
+    lo, hi = float(ev["score"].min()), float(ev["score"].max())
+    default = run.threshold if run.threshold is not None else (lo + hi) / 2
+    default = min(max(default, lo), hi)
+    thr = st.slider("Threshold (images scoring at or above it are flagged)", lo, hi, default,
+                    step=max((hi - lo) / 400, 1e-6), format="%.4f", key=f"thr_{run.id}")
+    counts = figures.threshold_counts(ev, thr)
+    st.markdown(figures.threshold_sentence(counts))
+    c1, c2 = st.columns([2, 3])
+    c1.plotly_chart(figures.confusion_figure(counts), key="confusion", config={"displayModeBar": False})
+    with c2:
+        an = ev[ev["label_at_run"] == "anomaly"]
+        if len(an):
+            rows = []
+            for g, part in an.groupby("defect"):
+                miss = int((part["score"] < thr).sum())
+                seen = part["seen"].iloc[0]
+                rows.append({"defect type": g, "seen in training": "yes" if seen is True else "no",
+                             "held out": len(part), "missed": miss, "caught": len(part) - miss})
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        st.caption(f"The run's own threshold is {fmt.num(run.threshold, 4)} (best F1 on these images).")
+    st.info("Rates measured on these held-out images are optimistic for unseen production images: the threshold "
+            "was chosen on them, and production brings lighting, parts and defect types this project has not "
+            "seen. Keep checking flagged and passed images.", icon="ℹ️")
+    by = st.radio("Histogram by", ["label", "defect type"], horizontal=True, key=f"hist_by_{run.id}")
+    st.plotly_chart(figures.score_histogram(ev, "label_name" if by == "label" else "defect", thr), key="hist")
+
+
+def show_image_with_heatmap(run, image_id: int, where: str) -> None:
+    with session_scope() as s:
+        ims = q.get_images(s, run.project_id, [image_id])
+        heat = q.run_heatmap(s, run.id, image_id)
+    if not ims:
+        st.info("That image is no longer in the project.")
+        return
+    im = ims[0]
+    try:
+        arr = thumbs.view_image(im.path, 384)
+    except Exception as exc:
+        common.show_error(exc)
+        return
+    vmin, vmax = fmt.display_range(run, (0.0, 1.0))
+    st.plotly_chart(figures.overlay_figure(arr, heat, vmin, vmax, 0.45, title=im.rel_path, height=380),
+                    key=f"{where}_overlay", config={"displayModeBar": False})
+
+
+def tsne_tab(run, df: pd.DataFrame) -> None:
+    pts = df.dropna(subset=["tsne_x", "tsne_y"]) if not df.empty else df
+    if pts.empty:
+        st.info("This run stored no t-SNE coordinates.")
+        return
+    color_by = st.radio("Colour by", list(figures.TSNE_COLOR_BY), horizontal=True, index=2, key=f"tsne_by_{run.id}")
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        event = st.plotly_chart(figures.tsne_figure(pts, color_by), key=f"tsne_{run.id}", on_select="rerun",
+                                selection_mode="points")
+    picked = None
+    try:
+        points = event.selection.points if event is not None else []
+    except AttributeError:
+        points = []
+    if points:
+        cd = points[0].get("customdata")
+        if cd:
+            picked = int(cd[0])
+    if picked is not None:
+        st.session_state["tsne_image_id"] = picked
+    with c2:
+        image_id = st.session_state.get("tsne_image_id")
+        if image_id is None or image_id not in set(pts["image_id"]):
+            st.caption("Click a point to see its image and heatmap here.")
+            return
+        row = pts[pts["image_id"] == image_id].iloc[0]
+        show_image_with_heatmap(run, int(image_id), "tsne")
+        verdict = ""
+        if run.threshold is not None:
+            verdict = "flagged" if row["score"] >= run.threshold else "passed"
+        st.markdown(f"Score **{row['score']:.4f}** ({verdict}) · {row['defect']} · {row['role_name']}")
+        if st.button("Open in Inspect", key="tsne_inspect", icon="🔬"):
+            st.session_state["inspect_run"] = run.id
+            st.session_state["inspect_image_id"] = int(image_id)
+            st.switch_page(common.PAGES["inspect"])
+
+
+def compare_tab(done: list, current_id: int) -> None:
+    options = [r.run.id for r in done]
+    by_id = {r.run.id: r for r in done}
+    default = [current_id] + [i for i in options if i != current_id][:2]
+    chosen = st.multiselect("Runs to compare", options, default=default, key="compare_runs",
+                            format_func=lambda i: fmt.run_title(by_id[i].run))
+    if not chosen:
+        st.caption("Choose runs to compare.")
+        return
+    rows = []
+    for i in chosen:
+        r = by_id[i]
+        run, m = r.run, r.metrics
+        rows.append({
+            "run": f"run {run.id}", "method": run.method, "preset": run.preset,
+            "protocol": fmt.protocol_text(run.protocol_json),
+            "seen types": ", ".join(run.seen_defect_types or []) or "none",
+            "image_auroc": m.get("image_auroc"), "image_aupr": m.get("image_aupr"),
+            "image_auroc_seen": m.get("image_auroc_seen"), "image_auroc_unseen": m.get("image_auroc_unseen"),
+            "backbone / weights": f"{run.backbone} [{run.weights}]", "device": run.device,
+            "train": fmt.duration(run.train_seconds), "n test": run.n_test,
+        })
+    table = pd.DataFrame(rows).rename(columns={k: fmt.METRIC_NAMES.get(k, k) for k in HEADLINE})
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={fmt.METRIC_NAMES[k]: st.column_config.NumberColumn(format="%.3f") for k in HEADLINE})
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(figures.metric_bars(rows), key="compare_bars")
+    with session_scope() as s:
+        curves = [(f"run {i}", q.run_curves(s, i).get("roc")) for i in chosen]
+    curves = [(n, c) for n, c in curves if c]
+    if curves:
+        c2.plotly_chart(figures.roc_figure(curves), key="compare_roc")
+
+
+def details_tab(run, details: dict) -> None:
+    st.dataframe(pd.DataFrame([{"metric": fmt.METRIC_NAMES.get(k, k), "value": v, "how it was obtained": d}
+                               for k, (v, d) in sorted(details.items())]),
+                 hide_index=True, width="stretch",
+                 column_config={"value": st.column_config.NumberColumn(format="%.4f")})
+    with session_scope() as s:
+        log = q.train_log(s, run.id)
+    if len(log) >= 2:
+        st.plotly_chart(figures.loss_sparkline(log, height=200), key="loss_curve")
+    st.markdown(f"**Timing** — training {fmt.duration(run.train_seconds)}, scoring the held-out images "
+                f"{fmt.duration(run.infer_seconds)} · started {fmt.ago(run.started_at)} · source {run.source}")
+    with st.expander("Configuration (as trained)"):
+        st.json({"config": run.config_json, "protocol": run.protocol_json}, expanded=False)
+
+
+def main() -> None:
+    project = common.require_project()
+    if project is None:
+        return
+    st.title(f"Results · {project.name}")
+    runs = _runs(project.id)
+    done = [r for r in runs if r.run.status == "done"]
+    if not done:
+        pending = [r for r in runs if r.run.status in ("queued", "running")]
+        st.info("No finished run yet." + (" A run is in progress — follow it on the Train page." if pending else ""))
+        st.page_link(common.PAGES["train"], label="Go to Train", icon="🧠")
+        return
+    ids = [r.run.id for r in done]
+    by_id = {r.run.id: r.run for r in done}
+    if st.session_state.get("results_pick") not in ids:  # other pages set it to open a run
+        st.session_state["results_pick"] = ids[0]
+    c1, c2 = st.columns([5, 1], vertical_alignment="bottom")
+    run_id = c1.selectbox("Run", ids, key="results_pick",
+                          format_func=lambda i: f"{fmt.run_title(by_id[i])} · {fmt.ago(by_id[i].finished_at)}")
+    run = by_id[run_id]
+    if c2.button("Retrain", icon="🔁", key="results_retrain", help="Repeat this run's configuration on today's labels"):
+        try:
+            new_run, job_id = training.retrain(run.id, author=common.user_name())
+        except (DataError, ValueError) as exc:
+            common.show_error(exc)
+        else:
+            st.session_state.setdefault("watched_jobs", {})[job_id] = new_run
+            st.session_state["train_note"] = f"Run {new_run} queued: run {run.id}'s configuration on today's labels."
+            st.switch_page(common.PAGES["train"])
+    with session_scope() as s:
+        details = q.run_metric_details(s, run.id)
+    headline(run, details)
+    df = _scores(run.id)
+    tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Details"])
+    with tabs[0]:
+        curves_tab(run, df)
+    with tabs[1]:
+        threshold_tab(run, df)
+    with tabs[2]:
+        tsne_tab(run, df)
+    with tabs[3]:
+        compare_tab(done, run.id)
+    with tabs[4]:
+        details_tab(run, details)
+
+
+common.run_page(main)

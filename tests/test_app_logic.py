@@ -1,0 +1,234 @@
+"""The app's helpers without a browser: project creation, thumbnails, figures, training
+requests, and the ``set_split`` label batch."""
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import make_mvtec
+
+
+@pytest.fixture(autouse=True)
+def _db():
+    import db
+
+    db.init_db()
+
+
+def png(color=100, size=20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), color, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --- ingest ---------------------------------------------------------------------------------
+
+
+def test_zip_in_mvtec_layout_keeps_its_labels(tmp_path):
+    from db import session_scope
+    from db import queries as q
+    from ui import ingest
+
+    src = make_mvtec(tmp_path / "bottle", n_train=3, n_test_good=2, n_defect=2)
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        for p in src.rglob("*.png"):
+            zf.write(p, "bottle/" + str(p.relative_to(src)))
+    c = ingest.create_from_uploads([("bottle.zip", zbuf.getvalue())], "bottle")
+    assert c.images == 9 and "MVTec layout" in c.notes[0]
+    with session_scope() as s:
+        counts = q.label_counts(s, c.project_id)
+    assert counts["by_split"]["train"]["normal"] == 3 and counts["anomaly_by_type"] == {"hole": 2, "scratch": 2}
+
+
+def test_upload_rejects_broken_images_and_duplicate_names_are_kept_apart():
+    from ui import ingest
+
+    with pytest.raises(ingest.IngestError, match="`broken.png` is not a readable image; nothing was created"):
+        ingest.create_from_uploads([("a.png", png()), ("broken.png", b"\x89PNG not really")], "x")
+    with pytest.raises(ingest.IngestError, match="not a readable zip"):
+        ingest.create_from_uploads([("a.zip", b"PK nope")], "x")
+    with pytest.raises(ingest.IngestError, match="Give the project a name"):
+        ingest.create_from_uploads([("a.png", png())], "  ")
+    c = ingest.create_from_uploads([("a.png", png(1)), ("a.png", png(2))], "dups")
+    assert c.images == 2
+
+
+def test_duplicate_project_name_is_refused(tmp_path):
+    from ui import ingest
+
+    parts = make_mvtec(tmp_path / "parts", n_train=2, n_test_good=1, n_defect=1)
+    ingest.create_from_folder(str(parts))
+    with pytest.raises(ingest.IngestError, match="already exists"):
+        ingest.create_from_folder(str(parts))
+
+
+def test_delete_removes_uploads_and_models_but_never_server_images(tmp_path):
+    from db import data_dir, session_scope
+    from db import queries as q
+    from ui import ingest
+
+    c = ingest.create_from_uploads([("a.png", png())], "up")
+    with session_scope() as s:
+        folder = Path(q.get_project(s, c.project_id).root_path)
+        model = data_dir() / "models" / "run_1.pt"
+        model.parent.mkdir(parents=True, exist_ok=True)
+        model.write_bytes(b"m")
+        run = q.create_run(s, c.project_id, "dra", "tiny", {}, {}, "app", status="done", model_path=str(model))
+        assert run.id
+    assert folder.is_dir()
+    assert ingest.delete_project(c.project_id) == "up"
+    assert not folder.exists() and not model.exists()
+
+    parts = make_mvtec(tmp_path / "parts", n_train=2, n_test_good=1, n_defect=1)
+    files = sorted(parts.rglob("*"))
+    c2 = ingest.create_from_folder(str(parts), "server")
+    ingest.delete_project(c2.project_id)
+    assert sorted(parts.rglob("*")) == files
+
+
+# --- thumbnails -----------------------------------------------------------------------------
+
+
+def test_thumbnails_are_made_once_and_keyed_by_content(tmp_path):
+    from db import data_dir
+    from ui import thumbs
+
+    img = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 400, 3), np.uint8)).save(img)
+    t = thumbs.thumbnail(str(img), "abc123")
+    assert t is not None and data_dir() / "thumbs" in t.parents and t.name == "abc123_192.jpg"
+    assert max(Image.open(t).size) == 192
+    mtime = t.stat().st_mtime_ns
+    os.utime(img)  # even a touched source keeps its cached thumbnail (same content hash)
+    assert thumbs.thumbnail(str(img), "abc123").stat().st_mtime_ns == mtime
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    assert thumbs.thumbnail(str(tmp_path / "bad.png"), "bad") is None
+    assert thumbs.view_image(str(img), 128).shape == (128, 85, 3)
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def test_threshold_sentence_speaks_in_counts():
+    from ui import figures
+
+    df = pd.DataFrame({"score": [0.1, 0.2, 0.9, 0.3, 0.8], "label_at_run": ["normal"] * 3 + ["anomaly"] * 2})
+    c = figures.threshold_counts(df, 0.5)
+    assert c == {"tn": 2, "fp": 1, "fn": 1, "tp": 1}
+    assert figures.threshold_sentence(c) == (
+        "At this threshold **1 of 3** good images is rejected and **1 of 2** defects is missed.")
+    c2 = figures.threshold_counts(df, 0.05)
+    assert figures.threshold_sentence(c2) == (
+        "At this threshold **3 of 3** good images are rejected and **0 of 2** defects are missed.")
+
+
+def test_scores_frame_marks_seen_and_unseen_types():
+    from ui import figures
+
+    rows = [
+        {"image_id": 1, "rel_path": "a", "score": 0.1, "role": "test", "label_at_run": "normal",
+         "defect_type_at_run": None, "seen": None, "tsne_x": 0.0, "tsne_y": 1.0},
+        {"image_id": 2, "rel_path": "b", "score": 0.9, "role": "test", "label_at_run": "anomaly",
+         "defect_type_at_run": "hole", "seen": True, "tsne_x": 1.0, "tsne_y": 0.0},
+        {"image_id": 3, "rel_path": "c", "score": 0.7, "role": "test", "label_at_run": "anomaly",
+         "defect_type_at_run": "scratch", "seen": False, "tsne_x": 2.0, "tsne_y": 0.5},
+        {"image_id": 4, "rel_path": "d", "score": 0.4, "role": "scored", "label_at_run": "unlabeled",
+         "defect_type_at_run": None, "seen": None, "tsne_x": None, "tsne_y": None},
+    ]
+    df = figures.scores_frame(rows)
+    assert list(df["group"]) == ["normal", "anomaly · seen type", "anomaly · unseen type", "unlabelled"]
+    assert list(figures.evaluation_frame(df)["image_id"]) == [1, 2, 3]
+    fig = figures.tsne_figure(df, "seen / unseen defect type")
+    ids = sorted(int(cd[0]) for tr in fig.data for cd in tr.customdata)
+    assert ids == [1, 2, 3]  # the point without coordinates is left out; every point knows its image
+
+
+def test_overlay_uses_the_fixed_range_and_has_a_colour_bar():
+    from ui import figures
+
+    fig = figures.overlay_figure(np.zeros((40, 60, 3), np.uint8), np.random.rand(8, 8).astype(np.float32),
+                                 0.0, 2.5, opacity=0.3)
+    img, hm = fig.data
+    assert img.type == "image" and img.source.startswith("data:image/png;base64,")
+    assert (hm.zmin, hm.zmax, hm.opacity) == (0.0, 2.5, 0.3) and hm.colorbar.title.text == "anomaly"
+    assert hm.dx == pytest.approx(60 / 8) and hm.dy == pytest.approx(40 / 8)
+
+
+# --- training requests ----------------------------------------------------------------------
+
+
+def test_train_request_payload_is_what_the_worker_reads(tmp_path):
+    from osad_core.protocol import Protocol
+    from ui import ingest, training
+
+    c = ingest.create_from_folder(str(make_mvtec(tmp_path / "p", n_train=3, n_test_good=2, n_defect=2)))
+    req = training.TrainRequest(c.project_id, "dra", "tiny", seed=7, device="cpu", setting="hard", shots=1,
+                                known_class="hole")
+    p = req.payload()
+    assert p["overrides"] == {"device": "cpu"} and Protocol(**p["protocol"]).known_class == "hole"
+    summary, warnings = training.check(req)
+    assert "train 3 normal + 1 anomalies (hole)" in summary
+    assert training.TrainRequest(c.project_id, "dra", "tiny").payload()["overrides"] == {}
+    av = training.availability(c.project_id)
+    assert (av.normal_train, av.normal_test, av.n_tagged, av.n_held_out) == (3, 2, 0, 4)
+    assert av.default_shots() == 4
+
+
+def test_check_refuses_impossible_requests(tmp_path):
+    from osad_core.data import DataError
+    from ui import ingest, training
+
+    c = ingest.create_from_folder(str(make_mvtec(tmp_path / "p", n_train=3, n_test_good=2, n_defect=2)))
+    with pytest.raises(DataError, match="fewer than the 9 labelled anomalies"):
+        training.check(training.TrainRequest(c.project_id, "dra", "tiny", shots=9))
+    with pytest.raises(DataError, match="no preset"):
+        training.check(training.TrainRequest(c.project_id, "dra", "huge"))
+    with pytest.raises(DataError, match="Unknown method"):
+        training.check(training.TrainRequest(c.project_id, "nope", "tiny"))
+
+
+def test_retrain_of_a_cli_run_uses_its_stored_protocol(tmp_path):
+    from db import session_scope
+    from db import queries as q
+    from ui import ingest, training
+
+    c = ingest.create_from_folder(str(make_mvtec(tmp_path / "p", n_train=3, n_test_good=2, n_defect=2)))
+    with session_scope() as s:
+        run = q.create_run(s, c.project_id, "devnet", "quick", {}, {"setting": "general", "shots": 3, "seed": 5},
+                           "cli", status="done")
+        run_id = run.id
+    req = training.request_for_run(run_id)
+    assert (req.method, req.preset, req.shots, req.seed, req.device) == ("devnet", "quick", 3, 5, "auto")
+
+
+# --- the label batch added for the app ------------------------------------------------------
+
+
+def test_set_split_is_one_undoable_batch_that_keeps_labels(tmp_path):
+    from db import session_scope
+    from db import queries as q
+    from ui import ingest
+
+    c = ingest.create_from_folder(str(make_mvtec(tmp_path / "p", n_train=2, n_test_good=1, n_defect=1)))
+    with session_scope() as s:
+        ims = q.get_images(s, c.project_id)
+        mixed = [im.id for im in ims if im.split == "test"]  # a normal and two anomalies of two types
+        before = {im.id: (im.label, im.defect_type) for im in ims}
+        q.set_split(s, mixed, "train", author="ann")
+    with session_scope() as s:
+        after = {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, c.project_id, mixed)}
+        assert all(v[2] == "train" and v[:2] == before[k] for k, v in after.items())
+        assert q.label_history(s, project_id=c.project_id, limit=1)[0]["author"] == "ann"
+        assert q.undo_last(s, c.project_id, author="ann") == len(mixed)
+    with session_scope() as s:
+        assert {im.split for im in q.get_images(s, c.project_id, mixed)} == {"test"}
+    with session_scope() as s, pytest.raises(ValueError, match="no images selected"):
+        q.set_split(s, [], "test")

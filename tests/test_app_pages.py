@@ -1,0 +1,527 @@
+"""Every page of the app through ``streamlit.testing.v1.AppTest``, on a database seeded
+with one real tiny run (no worker: the Train page's job is checked in the database).
+
+Bad input (a non-image upload, an empty folder, a path that does not exist, training
+with no normal images) must show one clear sentence and change nothing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from conftest import make_mvtec
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"weights": "random", "backbone": "resnet18", "image_size": 64, "epochs": 2, "steps_per_epoch": 2}
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _no_worker(monkeypatch):
+    """Pages must never start a worker process inside the tests."""
+    monkeypatch.setenv("OSAD_AUTOSTART_WORKER", "0")
+
+
+@pytest.fixture(scope="module")
+def seeded_template(tmp_path_factory):
+    """One project ("parts", synthetic MVTec folder) with one real tiny DRA run, made once.
+
+    Each test copies the database file into its own data dir (``seeded``).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    import db
+    from osad_core.experiment import run_experiment
+    from osad_core.protocol import Protocol
+    from osad_core.store import record_run
+    from osad_core.worker import project_dataset
+
+    root = tmp_path_factory.mktemp("seed")
+    parts = make_mvtec(root / "parts", n_train=10, n_test_good=6, n_defect=5)
+    data = root / "data"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp, threadpool_limits(1):
+        mp.setenv("OSAD_DATA_DIR", str(data))
+        torch.set_num_threads(1)  # a shared 2-core box: spinning OpenMP threads cost more than they give
+        try:
+            from ui import ingest
+
+            db.init_db()
+            created = ingest.create_from_folder(str(parts), "parts")
+            from db import queries as q
+
+            with db.session_scope() as s:
+                # an inspector tagged two "hole" parts for training: "scratch" stays unseen
+                holes = [im.id for im in q.get_images(s, created.project_id) if im.defect_type == "hole"][:2]
+                q.set_split(s, holes, "train", author="seed")
+                ds = project_dataset(s, created.project_id)
+            res = run_experiment(ds, Protocol("general", 2, seed=0), "dra", "tiny", TINY)
+            model = res.detector.save(root / "models" / "run.pt")
+            run_id = record_run(res, ds, source="cli", model_path=model)
+        finally:
+            torch.set_num_threads(threads)
+            db.dispose_engines()  # closes the last connection: the WAL is folded into osad.db
+    return SimpleNamespace(db_file=data / "osad.db", parts=parts, project_id=created.project_id, run_id=run_id,
+                           model=model)
+
+
+@pytest.fixture
+def seeded(seeded_template):
+    from db import data_dir
+
+    shutil.copy(seeded_template.db_file, data_dir() / "osad.db")
+    return seeded_template
+
+
+def app(page: str | None = None, **state) -> AppTest:
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=90)
+    for k, v in state.items():
+        at.session_state[k] = v
+    at.run()
+    if page:
+        at.switch_page(f"pages/{page}.py").run()
+    ok(at)
+    return at
+
+
+def ok(at: AppTest) -> None:
+    """No exception and no page failure (pages turn errors into one sentence)."""
+    assert not at.exception, [e.value for e in at.exception]
+    failed = [e.value for e in at.error if e.value.startswith("Something went wrong")]
+    assert not failed, failed
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "info", "success", "warning", "error", "title", "subheader")
+             for e in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def click(at: AppTest, label: str, form: str | None = None) -> AppTest:
+    matches = [b for b in at.button
+               if b.label == label and (form is None or (b.key or "").startswith(f"FormSubmitter:{form}-"))]
+    assert matches, f"no button {label!r}: {[b.label for b in at.button]}"
+    matches[0].click()
+    at.run()
+    ok(at)
+    return at
+
+
+def project_count() -> int:
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        return len(q.list_projects(s))
+
+
+def png(color=120, size=24) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), color, np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+# --- app shell ----------------------------------------------------------------------------------
+
+
+def test_sidebar_shows_compute_worker_weights_and_database(seeded):
+    at = app()
+    side = "\n".join(m.value for m in at.sidebar.markdown)
+    assert "**Compute**" in side and ("CPU ·" in side or "CUDA ·" in side or "MPS" in side)
+    assert "**Worker**" in side and "not running" in side
+    assert "**Backbone**" in side
+    assert any("osad.db" in c.value for c in at.sidebar.caption)
+    assert at.sidebar.selectbox(key="sb_project").value == seeded.project_id
+    assert at.sidebar.text_input(key="user_name").value
+
+
+# --- projects -----------------------------------------------------------------------------------
+
+
+def test_first_start_offers_the_elpv_demo_in_one_click():
+    at = app()
+    assert [t.value for t in at.title] == ["Projects"]
+    at.button(key="elpv_demo").click().run()
+    ok(at)
+    assert "Created project “ELPV solar cells (demo)” with 2,624 images" in texts(at)
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        (p,) = q.list_projects(s)
+    assert p["source"] == "elpv" and p["images"] == 2624
+    assert p["anomaly_by_type"] == {"mono": 313, "poly": 402} or set(p["anomaly_by_type"]) == {"mono", "poly"}
+    assert p["unlabeled"] == 401 and p["by_split"]["test"]["normal"] > 0
+    assert not [b for b in at.button if b.key == "elpv_demo"], "the demo button is only for an empty start"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "does-not-exist", "does not exist"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "has no images"),
+    (lambda tmp: (tmp / "f.txt").write_text("x") and tmp / "f.txt", "is not a folder"),
+])
+def test_bad_folder_shows_one_sentence_and_creates_nothing(tmp_path, make, message):
+    at = app()
+    at.text_input(key="folder_path").input(str(make(tmp_path)))
+    click(at, "Create project")
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert "Traceback" not in errors[0] and errors[0].count(". ") <= 1
+    assert project_count() == 0
+
+
+def test_create_project_from_mvtec_folder(tmp_path):
+    parts = make_mvtec(tmp_path / "bottle", n_train=4, n_test_good=2, n_defect=2)
+    at = app()
+    at.text_input(key="folder_path").input(str(parts))
+    click(at, "Create project")
+    assert "Created project “bottle” with 10 images" in texts(at)
+    assert "MVTec layout: 4 normal for training, 2 normal held out, 4 anomalies (hole, scratch)" in texts(at)
+    assert at.sidebar.selectbox(key="sb_project").value is not None
+
+
+def test_upload_rejects_a_non_image_and_creates_nothing():
+    from db import data_dir
+
+    at = app()
+    at.text_input(key="upload_name").input("uploaded")
+    at.file_uploader(key="upload_files").set_value([("ok.png", png(), "image/png"),
+                                                     ("notes.txt", b"not an image", "text/plain")])
+    click(at, "Create project", form="from_upload")
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "`notes.txt` is not an image" in errors[0] and "nothing was created" in errors[0]
+    assert project_count() == 0
+    assert not (data_dir() / "uploads").exists() or not any((data_dir() / "uploads").iterdir())
+
+
+def test_upload_images_and_a_zip_creates_a_project_under_the_data_dir():
+    from db import data_dir, session_scope
+    from db import queries as q
+
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        zf.writestr("batch/a.png", png(80))
+        zf.writestr("batch/b.png", png(160))
+        zf.writestr("batch/README.txt", "scanned on line 3")
+        zf.writestr("__MACOSX/batch/._a.png", b"junk")
+    at = app()
+    at.text_input(key="upload_name").input("line 3")
+    at.file_uploader(key="upload_files").set_value([("c.png", png(200), "image/png"),
+                                                     ("batch.zip", zbuf.getvalue(), "application/zip")])
+    click(at, "Create project", form="from_upload")
+    assert not at.error, [e.value for e in at.error]
+    assert "Created project “line 3” with 3 images" in texts(at)
+    assert "skipped 1 file(s) in the zip that are not images" in texts(at)
+    with session_scope() as s:
+        (p,) = q.list_projects(s)
+        paths = [im.path for im in q.get_images(s, p["id"])]
+    assert p["unlabeled"] == 3 and p["source"] == "upload"
+    assert all(Path(x).is_file() and (data_dir() / "uploads") in Path(x).parents for x in paths)
+
+
+def test_delete_asks_for_confirmation_then_removes_the_project(seeded):
+    at = app("projects")
+    at.button(key=f"delete_{seeded.project_id}").click().run()
+    assert any("Delete “parts”?" in w.value for w in at.warning)
+    assert project_count() == 1  # nothing happens before the confirmation
+    at.button(key=f"del_no_{seeded.project_id}").click().run()
+    assert project_count() == 1 and not any("Delete “parts”?" in w.value for w in at.warning)
+    at.button(key=f"delete_{seeded.project_id}").click().run()
+    at.button(key=f"del_yes_{seeded.project_id}").click().run()
+    ok(at)
+    assert project_count() == 0
+    assert "Deleted project “parts”." in texts(at)
+    assert seeded.parts.is_dir(), "image files on the server are never touched"
+
+
+def test_project_card_shows_counts_and_last_run(seeded):
+    at = app("projects")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Images"] == "26" and metrics["Normal"] == "16" and metrics["Anomaly"] == "10"
+    assert metrics["Unlabelled"] == "0"
+    assert metrics["Last run AUROC"] not in ("", "—")
+
+
+# --- label --------------------------------------------------------------------------------------
+
+
+def _label_state(image_ids):
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        return {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, 1, image_ids)}
+
+
+def test_label_grid_tags_with_a_new_type_undoes_and_keeps_history(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    at = app("label", user_name="dana")
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
+    assert len(boxes) == 26  # one page holds them all
+    first, second = boxes[0], boxes[1]
+    ids = [int(first.key[4:]), int(second.key[4:])]
+    first.check().run()
+    at.checkbox(key=second.key).check().run()
+    assert "**2 selected**" in texts(at)
+    at.selectbox(key="type_pick").select("➕ new type…").run()
+    at.text_input(key="type_new").input("crack").run()
+    at.button(key="bulk_anomaly").click().run()
+    ok(at)
+    assert set(_label_state(ids).values()) == {("anomaly", "crack", "test")}
+    assert "**0 selected**" in texts(at), "the selection is cleared after tagging"
+    with session_scope() as s:
+        hist = q.label_history(s, project_id=1, limit=5)
+    assert hist[0]["author"] == "dana" and hist[0]["label"] == "anomaly" and hist[0]["previous_label"] == "normal"
+
+    at.button(key="undo").click().run()
+    assert {v[0] for v in _label_state(ids).values()} == {"normal"}
+    with session_scope() as s:
+        assert q.label_history(s, project_id=1, limit=1)[0]["reverts_batch_id"] is not None  # appended, not erased
+
+
+def test_label_select_page_hold_out_and_filters(seeded):
+    at = app("label")
+    at.button(key="select_page").click().run()
+    assert "**26 selected**" in texts(at)
+    at.button(key="select_clear").click().run()
+    assert "**0 selected**" in texts(at)
+    at.multiselect(key="f_label").select("anomaly").run()
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
+    assert len(boxes) == 10
+    boxes[0].check().run()
+    at.button(key="bulk_train").click().run()
+    iid = int(boxes[0].key[4:])
+    assert _label_state([iid])[iid][2] == "train"
+    # sorting by the latest run's scores and by uncertainty works on the seeded run
+    for sort in ("score_desc", "uncertain"):
+        at.selectbox(key="f_sort").select(sort).run()
+        assert not at.exception and not at.error
+    assert any("Score range (run" in s.label for s in at.slider)
+
+
+def test_label_large_view_steps_and_labels_one_image(seeded):
+    at = app("label")
+    zoom = [b for b in at.button if b.key and b.key.startswith("zoom_")]
+    zoom[0].click().run()
+    assert at.button(key="kb_next") is not None
+    names = [m.value for m in at.markdown if m.value.startswith("**test/") or m.value.startswith("**train/")]
+    at.button(key="kb_next").click().run()
+    names2 = [m.value for m in at.markdown if m.value.startswith("**test/") or m.value.startswith("**train/")]
+    assert names and names2 and names[0] != names2[0]
+    assert any(t.label.startswith("Heatmap of run") for t in at.toggle)  # the run has a map for it
+    at.button(key="kb_normal").click().run()
+    ok(at)
+    at.button(key="kb_close").click().run()
+    assert not [b for b in at.button if b.key == "kb_next"]
+
+
+def test_label_error_needs_a_type_for_a_new_anomaly(seeded):
+    at = app("label")
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
+    boxes[0].check().run()
+    at.selectbox(key="type_pick").select("➕ new type…").run()
+    at.button(key="bulk_anomaly").click().run()
+    assert any("defect type" in e.value for e in at.error)
+    iid = int(boxes[0].key[4:])
+    assert _label_state([iid])[iid][0] == "normal"
+
+
+# --- train --------------------------------------------------------------------------------------
+
+
+def test_train_lists_every_registered_method_and_queues_a_job(seeded):
+    from db import session_scope
+    from db import queries as q
+    from osad_core.methods.base import available_methods
+
+    at = app("train")
+    sb = at.selectbox(key="t_method")
+    assert list(sb.options) == list(available_methods().values())
+    assert any("quick — minutes on a CPU" in o for o in at.radio(key="t_preset").options)
+    assert any("paper — the published settings; GPU recommended" in o for o in at.radio(key="t_preset").options)
+    assert at.selectbox(key="t_device").options[0].startswith("auto — found ")
+    at.selectbox(key="t_method").set_value("dra").run()
+    at.radio(key="t_preset").set_value("tiny").run()
+    assert "**Plan:**" in texts(at)
+    at.button(key="train_button").click().run()
+    ok(at)
+    with session_scope() as s:
+        jobs = q.list_jobs(s, "queued")
+        assert len(jobs) == 1
+        payload = jobs[0].payload_json
+        run = q.get_run(s, jobs[0].run_id)
+    assert payload["method"] == "dra" and payload["preset"] == "tiny" and payload["project_id"] == 1
+    assert payload["protocol"] == {"setting": "general", "shots": 2, "seed": 42, "known_class": None}  # the tagged ones
+    assert run.status == "queued" and run.source == "app"
+    assert "waiting, position **1** in the queue" in texts(at)
+
+    at.button(key=f"cancel_{jobs[0].id}").click().run()
+    with session_scope() as s:
+        assert q.get_job(s, jobs[0].id).status == "cancelled"
+
+
+def test_retrain_repeats_the_configuration_on_current_labels(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    at = app("train")
+    at.button(key=f"retrain_{seeded.run_id}").click().run()
+    ok(at)
+    with session_scope() as s:
+        (job,) = q.list_jobs(s, "queued")
+    assert job.payload_json["method"] == "dra" and job.payload_json["preset"] == "tiny"
+    assert job.payload_json["protocol"] == {"setting": "general", "shots": 2, "seed": 0, "known_class": None}
+
+
+def test_train_without_normal_images_is_refused_and_queues_nothing(tmp_path):
+    from db import session_scope
+    from db import queries as q
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        (flat / f"{i}.png").write_bytes(png(40 * i))
+    at = app()
+    at.text_input(key="folder_path").input(str(flat))
+    click(at, "Create project")
+    at.switch_page("pages/train.py").run()
+    errors = [e.value for e in at.error]
+    assert any("no normal images for training" in e for e in errors), errors
+    assert at.button(key="train_button").disabled
+    with session_scope() as s:
+        assert q.list_runs(s) == [] and q.list_jobs(s) == []
+
+
+def test_training_job_progress_card(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        run = q.create_run(s, 1, "dra", "quick", {}, {"setting": "general", "shots": 2, "seed": 1}, "app")
+        job = q.enqueue_job(s, "train", {"project_id": 1, "method": "dra"}, run_id=run.id)
+        q.claim_next_job(s, "test-worker")
+        q.update_job_progress(s, job.id, epoch=2, epochs=10, step=5, steps=10, loss=0.4321, elapsed_s=75,
+                              eta_s=300, fraction=0.25, message="training")
+        q.add_train_log(s, run.id, 0, 10, 0.9, 30)
+        q.add_train_log(s, run.id, 1, 10, 0.6, 60)
+    at = app("train")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Epoch"] == "3 / 10" and metrics["Step"] == "5 / 10"
+    assert metrics["Loss"] == "0.4321" and metrics["Elapsed"] == "1m 15s" and metrics["Remaining (est.)"] == "5m 00s"
+    assert any(p.value == 25 for p in at.get("progress")) or at.get("progress")
+    assert any("loss" in json.dumps(c) for c in charts(at))
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+def test_results_headline_curves_threshold_and_tsne(seeded):
+    at = app("results")
+    metrics = {m.label: m.value for m in at.metric}
+    for name in ("Image AUROC", "Image AUPR", "AUROC · seen defect types", "AUROC · unseen defect types"):
+        assert name in metrics and metrics[name] != "—"
+    cap = texts(at)
+    assert "run 1 · method dra · preset tiny" in cap and "backbone ResNet-18" in cap and "device CPU" in cap
+    assert any("randomly initialised backbone" in e.value for e in at.error)  # loud about random weights
+    specs = charts(at)
+    titles = [c.get("layout", {}).get("title", {}).get("text", "") for c in specs]
+    assert any(t.startswith("ROC curve") for t in titles) and any(t.startswith("Precision") for t in titles)
+    assert any(t.startswith("t-SNE") for t in titles)
+    roc = next(c for c in specs if c["layout"].get("title", {}).get("text", "").startswith("ROC"))
+    assert "threshold" in roc["data"][1]["hovertemplate"]
+    assert "At this threshold **" in cap and "good images" in cap and "missed" in cap
+    assert "optimistic for unseen production images" in cap
+
+
+def test_results_threshold_slider_speaks_in_counts(seeded):
+    at = app("results")
+    slider = at.slider(key=f"thr_{seeded.run_id}")
+    slider.set_value(slider.min).run()
+    sentence = next(m.value for m in at.markdown if m.value.startswith("At this threshold"))
+    assert "defects are missed" not in sentence or "**0 of" in sentence.split("and")[1]
+    assert sentence.startswith("At this threshold **") and "good images" in sentence
+
+
+def test_results_retrain_queues_the_same_configuration(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    at = app("results")
+    at.button(key="results_retrain").click().run()
+    ok(at)
+    with session_scope() as s:
+        (job,) = q.list_jobs(s, "queued")
+    assert job.payload_json["method"] == "dra" and job.payload_json["protocol"]["shots"] == 2
+    assert [t.value for t in at.title][0].startswith("Train")
+
+
+def test_results_compare_runs_side_by_side(seeded):
+    at = app("results")
+    assert at.multiselect(key="compare_runs").value == [seeded.run_id]
+    assert any(d for d in at.dataframe)
+
+
+def test_results_without_runs_points_to_train(tmp_path):
+    at = app()
+    at.text_input(key="folder_path").input(str(make_mvtec(tmp_path / "p", n_train=2, n_test_good=1, n_defect=1)))
+    click(at, "Create project")
+    at.switch_page("pages/results.py").run()
+    assert any("No finished run yet" in i.value for i in at.info)
+
+
+# --- inspect ------------------------------------------------------------------------------------
+
+
+def test_inspect_shows_heatmap_score_verdict_and_steps(seeded):
+    at = app("inspect")
+    specs = charts(at)
+    overlay = specs[0]
+    kinds = [t["type"] for t in overlay["data"]]
+    assert kinds == ["image", "heatmap"]
+    hm = overlay["data"][1]
+    assert hm["colorbar"]["title"]["text"] == "anomaly"
+    assert "zmin" in hm and "zmax" in hm
+    assert any("ANOMALY" in m.value or "NORMAL" in m.value for m in at.markdown)
+    assert "Rank **1**" in texts(at)
+    at.button(key="ins_next").click().run()
+    assert "Rank **2**" in texts(at)
+    at.slider(key="ins_opacity").set_value(0.8).run()
+    assert charts(at)[0]["data"][1]["opacity"] == pytest.approx(0.8)
+
+
+def test_inspect_scores_uploaded_images_and_rejects_non_images(seeded):
+    at = app("inspect")
+    at.file_uploader(key="score_files").set_value(("readme.md", b"# hi", "text/markdown"))
+    click(at, "Score with run 1")
+    assert any("`readme.md` is not an image" in e.value for e in at.error)
+    new = seeded.parts / "test" / "scratch" / "000.png"
+    at.file_uploader(key="score_files").set_value(("part.png", new.read_bytes(), "image/png"))
+    click(at, "Score with run 1")
+    assert not [e for e in at.error if "randomly initialised" not in e.value], [e.value for e in at.error]
+    df = next(d.value for d in at.dataframe if "score" in d.value.columns and "file" in d.value.columns)
+    assert list(df["file"]) == ["part.png"] and np.isfinite(df["score"]).all()
+
+
+def test_inspect_exports_scores_and_model(seeded):
+    at = app("inspect")
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(lbl.startswith("Scores of run 1 (CSV") for lbl in labels)
+    assert any(lbl.startswith("Model of run 1") for lbl in labels)

@@ -1,0 +1,277 @@
+"""Plotly figures of OSAD Studio, built from what the database stores.
+
+Pure functions (no Streamlit): the pages pass rows read through ``db.queries`` and
+draw the returned figures; tests build them directly.
+"""
+from __future__ import annotations
+
+import base64
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from .thumbs import png_bytes
+
+COLORS = {
+    "normal": "#2a9d8f",
+    "anomaly": "#e4572e",
+    "unlabeled": "#9aa0a6",
+    "seen": "#f4a261",
+    "unseen": "#7b2cbf",
+}
+GROUP_COLORS = {
+    "normal": COLORS["normal"],
+    "anomaly": COLORS["anomaly"],
+    "unlabelled": COLORS["unlabeled"],
+    "anomaly · seen type": COLORS["seen"],
+    "anomaly · unseen type": COLORS["unseen"],
+}
+ROLE_NAMES = {
+    "train_normal": "training (normal)",
+    "train_anomaly": "training (labelled anomaly)",
+    "test": "held out (test)",
+    "scored": "unlabelled (scored)",
+}
+ROLE_SYMBOLS = {
+    "training (normal)": "circle-open",
+    "training (labelled anomaly)": "diamond",
+    "held out (test)": "circle",
+    "unlabelled (scored)": "x-thin-open",
+}
+HEATMAP_SCALE = "Turbo"
+_LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{nd}f}"
+
+
+def scores_frame(rows: Sequence[dict]) -> pd.DataFrame:
+    """``queries.run_scores`` rows as a frame with display columns added."""
+    df = pd.DataFrame(list(rows))
+    if df.empty:
+        return pd.DataFrame(columns=["image_id", "rel_path", "score", "role", "label_at_run",
+                                     "defect_type_at_run", "seen", "tsne_x", "tsne_y", "group", "role_name",
+                                     "defect", "label"])
+    df["role_name"] = df["role"].map(ROLE_NAMES).fillna(df["role"])
+    lab = df["label_at_run"].replace({"unlabeled": "unlabelled"})
+    group = lab.copy()
+    an = df["label_at_run"] == "anomaly"
+    seen = df["seen"].astype("boolean")
+    group[an & (seen == True)] = "anomaly · seen type"  # noqa: E712
+    group[an & (seen == False)] = "anomaly · unseen type"  # noqa: E712
+    df["label_name"] = lab
+    df["group"] = group
+    df["defect"] = np.where(an, df["defect_type_at_run"].fillna("anomaly"), lab)
+    return df
+
+
+def evaluation_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Held-out labelled images of a run: the images its metrics were measured on."""
+    if df.empty:
+        return df
+    return df[(df["role"] == "test") & df["label_at_run"].isin(["normal", "anomaly"])]
+
+
+# --- curves -------------------------------------------------------------------------------
+
+
+def roc_figure(curves: Sequence[tuple[str, dict]], threshold: float | None = None) -> go.Figure:
+    """ROC curves (one per ``(name, curve)``); hover shows threshold, TPR and FPR."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="#bbb"),
+                             name="chance", hoverinfo="skip"))
+    for name, c in curves:
+        thr = [t if t is not None else float("nan") for t in c.get("thresholds", [])]
+        fig.add_trace(go.Scatter(
+            x=c["x"], y=c["y"], mode="lines+markers", name=name, marker=dict(size=4),
+            customdata=thr, line=dict(shape="hv"),
+            hovertemplate="threshold %{customdata:.4f}<br>TPR %{y:.3f}<br>FPR %{x:.3f}<extra>%{fullData.name}</extra>",
+        ))
+        if threshold is not None and len(curves) == 1 and thr:
+            arr = np.asarray(thr, dtype=float)
+            ok = np.where(np.isfinite(arr) & (arr >= threshold))[0]
+            if len(ok):
+                i = int(ok[np.argmin(arr[ok])])
+                fig.add_trace(go.Scatter(x=[c["x"][i]], y=[c["y"][i]], mode="markers", name="run threshold",
+                                         marker=dict(size=12, symbol="star", color="#111"),
+                                         hovertemplate="run threshold %{customdata:.4f}<extra></extra>",
+                                         customdata=[arr[i]]))
+    fig.update_layout(title="ROC curve (held-out labelled images)",
+                      xaxis_title="false positive rate (good images rejected)",
+                      yaxis_title="true positive rate (defects caught)", height=400, **_LAYOUT)
+    fig.update_layout(legend=dict(orientation="v", x=0.98, xanchor="right", y=0.03, yanchor="bottom",
+                                  bgcolor="rgba(255,255,255,0.8)"))
+    fig.update_xaxes(range=[-0.01, 1.01])
+    fig.update_yaxes(range=[-0.01, 1.01])
+    return fig
+
+
+def pr_figure(curves: Sequence[tuple[str, dict]], base_rates: Sequence[float] = ()) -> go.Figure:
+    fig = go.Figure()
+    for name, c in curves:
+        thr = [t if t is not None else float("nan") for t in c.get("thresholds", [])]
+        fig.add_trace(go.Scatter(
+            x=c["x"], y=c["y"], mode="lines", name=name, customdata=thr,
+            hovertemplate=("threshold %{customdata:.4f}<br>precision %{y:.3f}<br>recall %{x:.3f}"
+                           "<extra>%{fullData.name}</extra>"),
+        ))
+    for r in base_rates[:1]:
+        fig.add_hline(y=r, line_dash="dash", line_color="#bbb", annotation_text="share of defects (chance)")
+    fig.update_layout(title="Precision–recall curve", xaxis_title="recall (defects caught)",
+                      yaxis_title="precision (flagged images that are defects)", height=400, **_LAYOUT)
+    fig.update_layout(legend=dict(orientation="v", x=0.02, xanchor="left", y=0.03, yanchor="bottom",
+                                  bgcolor="rgba(255,255,255,0.8)"))
+    fig.update_xaxes(range=[-0.01, 1.01])
+    fig.update_yaxes(range=[-0.01, 1.05])
+    return fig
+
+
+# --- scores ---------------------------------------------------------------------------------
+
+
+def score_histogram(df: pd.DataFrame, by: str = "label_name", threshold: float | None = None,
+                    title: str = "Score distribution of the held-out images") -> go.Figure:
+    colors = dict(GROUP_COLORS)
+    fig = px.histogram(df, x="score", color=by, barmode="overlay", opacity=0.65, nbins=40,
+                       color_discrete_map=colors, hover_data=["rel_path"] if len(df) < 3000 else None)
+    if threshold is not None:
+        fig.add_vline(x=threshold, line_dash="dash", line_color="#111", annotation_text="threshold")
+    fig.update_layout(title=title, xaxis_title="anomaly score", yaxis_title="images", height=340,
+                      legend_title_text="", **_LAYOUT)
+    return fig
+
+
+def threshold_counts(df: pd.DataFrame, threshold: float) -> dict[str, int]:
+    """Confusion counts at ``threshold`` (score >= threshold flags an image)."""
+    flagged = df["score"] >= threshold
+    an = df["label_at_run"] == "anomaly"
+    return {
+        "tn": int((~flagged & ~an).sum()), "fp": int((flagged & ~an).sum()),
+        "fn": int((~flagged & an).sum()), "tp": int((flagged & an).sum()),
+    }
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return one if n == 1 else many
+
+
+def threshold_sentence(c: dict[str, int]) -> str:
+    """"At this threshold 3 of 120 good images are rejected and 1 of 40 defects is missed." """
+    good, bad = c["tn"] + c["fp"], c["tp"] + c["fn"]
+    return (f"At this threshold **{c['fp']} of {good}** good images "
+            f"{_plural(c['fp'], 'is', 'are')} rejected and **{c['fn']} of {bad}** "
+            f"{_plural(bad, 'defect', 'defects')} {_plural(c['fn'], 'is', 'are')} missed.")
+
+
+def confusion_figure(c: dict[str, int]) -> go.Figure:
+    z = [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
+    text = [[f"{c['tn']}<br>good, passed", f"{c['fp']}<br>good, rejected"],
+            [f"{c['fn']}<br>defect, missed", f"{c['tp']}<br>defect, caught"]]
+    fig = go.Figure(go.Heatmap(
+        z=[[0, 1], [1, 0]], x=["passed (normal)", "flagged (anomaly)"], y=["good", "defect"],
+        text=text, texttemplate="%{text}", showscale=False, hoverinfo="skip",
+        colorscale=[[0, "#e8f4f1"], [1, "#fbe3dc"]], textfont=dict(size=15),
+    ))
+    fig.update_yaxes(autorange="reversed", title="truth")
+    fig.update_xaxes(title="verdict at this threshold", side="top")
+    fig.update_layout(height=250, margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+TSNE_COLOR_BY = {
+    "label": "label_name",
+    "defect type": "defect",
+    "seen / unseen defect type": "group",
+    "score": "score",
+    "role in the run": "role_name",
+}
+
+
+def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type") -> go.Figure:
+    """t-SNE map of the run's embeddings; every point carries its image id (customdata)."""
+    pts = df.dropna(subset=["tsne_x", "tsne_y"])
+    col = TSNE_COLOR_BY.get(color_by, "group")
+    kwargs: dict[str, Any] = {}
+    if col == "score":
+        kwargs["color_continuous_scale"] = "Turbo"
+    elif col in ("group", "label_name"):
+        kwargs["color_discrete_map"] = GROUP_COLORS
+    fig = px.scatter(
+        pts, x="tsne_x", y="tsne_y", color=col, symbol="role_name", symbol_map=ROLE_SYMBOLS,
+        custom_data=["image_id", "rel_path", "score", "defect"], render_mode="webgl" if len(pts) > 1500 else "svg",
+        **kwargs,
+    )
+    fig.update_traces(
+        marker=dict(size=8, line=dict(width=0.5, color="#333")),
+        hovertemplate="%{customdata[1]}<br>%{customdata[3]}<br>score %{customdata[2]:.3f}<extra></extra>",
+    )
+    fig.update_layout(title="t-SNE of the learned embeddings", xaxis_title="", yaxis_title="", height=560,
+                      legend_title_text="", clickmode="event+select", dragmode="pan", **_LAYOUT)
+    fig.update_layout(legend=dict(orientation="h", y=-0.02, x=0, yanchor="top", font=dict(size=11)),
+                      margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    return fig
+
+
+# --- heatmaps -------------------------------------------------------------------------------
+
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray | None, vmin: float, vmax: float,
+                   opacity: float = 0.45, title: str = "", height: int = 460) -> go.Figure:
+    """The image with its anomaly map on top, on the run's fixed colour range, and a
+    colour bar. ``image`` is RGB uint8 (H, W, 3); ``heat`` any (h, w) map."""
+    h_img, w_img = image.shape[:2]
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+    fig = go.Figure(go.Image(source=uri, hoverinfo="skip"))
+    if heat is not None and opacity > 0:
+        hh, hw = heat.shape
+        fig.add_trace(go.Heatmap(
+            z=heat, x0=w_img / hw / 2, dx=w_img / hw, y0=h_img / hh / 2, dy=h_img / hh,
+            zmin=vmin, zmax=vmax, colorscale=HEATMAP_SCALE, opacity=opacity, zsmooth="best",
+            colorbar=dict(title=dict(text="anomaly", side="right"), thickness=14),
+            hovertemplate="map value %{z:.3f}<extra></extra>",
+        ))
+    fig.update_xaxes(visible=False, range=[0, w_img])
+    fig.update_yaxes(visible=False, range=[h_img, 0], scaleanchor="x")
+    fig.update_layout(title=title, height=height, margin=dict(l=0, r=0, t=40 if title else 0, b=0),
+                      dragmode=False)
+    return fig
+
+
+def loss_sparkline(log: Sequence[dict], height: int = 120) -> go.Figure:
+    """Loss over time. A finished run logs its per-epoch history (``step`` None) next to
+    the live per-epoch points the worker wrote while training; draw one series."""
+    final = [r for r in log if r.get("step") is None]
+    pts = final if len(final) >= 2 else list(log)
+    pts = sorted(pts, key=lambda r: (r.get("elapsed_s") is None, r.get("elapsed_s") or 0))
+    xs = [r["elapsed_s"] if r.get("elapsed_s") is not None else i for i, r in enumerate(pts)]
+    ys = [r["loss"] for r in pts]
+    fig = go.Figure(go.Scatter(x=xs, y=ys, mode="lines+markers", line=dict(color="#264653"),
+                               hovertemplate="%{x:.0f} s · loss %{y:.4f}<extra></extra>"))
+    fig.update_layout(height=height, margin=dict(l=0, r=0, t=20, b=0), title=dict(text="loss", font=dict(size=12)),
+                      xaxis=dict(title="", ticksuffix=" s"), yaxis=dict(title=""), showlegend=False)
+    return fig
+
+
+def metric_bars(rows: Sequence[dict]) -> go.Figure:
+    """Grouped bars of AUROC / seen / unseen per run for the comparison view."""
+    names = {"image_auroc": "AUROC", "image_auroc_seen": "AUROC seen types", "image_auroc_unseen": "AUROC unseen types",
+             "image_aupr": "AUPR"}
+    fig = go.Figure()
+    for key, label in names.items():
+        fig.add_trace(go.Bar(x=[r["run"] for r in rows], y=[r.get(key) for r in rows], name=label,
+                             text=[_fmt(r.get(key)) for r in rows], textposition="outside"))
+    fig.update_layout(barmode="group", height=400, yaxis=dict(range=[0, 1.1], title=""),
+                      title="Runs side by side", **_LAYOUT)
+    fig.update_layout(legend=dict(orientation="h", y=-0.12, yanchor="top", x=0))
+    return fig
