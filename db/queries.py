@@ -561,6 +561,18 @@ def set_labels(
     label, defect_type = _normalise_label(label, defect_type)
     if split is not None:
         _check(split, SPLITS, "split")
+    values: dict[str, Any] = {"label": label, "defect_type": defect_type}
+    if split is not None:
+        values["split"] = split
+    return _change_images(s, ids, author, values)
+
+
+def _change_images(s: Session, ids: list[int], author: str | None, values: dict[str, Any]) -> str:
+    """Set ``values`` (label / defect_type / split) on images as one label batch.
+
+    Appends one event per image holding its new and previous state, then updates the
+    images' current-state columns; returns the batch id.
+    """
     current = []
     for chunk in _chunks(ids):
         current.extend(
@@ -582,9 +594,9 @@ def set_labels(
                 "project_id": row.project_id,
                 "image_id": row.id,
                 "batch_id": batch_id,
-                "label": label,
-                "defect_type": defect_type,
-                "split": split or row.split,
+                "label": values.get("label", row.label),
+                "defect_type": values["defect_type"] if "defect_type" in values else row.defect_type,
+                "split": values.get("split", row.split),
                 "previous_label": row.label,
                 "previous_defect_type": row.defect_type,
                 "previous_split": row.split,
@@ -594,11 +606,8 @@ def set_labels(
             for row in current
         ],
     )
-    values: dict[str, Any] = {"label": label, "defect_type": defect_type, "updated_at": now}
-    if split is not None:
-        values["split"] = split
     for chunk in _chunks(ids):
-        s.execute(update(Image).where(Image.id.in_(chunk)).values(**values))
+        s.execute(update(Image).where(Image.id.in_(chunk)).values(**values, updated_at=now))
     return batch_id
 
 
@@ -1303,42 +1312,7 @@ def set_split(s: Session, image_ids: Iterable[int], split: str, author: str = "u
     if not ids:
         raise ValueError("no images selected")
     _check(split, SPLITS, "split")
-    current = []
-    for chunk in _chunks(ids):
-        current.extend(
-            s.execute(
-                select(Image.id, Image.project_id, Image.label, Image.defect_type, Image.split).where(
-                    Image.id.in_(chunk)
-                )
-            ).all()
-        )
-    missing = set(ids) - {row.id for row in current}
-    if missing:
-        raise ValueError(f"unknown image ids: {sorted(missing)[:10]}")
-    batch_id = str(uuid.uuid4())
-    now = utcnow()
-    s.execute(
-        insert(LabelEvent),
-        [
-            {
-                "project_id": row.project_id,
-                "image_id": row.id,
-                "batch_id": batch_id,
-                "label": row.label,
-                "defect_type": row.defect_type,
-                "split": split,
-                "previous_label": row.label,
-                "previous_defect_type": row.defect_type,
-                "previous_split": row.split,
-                "author": author or "user",
-                "created_at": now,
-            }
-            for row in current
-        ],
-    )
-    for chunk in _chunks(ids):
-        s.execute(update(Image).where(Image.id.in_(chunk)).values(split=split, updated_at=now))
-    return batch_id
+    return _change_images(s, ids, author, {"split": split})
 
 
 __all__ += ["set_split"]

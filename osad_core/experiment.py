@@ -82,6 +82,8 @@ def run_experiment(
     det.fit(split.train_normal, split.train_anomalies, callbacks)
     train_s = time.monotonic() - t0
 
+    cb = callbacks or Callbacks()
+    cb.status(f"scoring {len(split.test)} held-out images")
     t0 = time.monotonic()
     pred = det.predict(split.test, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
     infer_s = time.monotonic() - t0
@@ -94,15 +96,19 @@ def run_experiment(
     emb_recs, embs = list(pred.records), pred.embeddings
     if score_train:
         # training images get scores and embeddings too, so the app can show them on the map
+        cb.status(f"scoring {len(split.train)} training images")
         train_pred = det.predict(split.train, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
         emb_recs = list(train_pred.records) + emb_recs
         embs = np.concatenate([train_pred.embeddings, pred.embeddings]) if len(train_pred.records) else embs
     extra_pred = None
     if score_also:
+        cb.status(f"scoring {len(score_also)} unlabelled images")
         extra_pred = det.predict(score_also, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
         if len(extra_pred.records):
             emb_recs += list(extra_pred.records)
             embs = np.concatenate([embs, extra_pred.embeddings])
+    if with_tsne:
+        cb.status(f"t-SNE of {len(embs)} embeddings")
     coords = tsne_2d(embs, seed=protocol.seed) if with_tsne else None
     return RunResult(det, split, pred, metrics, crv, thr, coords, emb_recs, embs, train_pred, extra_pred,
                      train_s, infer_s, len(pred.records) / max(infer_s, 1e-9))

@@ -57,13 +57,22 @@ def ensure_project(s, ds: Dataset, name: str | None = None) -> int:
 
 
 def display_range(res) -> tuple[float, float]:
-    """Fixed heatmap colour range of a run: 0 .. the 99th percentile of normal test maps,
-    so good images do not light up (falls back to all maps)."""
-    pred = res.prediction
-    normal = np.array([r.label == 0 for r in pred.records], bool)
-    src = pred.maps[normal] if normal.any() else pred.maps
-    hi = float(np.percentile(src, 99)) if src.size else 1.0
-    return 0.0, max(hi, 1e-6)
+    """Fixed heatmap colour range of a run from its normal images: the median of normal map
+    values (the bottom colour, so good images stay dark) .. their 99.9th percentile (values
+    above it saturate). Held-out normals first, else training normals, else all maps."""
+    preds = [res.prediction] + ([res.train_prediction] if res.train_prediction is not None else [])
+    src = None
+    for pred in preds:
+        normal = np.array([r.label == 0 for r in pred.records], bool)
+        if normal.any():
+            src = pred.maps[normal]
+            break
+    if src is None:
+        src = np.concatenate([p.maps for p in preds if len(p.maps)]) if any(len(p.maps) for p in preds) else None
+    if src is None or not src.size:
+        return 0.0, 1.0
+    lo, hi = float(np.median(src)), float(np.percentile(src, 99.9))
+    return lo, max(hi, lo + 1e-6)
 
 
 def result_rows(res, id_of: dict[str, int]) -> list[dict]:
@@ -117,7 +126,8 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
         id_of = {im.path: im.id for im in q.get_images(s, pid)}
         lo, hi = display_range(res)
         config = dict(det.config, display={"heatmap_vmin": lo, "heatmap_vmax": hi,
-                                           "note": "colour range fixed per run: 0 .. 99th percentile of normal test maps"})
+                                           "note": "colour range fixed per run: median .. 99.9th percentile "
+                                                   "of normal images' map values"})
         q.update_run(
             s, run_id, status="done", backbone=bi.get("name"), weights=bi.get("weights"),
             weights_source=bi.get("weights_source"), device=det.device_name, config=config,
@@ -132,6 +142,7 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
         allmaps = np.stack([r["heatmap"] for r in rows]) if rows else np.zeros((1, 1, 1))
         q.store_run_results(s, run_id, metrics, res.curves, rows,
                             heatmap_range=(float(allmaps.min()), float(allmaps.max())))
-        for h in det.history:
-            q.add_train_log(s, run_id, h["epoch"], None, h["loss"], h["elapsed_s"])
+        if not q.train_log(s, run_id):  # the worker logs live; the CLI logs here, once
+            for h in det.history:
+                q.add_train_log(s, run_id, h["epoch"], None, h["loss"], h["elapsed_s"])
     return run_id

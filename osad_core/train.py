@@ -45,7 +45,8 @@ def describe_device(device: torch.device | str) -> str:
         return f"CUDA · {torch.cuda.get_device_name(idx)}"
     if device.type == "mps":
         return "MPS · Apple GPU"
-    return f"CPU · {torch.get_num_threads()} threads"
+    n = torch.get_num_threads()
+    return f"CPU · {n} thread{'s' if n != 1 else ''}"
 
 
 def seed_everything(seed: int) -> None:
@@ -82,9 +83,11 @@ class Callbacks:
     """Progress reporting and cancellation; the CLI, worker and tests subclass or pass functions."""
 
     def __init__(self, on_progress: Callable[[Progress], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, every_s: float = 1.0):
+                 should_stop: Callable[[], bool] | None = None, every_s: float = 1.0,
+                 on_status: Callable[[str], None] | None = None):
         self._on_progress = on_progress
         self._should_stop = should_stop
+        self._on_status = on_status
         self.every_s = every_s
         self._last = 0.0
 
@@ -93,6 +96,11 @@ class Callbacks:
         if self._on_progress and (force or now - self._last >= self.every_s):
             self._last = now
             self._on_progress(p)
+
+    def status(self, message: str) -> None:
+        """A phase that is not a training step (scoring, t-SNE, saving): say what is happening."""
+        if self._on_status:
+            self._on_status(message)
 
     def check_cancel(self) -> None:
         if self._should_stop and self._should_stop():
@@ -143,8 +151,9 @@ def run_loop(
             losses.append(loss)
             done = epoch * steps + step + 1
             el = time.monotonic() - t0
+            # epoch ends are always reported: the worker's loss log keeps one point per epoch
             cb.progress(Progress(epoch, epochs, step + 1, steps, loss, el, el / done * (total - done), message),
-                        force=(done == total))
+                        force=(step == steps - 1))
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": time.monotonic() - t0})
         log.info("epoch %d/%d loss %.4f", epoch + 1, epochs, history[-1]["loss"])
     return history

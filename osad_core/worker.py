@@ -97,7 +97,11 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
         with session_scope() as s:
             return q.is_cancel_requested(s, job_id)
 
-    cb = Callbacks(on_progress, should_stop, every_s=1.0)
+    def on_status(message: str) -> None:
+        with session_scope() as s:
+            q.update_job_progress(s, job_id, message=message)
+
+    cb = Callbacks(on_progress, should_stop, every_s=1.0, on_status=on_status)
     res = run_experiment(ds, proto, payload["method"], payload.get("preset", "quick"), payload.get("overrides"),
                          cb, with_tsne=True, score_train=True, score_also=unlabeled, require_test=False)
     with session_scope() as s:

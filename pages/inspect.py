@@ -106,8 +106,9 @@ def browse_tab(run) -> None:
             heat = q.run_heatmap(s, run.id, int(row["image_id"]))
         vmin, vmax = fmt.display_range(run, (0.0, 1.0))
         if scale == "fixed for the run":
-            st.caption(f"Colour scale fixed for run {run.id}: {vmin:.3f} … {vmax:.3f} (0 … the 99th percentile "
-                       "of normal held-out maps), so good images do not light up.")
+            note = (run.config_json or {}).get("display", {}).get("note", "set from the run's normal images")
+            st.caption(f"Colour scale fixed for run {run.id}: {vmin:.3f} … {vmax:.3f} ({note}), "
+                       "so good images do not light up.")
         elif heat is not None:
             vmin, vmax = float(heat.min()), max(float(heat.max()), float(heat.min()) + 1e-6)
             st.caption(f"Colour scale of this image alone: {vmin:.3f} … {vmax:.3f} — shows where, not how much.")

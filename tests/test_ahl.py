@@ -19,15 +19,6 @@ from osad_core.methods.ahl import (
 from osad_core.protocol import Protocol, make_split
 from osad_core.train import Callbacks
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds synchronisation, which costs
-    many times the work on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # random ResNet-18 at 64 px; a one-epoch base model, three AHL epochs (ψ weights from epoch 2)
 TINY = {"weights": "random", "backbone": "resnet18", "image_size": 64,

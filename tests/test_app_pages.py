@@ -39,9 +39,6 @@ def seeded_template(tmp_path_factory):
 
     Each test copies the database file into its own data dir (``seeded``).
     """
-    import torch
-    from threadpoolctl import threadpool_limits
-
     import db
     from osad_core.experiment import run_experiment
     from osad_core.protocol import Protocol
@@ -51,10 +48,8 @@ def seeded_template(tmp_path_factory):
     root = tmp_path_factory.mktemp("seed")
     parts = make_mvtec(root / "parts", n_train=10, n_test_good=6, n_defect=5)
     data = root / "data"
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp, threadpool_limits(1):
+    with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OSAD_DATA_DIR", str(data))
-        torch.set_num_threads(1)  # a shared 2-core box: spinning OpenMP threads cost more than they give
         try:
             from ui import ingest
 
@@ -71,7 +66,6 @@ def seeded_template(tmp_path_factory):
             model = res.detector.save(root / "models" / "run.pt")
             run_id = record_run(res, ds, source="cli", model_path=model)
         finally:
-            torch.set_num_threads(threads)
             db.dispose_engines()  # closes the last connection: the WAL is folded into osad.db
     return SimpleNamespace(db_file=data / "osad.db", parts=parts, project_id=created.project_id, run_id=run_id,
                            model=model)
