@@ -51,6 +51,30 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None
     raise TimeoutError("the app did not start")
 
 
+def _settle(page) -> None:
+    """Wait (up to 10 s) until Streamlit has no script run in progress: a click that lands
+    during a rerun can be lost when the element is re-rendered."""
+    try:
+        page.wait_for_function("() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+                               timeout=10_000)
+    except Exception:
+        pass
+
+
+def _tick(page, expect, image_id: int) -> None:
+    """Tick an image's checkbox in the grid, retrying a click lost to a rerun."""
+    box = page.locator(f".st-key-sel_{image_id} input")
+    for _ in range(3):
+        _settle(page)
+        page.locator(f".st-key-sel_{image_id} label").click()
+        try:
+            expect(box).to_be_checked(timeout=15_000)
+            return
+        except AssertionError:
+            continue
+    expect(box).to_be_checked()
+
+
 def _image_ids(project_id: int) -> dict[str, int]:
     from db import session_scope
     from db import queries as q
@@ -179,8 +203,7 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     nav("Label")
     expect(page.locator(".st-key-sel_" + str(ids["test/hole/000.png"]))).to_be_visible()
     for rel in ("test/hole/000.png", "test/hole/001.png"):
-        page.locator(f".st-key-sel_{ids[rel]} label").click()
-        expect(page.locator(f".st-key-sel_{ids[rel]} input")).to_be_checked()
+        _tick(page, expect, ids[rel])
     expect(page.get_by_text("2 selected")).to_be_visible()
     page.get_by_role("button", name="Use for training").click()
     expect(page.get_by_text("0 selected")).to_be_visible()
@@ -188,7 +211,8 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
 
     # keyboard: tick a normal training image, press 2 (anomaly, last type), then u
     target = ids["train/good/011.png"]
-    page.locator(f".st-key-sel_{target} label").click()
+    _settle(page)
+    _tick(page, expect, target)
     expect(page.get_by_text("1 selected")).to_be_visible()
     page.locator("h1").click()  # focus off the checkbox, as a user would
     page.keyboard.press("2")
