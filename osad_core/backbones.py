@@ -424,3 +424,12 @@ def build_multiscale_arch_only(info: dict) -> MultiScaleExtractor:
     inv = {v: k for k, v in _PRETTY.items()}
     arch = inv[info["name"]]
     return MultiScaleExtractor(arch, _build_arch(arch), _check_layers(info["layers"]))
+
+
+def multiscale_for(config: dict, backbone_info: dict | None, fresh: bool):
+    """The frozen extractor of a detector: resolved from ``config`` for training (fresh), or
+    rebuilt from the stored ``backbone_info`` when loading. Returns (extractor, info dict)."""
+    if fresh:
+        ext, info = build_multiscale(config["backbone"], config["weights"], config["weights_path"], config["layers"])
+        return ext, info.to_dict()
+    return build_multiscale_arch_only(backbone_info), backbone_info

@@ -66,23 +66,32 @@ def seen_unseen_auroc(records: list[ImageRecord], scores: np.ndarray, seen_types
     return out
 
 
-def pixel_auroc(records: list[ImageRecord], maps: np.ndarray) -> float | None:
-    """Pixel AUROC over all test images that have a mask (normals count as all-zero masks),
-    at the map resolution; None when no anomalous image has a mask."""
+def masked_pairs(records: list[ImageRecord], maps: np.ndarray) -> tuple[list, list] | None:
+    """(ground-truth masks, maps) of the test images that count for pixel metrics, masks read
+    once at the map resolution: normals as all-zero masks, anomalies without a mask left out.
+    None when no image has a mask."""
     if not any(r.mask_path for r in records):
         return None
     size = maps.shape[-1]
-    ys, ss = [], []
+    gts, ms = [], []
     for r, m in zip(records, maps):
         if r.label == 1 and not r.mask_path:
             continue
-        gt = read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8)
-        ys.append(gt.ravel())
-        ss.append(np.asarray(m, np.float32).ravel())
-    y = np.concatenate(ys)
+        gts.append(read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8))
+        ms.append(np.asarray(m, np.float32))
+    return gts, ms
+
+
+def pixel_auroc(records: list[ImageRecord], maps: np.ndarray, pairs=None) -> float | None:
+    """Pixel AUROC over all test images that have a mask (normals count as all-zero masks),
+    at the map resolution; None when no anomalous image has a mask."""
+    pairs = pairs if pairs is not None else masked_pairs(records, maps)
+    if pairs is None:
+        return None
+    y = np.concatenate([g.ravel() for g in pairs[0]])
     if len(np.unique(y)) < 2:
         return None
-    return float(roc_auc_score(y, np.concatenate(ss)))
+    return float(roc_auc_score(y, np.concatenate([m.ravel() for m in pairs[1]])))
 
 
 def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
@@ -104,10 +113,11 @@ def evaluate_prediction(records: list[ImageRecord], scores, maps, seen_types: li
     recs = [r for r, k in zip(records, keep) if k]
     m = image_metrics(labels[keep], np.asarray(scores)[keep])
     m.update(seen_unseen_auroc(recs, np.asarray(scores)[keep], seen_types))
-    pa = pixel_auroc(recs, np.asarray(maps)[keep]) if maps is not None and len(maps) else None
+    pairs = masked_pairs(recs, np.asarray(maps)[keep]) if maps is not None and len(maps) else None
+    pa = pixel_auroc(recs, None, pairs) if pairs is not None else None
     if pa is not None:
         m["pixel_auroc"] = pa
-        pro = pro_auc(recs, np.asarray(maps)[keep])
+        pro = pro_auc(recs, None, pairs=pairs)
         if pro is not None:
             m["pro_auc"] = pro
     return m
@@ -155,23 +165,17 @@ def pro_curve(gts: list[np.ndarray], maps: list[np.ndarray]) -> tuple[np.ndarray
     return np.r_[0.0, fpr], np.r_[0.0, pro]
 
 
-def pro_auc(records: list[ImageRecord], maps: np.ndarray, fpr_limit: float = 0.3) -> float | None:
+def pro_auc(records: list[ImageRecord], maps: np.ndarray, fpr_limit: float = 0.3, pairs=None) -> float | None:
     """Standard whole-test-set PRO (METHODS.md §7.5): area under the exact PRO-vs-FPR curve for
     FPR in [0, ``fpr_limit``], divided by ``fpr_limit`` (1.0 = perfect), at the map resolution.
 
     Images as :func:`pixel_auroc` takes them (normals are all-zero masks, anomalies without a
     mask are left out); None when no test image has a defect region.
     """
-    if not any(r.mask_path for r in records):
+    pairs = pairs if pairs is not None else masked_pairs(records, maps)
+    if pairs is None:
         return None
-    size = maps.shape[-1]
-    gts, ms = [], []
-    for r, m in zip(records, maps):
-        if r.label == 1 and not r.mask_path:
-            continue
-        gts.append(read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8))
-        ms.append(m)
-    fpr, pro = pro_curve(gts, ms)
+    fpr, pro = pro_curve(*pairs)
     if len(fpr) == 0:
         return None
     # cut the piecewise-linear curve at the limit (interpolating the crossing segment)

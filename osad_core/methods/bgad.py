@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import augment
-from ..backbones import build_multiscale, build_multiscale_arch_only
+from ..backbones import multiscale_for
 from ..data import IMAGE_CACHE, DataError, ImageRecord, read_mask
 from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction, register
@@ -196,11 +196,7 @@ class BGAD(Detector):
     # -- model ---------------------------------------------------------------------------
     def _build(self, fresh: bool) -> None:
         c = self.config
-        if fresh:
-            self.extractor, info = build_multiscale(c["backbone"], c["weights"], c["weights_path"], c["layers"])
-            self.backbone_info = info.to_dict()
-        else:
-            self.extractor = build_multiscale_arch_only(self.backbone_info)
+        self.extractor, self.backbone_info = multiscale_for(c, self.backbone_info, fresh)
         self.flows = nn.ModuleList(
             ConditionalFlow(ch, c["pos_dim"], c["coupling_blocks"], c["clamp_alpha"], c["subnet_hidden_factor"],
                             seed=c["seed"] * 31 + i)

@@ -29,7 +29,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from .. import augment
-from ..backbones import build_multiscale, build_multiscale_arch_only
+from ..backbones import multiscale_for
 from ..data import IMAGE_CACHE, DataError
 from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction, register
@@ -244,11 +244,7 @@ class CKAAD(Detector):
     # -- model ---------------------------------------------------------------------------
     def _build(self, fresh: bool) -> None:
         c = self.config
-        if fresh:
-            self.extractor, info = build_multiscale(c["backbone"], c["weights"], c["weights_path"], c["layers"])
-            self.backbone_info = info.to_dict()
-        else:
-            self.extractor = build_multiscale_arch_only(self.backbone_info)
+        self.extractor, self.backbone_info = multiscale_for(c, self.backbone_info, fresh)
         bi = self.backbone_info
         kind = c["ae_block"]
         if kind == "auto":
