@@ -250,7 +250,7 @@ def cmd_benchmark(a) -> int:
     rows, runs = [], []
     for method in methods:
         for kc in classes:
-            aucs, times, ips = [], [], []
+            aucs, base_aucs, times, ips = [], [], [], []
             for seed in a.seeds:
                 proto = Protocol(a.setting, a.shots, seed, kc)
                 label = f"[{method} {proto.describe()}] "
@@ -259,9 +259,12 @@ def cmd_benchmark(a) -> int:
                 s = res.summary()
                 runs.append(s)
                 aucs.append(res.metrics.get("image_auroc", float("nan")))
+                if "base_image_auroc" in res.metrics:  # AHL: its own base model, same run
+                    base_aucs.append(res.metrics["base_image_auroc"])
                 times.append(res.train_seconds)
                 ips.append(res.images_per_s)
-                print(f"{label}AUROC {aucs[-1]:.4f}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s", flush=True)
+                base = f" (base model {base_aucs[-1]:.4f})" if base_aucs else ""
+                print(f"{label}AUROC {aucs[-1]:.4f}{base}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s", flush=True)
                 if not a.no_db:
                     from .store import record_run
 
@@ -271,13 +274,20 @@ def cmd_benchmark(a) -> int:
                 "preset": a.preset, "auroc_mean": float(np.mean(aucs)), "auroc_std": float(np.std(aucs)),
                 "aurocs": aucs, "train_s_mean": float(np.mean(times)), "images_per_s": float(np.mean(ips)),
                 "seeds": a.seeds, "backbone": s["backbone"], "weights": s["weights"], "device": s["device"],
+                "overrides": over,
             })
+            if base_aucs:
+                rows[-1].update(base=res.detector.config.get("base"), base_aurocs=base_aucs, base_auroc_mean=float(np.mean(base_aucs)),
+                                base_auroc_std=float(np.std(base_aucs)))
     print()
     print(f"{'method':10s} {'data':8s} {'setting':8s} {'shots':>5s} {'known':6s} {'AUROC mean ± std':18s} "
           f"{'train s':>8s} {'img/s':>6s}")
     for r in rows:
         print(f"{r['method']:10s} {r['data']:8s} {r['setting']:8s} {r['shots']:5d} {str(r['known_class'] or '-'):6s} "
               f"{r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}      {r['train_s_mean']:8.0f} {r['images_per_s']:6.1f}")
+        if "base_auroc_mean" in r:
+            print(f"{'  its base':10s} {'':8s} {'':8s} {'':5s} {'':6s} {r['base_auroc_mean']:.3f} ± "
+                  f"{r['base_auroc_std']:.3f}      (the same runs' stage-A {r.get('base') or 'base'} model)")
     print(f"(seeds {a.seeds}; std is the population std over seeds; backbone {rows[-1]['backbone']} "
           f"[{rows[-1]['weights']}]; device {rows[-1]['device']})")
     if a.json:

@@ -106,12 +106,18 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
     )
 
 
-def evaluate_prediction(records: list[ImageRecord], scores, maps, seen_types: list[str]) -> dict:
-    """All metrics of one test run, each with how it was obtained."""
+def evaluate_prediction(records: list[ImageRecord], scores, maps, seen_types: list[str],
+                        base_scores=None) -> dict:
+    """All metrics of one test run, each with how it was obtained.
+
+    ``base_scores``: a wrapped base model's scores of the same images (AHL's stage-A model),
+    reported as ``base_image_auroc`` / ``base_image_aupr`` so one run compares the two."""
     labels = np.array([r.label for r in records])
     keep = labels >= 0
     recs = [r for r, k in zip(records, keep) if k]
     m = image_metrics(labels[keep], np.asarray(scores)[keep])
+    if base_scores is not None:
+        m.update({f"base_{k}": v for k, v in image_metrics(labels[keep], np.asarray(base_scores)[keep]).items()})
     m.update(seen_unseen_auroc(recs, np.asarray(scores)[keep], seen_types))
     pairs = masked_pairs(recs, np.asarray(maps)[keep]) if maps is not None and len(maps) else None
     pa = pixel_auroc(recs, None, pairs) if pairs is not None else None
@@ -128,6 +134,8 @@ METRIC_DETAILS = {
     "image_aupr": "average precision of image scores on the held-out labelled test images, scikit-learn",
     "image_auroc_seen": "ROC AUC of test normals vs test anomalies of defect types shown in training",
     "image_auroc_unseen": "ROC AUC of test normals vs test anomalies of defect types never shown in training",
+    "base_image_auroc": "ROC AUC, as image_auroc, of the wrapped base model (AHL's stage A) on the same test images",
+    "base_image_aupr": "average precision, as image_aupr, of the wrapped base model (AHL's stage A)",
     "pixel_auroc": "ROC AUC over all pixels of masked test images at the map resolution",
 }
 

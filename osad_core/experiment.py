@@ -87,7 +87,8 @@ def run_experiment(
     t0 = time.monotonic()
     pred = det.predict(split.test, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
     infer_s = time.monotonic() - t0
-    metrics = evaluate_prediction(pred.records, pred.scores, pred.maps, split.seen_types)
+    metrics = evaluate_prediction(pred.records, pred.scores, pred.maps, split.seen_types,
+                                  base_scores=pred.extra.get("base_score"))
     labels = np.array([r.label for r in pred.records])
     crv = curves(labels, pred.scores)
     thr = best_f1_threshold(labels, pred.scores)

@@ -87,25 +87,4 @@ bench --data "$MASKED" --methods bgad,ckaad,dra --setting general --shots 10 --j
 bench --data "$MASKED" --methods bgad,ckaad,dra --setting hard --known-class crack --shots 10 \
       --json "$OUT/elpv_masked_hard_crack_$PRESET.json"
 
-"$PY" - "$OUT" "$PRESET" <<'PYEOF'
-import json
-import sys
-from pathlib import Path
-
-import numpy as np
-
-out, preset = Path(sys.argv[1]), sys.argv[2]
-print(f"\n{'file':42s} {'method':6s} {'known':6s} {'image AUROC':16s} {'pixel AUROC':16s} {'PRO':16s} {'train s':>8s}")
-for f in sorted(out.glob(f"*_{preset}.json")):
-    data = json.loads(f.read_text())
-    for row in data["rows"]:
-        runs = [r for r in data["runs"] if r["method"] == row["method"]
-                and r["protocol"].get("known_class") == row["known_class"]]
-
-        def ms(key):
-            v = [r["metrics"][key] for r in runs if key in r["metrics"]]
-            return f"{np.mean(v):.3f} ± {np.std(v):.3f}" if v else "-"
-        print(f"{f.stem:42s} {row['method']:6s} {str(row['known_class'] or '-'):6s} {ms('image_auroc'):16s} "
-              f"{ms('pixel_auroc'):16s} {ms('pro_auc'):16s} {row['train_s_mean']:8.0f}")
-print(f"(backbone {row['backbone']} [{row['weights']}], device {row['device']})")
-PYEOF
+"$PY" scripts/bench_table.py "$OUT"/*_"$PRESET".json

@@ -51,31 +51,4 @@ run "elpv_general_0" --data elpv --methods saliencycut --setting general --shots
 run "headct_general_0" --data headct --methods saliencycut --setting general --shots 0
 
 # one table over everything written above (hard: also the mean over the known classes)
-"$PY" - "$OUT" <<'PYEOF'
-import json, sys
-from pathlib import Path
-
-import numpy as np
-
-rows = []
-for f in sorted(Path(sys.argv[1]).glob("*.json")):
-    for r in json.loads(f.read_text())["rows"]:
-        r["variant"] = "refresh=iteration" if "refresh_iteration" in f.stem else ""
-        rows.append(r)
-print(f"\n{'method':12s} {'variant':18s} {'data':7s} {'setting':8s} {'shots':>5s} {'known':6s} "
-      f"{'AUROC mean ± std':17s} {'train s':>8s}")
-groups = {}
-for r in rows:
-    print(f"{r['method']:12s} {r['variant']:18s} {r['data']:7s} {r['setting']:8s} {r['shots']:5d} "
-          f"{str(r['known_class'] or '-'):6s} {r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}   {r['train_s_mean']:8.0f}")
-    if r["setting"] == "hard":
-        groups.setdefault((r["method"], r["variant"], r["data"], r["shots"]), []).append(r)
-for (m, v, d, s), rs in groups.items():
-    # per seed: mean over known classes, then mean ± std over seeds (as the papers' "mean" column)
-    per_seed = np.mean([r["aurocs"] for r in rs], axis=0)
-    print(f"{m:12s} {v:18s} {d:7s} {'hard':8s} {s:5d} {'mean':6s} {per_seed.mean():.3f} ± {per_seed.std():.3f}   "
-          f"{np.mean([r['train_s_mean'] for r in rs]):8.0f}")
-if rows:
-    print(f"backbone {rows[0]['backbone']} [{rows[0]['weights']}], device {rows[0]['device']}, "
-          f"preset {rows[0]['preset']}, seeds {rows[0]['seeds']}")
-PYEOF
+"$PY" scripts/bench_table.py "$OUT"

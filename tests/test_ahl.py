@@ -5,7 +5,7 @@ import torch
 
 from osad_core import augment
 from osad_core.data import DataError, load_folder
-from osad_core.evaluate import image_metrics
+from osad_core.evaluate import evaluate_prediction, image_metrics
 from osad_core.methods import load_detector, make_detector
 from osad_core.methods.ahl import (
     BalancedSampler,
@@ -280,6 +280,8 @@ def test_tiny_ahl_dra_run_reports_every_stage_predicts_and_round_trips(mvtec_dir
     assert np.isfinite(a.scores).all() and (a.maps >= 0).all()
     assert {"head_normal", "head_seen", "head_pseudo", "head_residual", "base_score"} <= set(a.extra)
     assert image_metrics(labels, a.scores)["image_auroc"] > 0.7
+    m = evaluate_prediction(a.records, a.scores, a.maps, sp.seen_types, base_scores=a.extra["base_score"])
+    assert m["base_image_auroc"] == image_metrics(labels, a.extra["base_score"])["image_auroc"]
     b = load_detector(det.save(tmp_path / "ahl.pt"), device="cpu").predict(sp.test)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a.maps, b.maps, rtol=1e-4, atol=1e-5)
@@ -301,3 +303,32 @@ def test_tiny_ahl_devnet_without_psi_uses_equal_weights(mvtec_dir):
         make_detector("ahl", "tiny", over).fit(no_anomaly.train_normal, no_anomaly.train_anomalies)
     with pytest.raises(ValueError, match="unknown AHL base"):
         make_detector("ahl", "tiny", {"base": "bgad"})
+
+
+def test_benchmark_reports_ahl_and_its_base_from_the_same_runs(mvtec_dir, tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from osad_core.cli import main
+
+    out = tmp_path / "ahl.json"
+    rc = main(["benchmark", "--data", str(mvtec_dir), "--methods", "ahl", "--setting", "general", "--shots", "3",
+               "--seeds", "0", "1", "--preset", "tiny", "--backbone", "resnet18", "--weights", "random",
+               "--set", "base_overrides=" + json.dumps(TINY["base_overrides"]), "--set", "n_episodes=2",
+               "--no-db", "--json", str(out)])
+    assert rc == 0
+    assert "its base" in capsys.readouterr().out
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["base"] == "dra" and len(row["base_aurocs"]) == len(row["aurocs"]) == 2
+    assert row["base_auroc_mean"] == pytest.approx(np.mean(row["base_aurocs"]))
+    assert row["overrides"]["n_episodes"] == 2
+
+    # the shared table script shows both lines, and the --set variant in the method's name
+    spec = importlib.util.spec_from_file_location("bench_table", Path(__file__).parents[1] / "scripts/bench_table.py")
+    bench_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_table)
+    lines = bench_table.table(bench_table.load([str(out)])).splitlines()
+    ahl = next(x for x in lines if x.startswith("| parts | general | 3 | AHL(DRA) ("))
+    base = next(x for x in lines if "its base, DRA (stage A of the same runs)" in x)
+    assert f"{np.mean(row['aurocs']):.3f}" in ahl and f"{row['base_auroc_mean']:.3f}" in base

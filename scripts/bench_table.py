@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""One markdown table from the JSON files that `python -m osad_core benchmark --json` writes.
+
+    python scripts/bench_table.py bench_results/saliencycut_quick [more files or folders ...]
+
+One line per (data, setting, shots, method, settings given with --set). Image AUROC is
+mean ± population std over seeds; in the hard setting each seed's value is first averaged
+over the seen classes (the papers' "mean" column) and the per-class values are listed too.
+Pixel AUROC and PRO appear where the test set has masks. An AHL line is followed by its
+stage-A base model's AUROC on the same runs ("base_aurocs" in the JSON).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+NAMES = {"dra": "DRA", "devnet": "DevNet", "ahl": "AHL", "saliencycut": "SaliencyCut", "bgad": "BGAD",
+         "ckaad": "CKAAD"}
+# overrides that describe the machine or the backbone, not a method variant
+NOT_A_VARIANT = {"device", "backbone", "weights", "weights_path", "base"}
+
+
+def mean_std(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} ± {v.std():.3f}" if len(v) else "-"
+
+
+def per_seed_mean(rows: list[dict], key: str) -> list[float]:
+    """One value per seed: the mean over the rows (seen classes) that ran that seed."""
+    by_seed: dict[int, list[float]] = {}
+    for r in rows:
+        for seed, v in zip(r["seeds"], r[key]):
+            by_seed.setdefault(seed, []).append(v)
+    return [float(np.mean(v)) for _, v in sorted(by_seed.items())]
+
+
+def label(row: dict) -> str:
+    over = row.get("overrides") or {}
+    name = NAMES.get(row["method"], row["method"])
+    if row["method"] == "ahl":
+        name = f"AHL({NAMES.get(row.get('base') or over.get('base', 'dra'), '?')})"
+    variant = ", ".join(f"{k}={v}" for k, v in sorted(over.items()) if k not in NOT_A_VARIANT)
+    return f"{name} ({variant})" if variant else name
+
+
+def load(paths: list[str]) -> list[dict]:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    rows = []
+    for f in files:
+        data = json.loads(f.read_text())
+        if not isinstance(data, dict) or "rows" not in data:
+            continue
+        for row in data["rows"]:
+            # this row's runs, for pixel metrics (benchmark writes runs in row order, one per seed)
+            runs = [r for r in data.get("runs", []) if r["method"] == row["method"]
+                    and r["protocol"].get("known_class") == row["known_class"]]
+            row["_runs"] = runs[:len(row["aurocs"])]
+            row["_file"] = f.name
+            rows.append(row)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    groups: dict[tuple, list[dict]] = {}
+    several_backbones = len({(r["backbone"], r["weights"]) for r in rows}) > 1
+    several_presets = len({r["preset"] for r in rows}) > 1
+    for r in rows:
+        name = label(r) + (f" [{r['backbone']}, {r['weights']}]" if several_backbones else "")
+        name += f", {r['preset']} preset" if several_presets else ""
+        groups.setdefault((r["data"], r["setting"], r["shots"], name), []).append(r)
+    pixel = any("pixel_auroc" in run["metrics"] for r in rows for run in r["_runs"])
+    head = "| data | setting | shots | method | image AUROC | per seen class | "
+    head += "pixel AUROC | PRO | " if pixel else ""
+    head += "train s | test img/s | seeds |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (data, setting, shots, name), rs in sorted(groups.items(), key=lambda kv: kv[0][:3]):
+        per_seed = per_seed_mean(rs, "aurocs")
+        classes = ", ".join(f"{r['known_class']} {r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}"
+                            for r in rs if r["known_class"]) or "-"
+        line = f"| {data} | {setting} | {shots} | {name} | {mean_std(per_seed)} | {classes} | "
+        if pixel:
+            for key in ("pixel_auroc", "pro_auc"):
+                line += mean_std([run["metrics"][key] for r in rs for run in r["_runs"] if key in run["metrics"]])
+                line += " | "
+        seeds = " ".join(map(str, sorted({seed for r in rs for seed in r["seeds"]})))
+        line += (f"{np.mean([r['train_s_mean'] for r in rs]):.0f} | {np.mean([r['images_per_s'] for r in rs]):.0f} | "
+                 f"{seeds} |")
+        out.append(line)
+        if all("base_aurocs" in r for r in rs):
+            base = per_seed_mean(rs, "base_aurocs")
+            base_classes = ", ".join(f"{r['known_class']} {r['base_auroc_mean']:.3f} ± {r['base_auroc_std']:.3f}"
+                                     for r in rs if r["known_class"]) or "-"
+            out.append(f"| {data} | {setting} | {shots} | its base, {NAMES.get(rs[0].get('base'), '?')} "
+                       f"(stage A of the same runs) | {mean_std(base)} | {base_classes} | "
+                       + ("- | - | " if pixel else "") + f"- | - | {seeds} |")
+    info = {(r["preset"], r["backbone"], r["weights"], r["device"]) for r in rows}
+    for preset, backbone, weights, device in sorted(info, key=str):
+        out.append(f"\npreset {preset}; backbone {backbone} [{weights}]; device {device}")
+    out.append("std: population std over seeds; hard: per seed the mean over the seen classes")
+    return "\n".join(out)
+
+
+def main(paths: list[str]) -> None:
+    if not paths:
+        sys.exit(__doc__)
+    rows = load(paths)
+    if not rows:
+        sys.exit(f"no benchmark JSON in {' '.join(paths)}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,48 @@
+"""scripts/bench_table.py: the one table every benchmark script prints."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+spec = importlib.util.spec_from_file_location("bench_table", Path(__file__).parents[1] / "scripts/bench_table.py")
+bench_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_table)
+
+
+def row(method, seeds, aurocs, known=None, setting="general", **extra):
+    return dict(method=method, data="elpv", setting=setting, shots=10, known_class=known, preset="quick",
+                auroc_mean=float(np.mean(aurocs)), auroc_std=float(np.std(aurocs)), aurocs=aurocs, seeds=seeds,
+                train_s_mean=100.0, images_per_s=20.0, backbone="B", weights="W", device="CPU", **extra)
+
+
+def write(path, *rows):
+    path.write_text(json.dumps({"rows": list(rows), "runs": []}))
+    return str(path)
+
+
+def test_hard_setting_averages_seen_classes_per_seed_then_over_seeds(tmp_path):
+    f = write(tmp_path / "hard.json", row("dra", [0, 1], [0.6, 0.8], "mono", "hard"),
+              row("dra", [0, 1], [0.8, 1.0], "poly", "hard"))
+    text = bench_table.table(bench_table.load([f]))
+    # per seed: (0.6 + 0.8) / 2 = 0.7 and (0.8 + 1.0) / 2 = 0.9 -> 0.800 ± 0.100
+    assert "| elpv | hard | 10 | DRA | 0.800 ± 0.100 | mono 0.700 ± 0.100, poly 0.900 ± 0.100 |" in text
+
+
+def test_seeds_from_separate_files_form_one_line_and_variants_another(tmp_path):
+    files = [write(tmp_path / f"s{s}.json", row("saliencycut", [s], [a])) for s, a in ((0, 0.7), (1, 0.9))]
+    files.append(write(tmp_path / "it.json", row("saliencycut", [0], [0.5], overrides={"pseudo_refresh": "iteration",
+                                                                                         "device": "cpu"})))
+    lines = bench_table.table(bench_table.load(files)).splitlines()
+    assert any(x.startswith("| elpv | general | 10 | SaliencyCut | 0.800 ± 0.100 |") and x.endswith("| 0 1 |")
+               for x in lines)
+    assert any(x.startswith("| elpv | general | 10 | SaliencyCut (pseudo_refresh=iteration) | 0.500 ± 0.000 |")
+               for x in lines)
+
+
+def test_files_that_are_not_benchmarks_are_skipped(tmp_path):
+    (tmp_path / "other.json").write_text("[1, 2]")
+    assert bench_table.load([str(tmp_path)]) == []
+    with pytest.raises(SystemExit):
+        bench_table.main([str(tmp_path)])
