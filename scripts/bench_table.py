@@ -98,7 +98,8 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {data} | {setting} | {shots} | its base, {NAMES.get(rs[0].get('base'), '?')} "
                        f"(stage A of the same runs) | {mean_std(base)} | {base_classes} | "
                        + ("- | - | " if pixel else "") + f"- | - | {seeds} |")
-    info = {(r["preset"], r["backbone"], r["weights"], r["device"]) for r in rows}
+    # older runs wrote "1 threads"
+    info = {(r["preset"], r["backbone"], r["weights"], r["device"].replace("1 threads", "1 thread")) for r in rows}
     for preset, backbone, weights, device in sorted(info, key=str):
         out.append(f"\npreset {preset}; backbone {backbone} [{weights}]; device {device}")
     out.append("std: population std over seeds; hard: per seed the mean over the seen classes")

@@ -159,7 +159,7 @@ class BGAD(Detector):
         lam=1.0,
         # The published command's loss (bounded -log σ(ℓ) ML term, focal weights), not the
         # paper's plain NLL: on HeadCT (quick preset, 10 shots, seeds 0-2) image AUROC
-        # 0.955 ± 0.018 against 0.617 ± 0.049; with the NLL the push-pull term barely moves
+        # 0.955 ± 0.019 against 0.617 ± 0.049; with the NLL the push-pull term barely moves
         # the flows (anomalies or none: 0.654). docs/BENCHMARKS.md has the numbers.
         ml_loss="logsigmoid",
         boundary="fixed",
