@@ -82,6 +82,16 @@ def evaluation_frame(df: pd.DataFrame) -> pd.DataFrame:
 # --- curves -------------------------------------------------------------------------------
 
 
+def _unit_square(fig: go.Figure, legend_right: bool, y_max: float) -> go.Figure:
+    """Axes over [0, 1] and the legend in a bottom corner, shared by the ROC and PR plots."""
+    fig.update_layout(legend=dict(orientation="v", x=0.98 if legend_right else 0.02,
+                                  xanchor="right" if legend_right else "left", y=0.03, yanchor="bottom",
+                                  bgcolor="rgba(255,255,255,0.8)"))
+    fig.update_xaxes(range=[-0.01, 1.01])
+    fig.update_yaxes(range=[-0.01, y_max])
+    return fig
+
+
 def roc_figure(curves: Sequence[tuple[str, dict]], threshold: float | None = None) -> go.Figure:
     """ROC curves (one per ``(name, curve)``); hover shows threshold, TPR and FPR."""
     fig = go.Figure()
@@ -106,11 +116,7 @@ def roc_figure(curves: Sequence[tuple[str, dict]], threshold: float | None = Non
     fig.update_layout(title="ROC curve (held-out labelled images)",
                       xaxis_title="false positive rate (good images rejected)",
                       yaxis_title="true positive rate (defects caught)", height=400, **_LAYOUT)
-    fig.update_layout(legend=dict(orientation="v", x=0.98, xanchor="right", y=0.03, yanchor="bottom",
-                                  bgcolor="rgba(255,255,255,0.8)"))
-    fig.update_xaxes(range=[-0.01, 1.01])
-    fig.update_yaxes(range=[-0.01, 1.01])
-    return fig
+    return _unit_square(fig, legend_right=True, y_max=1.01)
 
 
 def pr_figure(curves: Sequence[tuple[str, dict]], base_rates: Sequence[float] = ()) -> go.Figure:
@@ -126,11 +132,7 @@ def pr_figure(curves: Sequence[tuple[str, dict]], base_rates: Sequence[float] = 
         fig.add_hline(y=r, line_dash="dash", line_color="#bbb", annotation_text="share of defects (chance)")
     fig.update_layout(title="Precision–recall curve", xaxis_title="recall (defects caught)",
                       yaxis_title="precision (flagged images that are defects)", height=400, **_LAYOUT)
-    fig.update_layout(legend=dict(orientation="v", x=0.02, xanchor="left", y=0.03, yanchor="bottom",
-                                  bgcolor="rgba(255,255,255,0.8)"))
-    fig.update_xaxes(range=[-0.01, 1.01])
-    fig.update_yaxes(range=[-0.01, 1.05])
-    return fig
+    return _unit_square(fig, legend_right=False, y_max=1.05)
 
 
 # --- scores ---------------------------------------------------------------------------------

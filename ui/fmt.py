@@ -33,31 +33,23 @@ def num(v: Any, nd: int = 3) -> str:
     return "—" if not math.isfinite(f) else f"{f:.{nd}f}"
 
 
-def duration(seconds: float | None) -> str:
+def duration(seconds: float | None, compact: bool = False) -> str:
+    """"2 min 14 s"; ``compact`` for narrow tiles: "2m 14s", "1h 05m"."""
     if seconds is None or not math.isfinite(seconds):
         return "—"
+    sec, mins, hours = ("s", "m", "h") if compact else (" s", " min", " h")
     s = int(round(max(0.0, seconds)))
     if s < 60:
-        return f"{s} s"
+        return f"{s}{sec}"
     m, s = divmod(s, 60)
     if m < 60:
-        return f"{m} min {s:02d} s"
+        return f"{m}{mins} {s:02d}{sec}"
     h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
+    return f"{h}{hours} {m:02d}{mins}"
 
 
 def duration_short(seconds: float | None) -> str:
-    """Compact duration for narrow tiles: "45s", "2m 14s", "1h 05m"."""
-    if seconds is None or not math.isfinite(seconds):
-        return "—"
-    s = int(round(max(0.0, seconds)))
-    if s < 60:
-        return f"{s}s"
-    m, s = divmod(s, 60)
-    if m < 60:
-        return f"{m}m {s:02d}s"
-    h, m = divmod(m, 60)
-    return f"{h}h {m:02d}m"
+    return duration(seconds, compact=True)
 
 
 def ago(when: datetime | None) -> str:
