@@ -14,6 +14,7 @@ from osad_core.methods import load_detector, make_detector
 from osad_core.methods.bgad import bgad_loss, chunk_boundary, cosine_lr, focal_weights
 from osad_core.methods.flows import ConditionalFlow, positional_encoding_2d
 from osad_core.protocol import Protocol, make_split
+from conftest import cross_device_tol
 
 TINY = {"weights": "random", "backbone": "resnet18", "image_size": 64}
 
@@ -213,9 +214,10 @@ def test_bgad_shapes_scores_and_save_load(fitted, parts_split, tmp_path):
     labels = np.array([r.label for r in pred.records])
     assert pred.scores[labels == 1].mean() > pred.scores[labels == 0].mean()
     again = load_detector(det.save(tmp_path / "bgad.pt"), device="cpu").predict(parts_split.test)
-    np.testing.assert_allclose(again.scores, pred.scores, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(again.maps, pred.maps, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(again.embeddings, pred.embeddings, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again.scores, pred.scores, **cross_device_tol(det.device, 1e-5, 1e-5))
+    np.testing.assert_allclose(again.maps, pred.maps, **cross_device_tol(det.device, 1e-5, 1e-5))
+    # the flow amplifies TF32 rounding: one CUDA value in 4096 moved by 0.021
+    np.testing.assert_allclose(again.embeddings, pred.embeddings, **cross_device_tol(det.device, 1e-5, 1e-5, 5e-2))
 
 
 @pytest.mark.parametrize("mode", ["coarse", "pasted"])

@@ -17,6 +17,7 @@ from osad_core.methods.ckaad import (
     topk_pixel_mean,
 )
 from osad_core.protocol import Protocol, make_split
+from conftest import cross_device_tol
 from osad_core.train import seed_everything
 
 # the offline ImageNet EfficientNet-Lite0 keeps the auto-encoder small (112-channel levels)
@@ -145,9 +146,9 @@ def test_ckaad_shapes_and_save_load(fitted, parts_split, tmp_path):
     top = np.sort(pred.maps.reshape(n, -1), 1)[:, -2:].mean(1)
     np.testing.assert_allclose(pred.scores, top, rtol=1e-5)
     again = load_detector(det.save(tmp_path / "ckaad.pt"), device="cpu").predict(parts_split.test)
-    np.testing.assert_allclose(again.scores, pred.scores, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(again.maps, pred.maps, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(again.embeddings, pred.embeddings, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again.scores, pred.scores, **cross_device_tol(det.device, 1e-5, 1e-6))
+    np.testing.assert_allclose(again.maps, pred.maps, **cross_device_tol(det.device, 1e-5, 1e-6))
+    np.testing.assert_allclose(again.embeddings, pred.embeddings, **cross_device_tol(det.device, 1e-5, 1e-6))
 
 
 def test_ckaad_discriminator_learns_only_with_anomalies(parts_split):
@@ -167,7 +168,7 @@ def test_ckaad_discriminator_learns_only_with_anomalies(parts_split):
 
 def test_ckaad_cpu_training_is_repeatable(parts_split):
     sp = parts_split
-    fast = dict(TINY, epochs=1, steps_per_epoch=2)
+    fast = dict(TINY, epochs=1, steps_per_epoch=2, device="cpu")  # bitwise: a CPU promise
     a = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies).predict(sp.test[:4]).scores
     b = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies).predict(sp.test[:4]).scores
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

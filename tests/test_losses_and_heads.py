@@ -33,7 +33,7 @@ def test_topk_mean_uses_ten_percent_of_positions():
 
 @pytest.mark.parametrize("method,heads", [("devnet", {"seen"}), ("dra", {"normal", "seen", "pseudo", "residual"})])
 def test_head_shapes(method, heads):
-    det = make_detector(method, "tiny", {"weights": "random", "backbone": "resnet18", "image_size": 64})
+    det = make_detector(method, "tiny", {"weights": "random", "backbone": "resnet18", "image_size": 64, "device": "cpu"})
     det._build(fresh=True)
     if method == "dra":
         det.ref_images = np.zeros((2, 64, 64, 3), np.uint8)
@@ -52,7 +52,7 @@ def test_head_shapes(method, heads):
 
 
 def test_dra_residual_head_sees_reference_minus_sample():
-    det = make_detector("dra", "tiny", {"weights": "random", "backbone": "resnet18"})
+    det = make_detector("dra", "tiny", {"weights": "random", "backbone": "resnet18", "device": "cpu"})
     det._build(fresh=True)
     seen = {}
 
