@@ -257,6 +257,7 @@ def cmd_benchmark(a) -> int:
                 res = run_experiment(ds, proto, method, a.preset, over, _terminal_callbacks(label),
                                      with_tsne=not a.no_db, score_train=not a.no_db)
                 s = res.summary()
+                s["config"] = res.detector.config  # the resolved settings: presets change, the record must not
                 runs.append(s)
                 aucs.append(res.metrics.get("image_auroc", float("nan")))
                 if "base_image_auroc" in res.metrics:  # AHL: its own base model, same run
@@ -292,7 +293,7 @@ def cmd_benchmark(a) -> int:
           f"[{rows[-1]['weights']}]; device {rows[-1]['device']})")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"rows": rows, "runs": runs}, indent=2))
+        Path(a.json).write_text(json.dumps({"rows": rows, "runs": runs}, indent=2, default=str))
         print(f"wrote {a.json}")
     return 0
 

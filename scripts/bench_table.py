@@ -37,6 +37,16 @@ def per_seed_mean(rows: list[dict], key: str) -> list[float]:
     return [float(np.mean(v)) for _, v in sorted(by_seed.items())]
 
 
+def per_class(rows: list[dict], key: str) -> str:
+    """'mono 0.70 ± 0.03, poly …': each seen class over all its seeds, also when the seeds of
+    one class come from several files."""
+    by_class: dict[str, list[float]] = {}
+    for r in rows:
+        if r["known_class"]:
+            by_class.setdefault(r["known_class"], []).extend(r[key])
+    return ", ".join(f"{k} {mean_std(v)}" for k, v in sorted(by_class.items())) or "-"
+
+
 def label(row: dict) -> str:
     over = row.get("overrides") or {}
     name = NAMES.get(row["method"], row["method"])
@@ -80,8 +90,7 @@ def table(rows: list[dict]) -> str:
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for (data, setting, shots, name), rs in sorted(groups.items(), key=lambda kv: kv[0][:3]):
         per_seed = per_seed_mean(rs, "aurocs")
-        classes = ", ".join(f"{r['known_class']} {r['auroc_mean']:.3f} ± {r['auroc_std']:.3f}"
-                            for r in rs if r["known_class"]) or "-"
+        classes = per_class(rs, "aurocs")
         line = f"| {data} | {setting} | {shots} | {name} | {mean_std(per_seed)} | {classes} | "
         if pixel:
             for key in ("pixel_auroc", "pro_auc"):
@@ -93,8 +102,7 @@ def table(rows: list[dict]) -> str:
         out.append(line)
         if all("base_aurocs" in r for r in rs):
             base = per_seed_mean(rs, "base_aurocs")
-            base_classes = ", ".join(f"{r['known_class']} {r['base_auroc_mean']:.3f} ± {r['base_auroc_std']:.3f}"
-                                     for r in rs if r["known_class"]) or "-"
+            base_classes = per_class(rs, "base_aurocs")
             out.append(f"| {data} | {setting} | {shots} | its base, {NAMES.get(rs[0].get('base'), '?')} "
                        f"(stage A of the same runs) | {mean_std(base)} | {base_classes} | "
                        + ("- | - | " if pixel else "") + f"- | - | {seeds} |")

@@ -46,3 +46,10 @@ def test_files_that_are_not_benchmarks_are_skipped(tmp_path):
     assert bench_table.load([str(tmp_path)]) == []
     with pytest.raises(SystemExit):
         bench_table.main([str(tmp_path)])
+
+
+def test_hard_rows_split_by_class_and_seed_across_files_are_merged_per_class(tmp_path):
+    files = [write(tmp_path / f"{k}{s}.json", row("dra", [s], [a], k, "hard"))
+             for k, s, a in (("mono", 0, 0.6), ("mono", 1, 0.8), ("poly", 0, 0.8), ("poly", 1, 1.0))]
+    text = bench_table.table(bench_table.load(files))
+    assert "| DRA | 0.800 ± 0.100 | mono 0.700 ± 0.100, poly 0.900 ± 0.100 |" in text
