@@ -505,15 +505,20 @@ class AHL(Detector):
         "paper": {},
         # stage A: the base's quick preset (224 px, 10 x 10 steps, first 4 trunk stages frozen);
         # stage C: 10 epochs of 6 episodes x (1 + 2 x 5 support + 5 query batches of 30), K = 3
-        # (weights from epoch 5), ψ scores 128 query samples per episode, 4 procedural textures
+        # (weights from epoch 5), ψ scores 128 query samples per episode, 4 procedural textures.
+        # The unified heads start from the stage-A heads: 50 steps cannot train fresh heads as
+        # far as the base got (quick, 3 seeds: fresh lost to its base in 4 of 10 data/setting/base
+        # cells, stage-A start beat it in all 10; docs/BENCHMARKS.md, "AHL").
         "quick": dict(image_size=224, epochs=10, steps_per_epoch=5, inner_passes=2, batch_size=30,
-                      lr_step_epochs=8, psi_seq_len=3, psi_samples_per_set=128, draem_textures=4),
+                      lr_step_epochs=8, psi_seq_len=3, psi_samples_per_set=128, draem_textures=4,
+                      heads_init="base"),
         "tiny": dict(image_size=64, map_size=32, epochs=3, steps_per_epoch=2, inner_passes=1, batch_size=12,
                      psi_seq_len=1, psi_warmup_epochs=1, psi_samples_per_set=24, draem_textures=2,
                      kmeans_n_init=2, cache_batch_size=16),
     }
     preset_notes = {
-        "quick": "224 px; base model with its quick preset; AHL 10 epochs, 5 batches of 30 per pass, K = 3",
+        "quick": ("224 px; base model with its quick preset; AHL 10 epochs, 5 batches of 30 per pass, K = 3, "
+                  "heads start from the base model's"),
         "tiny": "64 px, a few steps per stage, for smoke tests",
     }
 
