@@ -46,9 +46,14 @@ def headline(run, details: dict) -> None:
         st.caption("ℹ️ Backbone: the offline ImageNet EfficientNet-Lite0 (the papers use ImageNet ResNets).")
     cols = st.columns(len(HEADLINE) + (1 if "pixel_auroc" in details else 0))
     keys = list(HEADLINE) + (["pixel_auroc"] if "pixel_auroc" in details else [])
+    base_auroc = details.get("base_image_auroc", (math.nan, None))[0]
     for col, key in zip(cols, keys):
         value, detail = details.get(key, (math.nan, None))
-        col.metric(fmt.METRIC_NAMES[key], fmt.num(value),
+        delta = None
+        if key == "image_auroc" and value == value and base_auroc == base_auroc:
+            # AHL: its own stage-A model scored the same test images in the same run
+            delta = f"{value - base_auroc:+.3f} vs its base model ({fmt.num(base_auroc)})"
+        col.metric(fmt.METRIC_NAMES[key], fmt.num(value), delta=delta,
                    help=(detail or "") + ("" if value == value else " " + MISSING_HELP.get(key, "")))
     seen = run.seen_defect_types or []
     if seen:

@@ -445,6 +445,18 @@ def test_results_headline_curves_threshold_and_tsne(seeded):
     assert "optimistic for unseen production images" in cap
 
 
+def test_results_headline_compares_ahl_with_its_base_model(seeded):
+    import db
+    from db.models import Metric
+
+    with db.session_scope() as s:  # what an AHL run records beside its own AUROC
+        auroc = s.query(Metric).filter_by(run_id=seeded.run_id, name="image_auroc").one().value
+        s.add(Metric(run_id=seeded.run_id, name="base_image_auroc", value=auroc - 0.05, detail="stage A"))
+    at = app("results")
+    m = next(m for m in at.metric if m.label == "Image AUROC")
+    assert m.delta == f"+0.050 vs its base model ({auroc - 0.05:.3f})"
+
+
 def test_results_threshold_slider_speaks_in_counts(seeded):
     at = app("results")
     slider = at.slider(key=f"thr_{seeded.run_id}")

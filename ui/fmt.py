@@ -11,6 +11,8 @@ METRIC_NAMES = {
     "image_auroc_seen": "AUROC · seen defect types",
     "image_auroc_unseen": "AUROC · unseen defect types",
     "pixel_auroc": "Pixel AUROC",
+    "base_image_auroc": "Image AUROC · its base model",
+    "base_image_aupr": "Image AUPR · its base model",
     "test_images_per_s": "Images / s (inference)",
 }
 
