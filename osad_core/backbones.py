@@ -183,18 +183,23 @@ def _torchvision_state(arch: str, allow_download: bool) -> tuple[dict | None, st
         return torch.load(cache, map_location="cpu", weights_only=True), str(cache)
     if not allow_download or _offline() or arch in _DOWNLOAD_FAILED:
         return None, None
-    try:
-        import socket
+    import contextlib
+    import io
+    import socket
 
+    said = io.StringIO()  # torch.hub writes "Downloading: ..." to stderr even when it then fails
+    try:
         old = socket.getdefaulttimeout()
         socket.setdefaulttimeout(10)
         try:
-            state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False)
+            with contextlib.redirect_stderr(said):
+                state = torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False)
         finally:
             socket.setdefaulttimeout(old)
+        log.info("downloaded ImageNet weights for %s to %s", arch, cache)
         return state, str(cache)
     except Exception as exc:  # no network: fall through to the next source
-        log.info("torchvision weights for %s not downloadable: %s", arch, exc)
+        log.info("torchvision weights for %s not downloadable (%s): %s", arch, said.getvalue().strip(), exc)
         _DOWNLOAD_FAILED.add(arch)  # ask once per process, not once per run
         return None, None
 

@@ -73,3 +73,21 @@ def test_torchvision_cache_is_used(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     _, info = build_backbone("auto", "auto")
     assert info.name == "ResNet-18" and info.weights_source == "torchvision"
+
+
+def test_failed_download_stays_quiet_and_falls_through(tmp_path, monkeypatch, capsys, caplog):
+    import sys
+
+    def offline(url, **kw):
+        sys.stderr.write(f'Downloading: "{url}"\n')  # what torch.hub prints before it fails
+        raise OSError("no network")
+
+    monkeypatch.delenv("OSAD_OFFLINE", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # nothing cached
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(backbones, "_DOWNLOAD_FAILED", set())
+    with caplog.at_level("INFO", logger="osad_core.backbones"):
+        assert backbones._torchvision_state("resnet18", allow_download=True) == (None, None)
+    assert capsys.readouterr().err == ""
+    assert "Downloading" in caplog.text and "no network" in caplog.text  # kept, in the log
+    assert backbones._torchvision_state("resnet18", allow_download=True) == (None, None)  # asked once
