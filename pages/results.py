@@ -49,12 +49,13 @@ def headline(run, details: dict) -> None:
     base_auroc = details.get("base_image_auroc", (math.nan, None))[0]
     for col, key in zip(cols, keys):
         value, detail = details.get(key, (math.nan, None))
-        delta = None
+        delta, help_ = None, (detail or "") + ("" if value == value else " " + MISSING_HELP.get(key, ""))
         if key == "image_auroc" and value == value and base_auroc == base_auroc:
             # AHL: its own stage-A model scored the same test images in the same run
-            delta = f"{value - base_auroc:+.3f} vs its base model ({fmt.num(base_auroc)})"
-        col.metric(fmt.METRIC_NAMES[key], fmt.num(value), delta=delta,
-                   help=(detail or "") + ("" if value == value else " " + MISSING_HELP.get(key, "")))
+            delta = f"{value - base_auroc:+.3f} vs base {fmt.num(base_auroc)}"
+            help_ += (". The arrow: difference to this run's own base model (AHL's stage A), "
+                      "scored on the same test images.")
+        col.metric(fmt.METRIC_NAMES[key], fmt.num(value), delta=delta, help=help_)
     seen = run.seen_defect_types or []
     if seen:
         st.caption(f"Seen defect types (shown in training): **{', '.join(seen)}**. "
