@@ -217,7 +217,7 @@ def test_tiny_run_save_load_gives_identical_outputs(split, tmp_path):
     path = det.save(tmp_path / "sc.pt")
     back = load_detector(path, device="cpu")
     assert torch.equal(back.scales[0]["layouts"], det.scales[0]["layouts"])
-    assert back.config["pseudo_refresh"] == "epoch" and back.config["patch_offsets"] == "free"
+    assert back.config["pseudo_refresh"] == "iteration" and back.config["patch_offsets"] == "free"
     b = back.predict(split.test)
     np.testing.assert_allclose(a.scores, b.scores, **cross_device_tol(det.device, 1e-5, 1e-6))
     np.testing.assert_allclose(a.maps, b.maps, **cross_device_tol(det.device, 1e-4, 1e-6))
