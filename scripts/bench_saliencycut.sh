@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SaliencyCut against DRA (issue #4): ELPV general 1/10 shots, ELPV hard (known class mono,
-# then poly; 1/10 shots), HeadCT general 1/10 shots; plus SaliencyCut's per-epoch pseudo-anomaly
-# refresh every iteration (the official code's variant; the default is per epoch, the paper's)
+# then poly; 1/10 shots), HeadCT general 1/10 shots; plus SaliencyCut's pseudo anomalies refreshed
+# once per epoch (the paper's variant; the default is every iteration, the official code's)
 # and the anomaly-free setting.
 # Every cell is mean ± std over the seeds, with training time; results go to $OUT as JSON and text.
 #
@@ -38,13 +38,13 @@ for shots in 1 10; do
   run "headct_general_${shots}" --data headct --methods saliencycut,dra --setting general --shots "$shots"
 done
 
-# pseudo anomalies refreshed every iteration (official code) instead of once per epoch (paper)
-run "elpv_general_10_refresh_iteration" --data elpv --methods saliencycut --setting general --shots 10 \
-  --set pseudo_refresh=iteration
-run "elpv_hard_10_refresh_iteration" --data elpv --methods saliencycut --setting hard --shots 10 \
-  --set pseudo_refresh=iteration
-run "headct_general_10_refresh_iteration" --data headct --methods saliencycut --setting general --shots 10 \
-  --set pseudo_refresh=iteration
+# pseudo anomalies refreshed once per epoch (paper) instead of every iteration (official code)
+run "elpv_general_10_refresh_epoch" --data elpv --methods saliencycut --setting general --shots 10 \
+  --set pseudo_refresh=epoch
+run "elpv_hard_10_refresh_epoch" --data elpv --methods saliencycut --setting hard --shots 10 \
+  --set pseudo_refresh=epoch
+run "headct_general_10_refresh_epoch" --data headct --methods saliencycut --setting general --shots 10 \
+  --set pseudo_refresh=epoch
 
 # anomaly-free setting (no labelled anomalies; SaliencyCut's own pseudo anomalies only)
 run "elpv_general_0" --data elpv --methods saliencycut --setting general --shots 0
