@@ -22,8 +22,7 @@ from sklearn.metrics import roc_auc_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from osad_core import augment  # noqa: E402
 from osad_core.backbones import build_multiscale  # noqa: E402
-from osad_core.cli import resolve_dataset  # noqa: E402
-from osad_core.data import IMAGE_CACHE  # noqa: E402
+from osad_core.data import IMAGE_CACHE, resolve_dataset  # noqa: E402
 from osad_core.protocol import Protocol, make_split  # noqa: E402
 
 

@@ -17,13 +17,14 @@ os.environ["OSAD_OFFLINE"] = "1"  # tests never download weights
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
 def cross_device_tol(device, rtol: float = 1e-5, atol: float = 1e-5, cuda_atol: float = 2e-2) -> dict:
     """assert_allclose tolerances for a model's outputs on ``device`` against its CPU outputs.
 
     Exact float32 on the CPU. On CUDA, PyTorch runs convolutions in TF32 (10-bit mantissa),
     so relative differences around 1e-3 are expected (the suite also runs on GPU machines).
     """
-    import torch
+    import torch  # not at the top: torch must load after the OpenMP settings above
 
     return dict(rtol=rtol, atol=atol) if torch.device(device).type == "cpu" else dict(rtol=2e-2, atol=cuda_atol)
 
