@@ -37,9 +37,10 @@ def login_required() -> bool:
 
 def _client() -> str | None:
     try:
-        return st.context.ip_address
+        ip = st.context.ip_address
     except Exception:  # no browser connection (bare mode)
         return None
+    return ip if isinstance(ip, str) and ip else None  # None for local visitors
 
 
 def current() -> Account | None:

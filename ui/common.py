@@ -154,6 +154,10 @@ def run_page(main) -> None:
     import logging
 
     ensure_navigation()
+    from . import auth
+
+    if auth.login_required() and auth.current() is None:
+        st.stop()  # app.py's gate already showed the login form; never draw a page past it
     try:
         main()
     except Exception as exc:  # Streamlit's rerun/stop are BaseExceptions and pass through
