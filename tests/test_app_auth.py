@@ -50,8 +50,15 @@ def login_form_only(at) -> None:
 def test_network_without_accounts_says_how_to_create_the_first_admin(network_address):
     at = app()
     assert "python -m osad_core users add NAME --role admin" in texts(at)
-    assert "no account exists yet" in texts(at)
-    assert not at.text_input and not at.button and not at.sidebar.selectbox
+    assert "This server listens on the network, so it needs a login, and no account exists yet." in texts(at)
+    assert not at.text_input and not at.button and not at.sidebar.selectbox and not at.expander
+
+
+def test_required_login_without_accounts_also_says_how_to_create_the_first_admin(monkeypatch):
+    monkeypatch.setenv("OSAD_REQUIRE_LOGIN", "1")
+    at = app()
+    assert "This server requires a login (OSAD_REQUIRE_LOGIN), and no account exists yet." in texts(at)
+    assert not at.text_input and not at.button
 
 
 def test_logged_out_visitor_sees_only_the_login_form_then_logs_in_and_out(seeded, team):

@@ -112,11 +112,13 @@ def _logout() -> None:
 
 def _first_admin_message() -> None:
     st.title("OSAD Studio")
-    st.error("This server listens on the network, so it needs a login, and no account exists yet.", icon="🔒")
+    why = ("This server listens on the network, so it needs a login" if on_network()
+           else "This server requires a login (OSAD_REQUIRE_LOGIN)")
+    st.error(f"{why}, and no account exists yet.", icon="🔒")
     st.markdown(
         "Create the first admin on the server, then reload this page:\n\n"
         "```bash\npython -m osad_core users add NAME --role admin\n```\n\n"
-        "Or start the app on this machine only (`make run`, which listens on 127.0.0.1).")
+        "Or start the app for this machine only (`make run`, which listens on 127.0.0.1).")
 
 
 def _login_form() -> None:
@@ -157,7 +159,7 @@ def gate() -> Account | None:
             _cookie_script("", 0)  # logged out: forget the cookie in this browser
         # The only page a logged-out visitor gets; registering it as the navigation also
         # keeps Streamlit from listing the files in pages/ in the sidebar.
-        view = _first_admin_message if on_network() and not core.accounts_exist() else _login_form
+        view = _login_form if core.accounts_exist() else _first_admin_message
         st.navigation([st.Page(view, title="Log in", icon="🔒", url_path="login")], position="hidden").run()
         st.stop()
     return acc
