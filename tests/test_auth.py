@@ -10,6 +10,7 @@ from datetime import timedelta
 import pytest
 
 from db import auth, session_scope, utcnow
+from db import queries as q
 from db import users as qu
 
 
@@ -182,3 +183,35 @@ def test_cli_users_add_list_set_role_passwd_disable(monkeypatch, capsys):
     assert rc == 2 and "last active admin" in err
     rc, _, err = cli(monkeypatch, capsys, "users", "passwd", "nobody", "--password-stdin", stdin="whatever-pass\n")
     assert rc == 2 and "no user named 'nobody'" in err
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+
+def test_accounts_migration_upgrades_a_database_with_runs_and_downgrades(tmp_path):
+    from alembic import command
+    from sqlalchemy import inspect, text
+
+    import db
+    from db import engine as db_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        command.upgrade(db_engine.alembic_config(url, connection=conn), "0001")
+        conn.execute(text("INSERT INTO projects (id, name, description, source, created_at) "
+                          "VALUES (1, 'p', '', 'cli', '2025-01-01 00:00:00')"))
+        conn.execute(text("INSERT INTO runs (id, project_id, method, config_json, protocol_json, status, source, "
+                          "created_at) VALUES (7, 1, 'dra', '{}', '{}', 'done', 'cli', '2025-01-01 00:00:00')"))
+    engine.dispose()
+    db.init_db(url)  # the app's own upgrade path
+    with db.session_scope(url) as s:
+        run = q.get_run(s, 7)
+        assert run.method == "dra" and run.created_by is None
+    auth.create_user("alice", "s3cret-pass", "admin", url=url)
+    engine = db.get_engine(url)
+    with engine.begin() as conn:
+        command.downgrade(db_engine.alembic_config(url, connection=conn), "0001")
+    tables = set(inspect(engine).get_table_names())
+    assert "users" not in tables and "login_failures" not in tables
+    assert "created_by" not in {c["name"] for c in inspect(engine).get_columns("runs")}
