@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Loopback by default; `make run HOST=0.0.0.0` listens on every interface (login required then).
+HOST   ?= 127.0.0.1
 
 .PHONY: run test setup worker clean
 
@@ -15,7 +17,7 @@ $(STAMP): requirements.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m streamlit run app.py --server.headless true --browser.gatherUsageStats false
+	$(PY) -m streamlit run app.py --server.address $(HOST) --server.headless true --browser.gatherUsageStats false
 
 test: $(STAMP)
 	$(PY) -m pytest -q

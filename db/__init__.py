@@ -4,7 +4,7 @@
 lives in :mod:`db.queries`.
 """
 
-from . import heatmaps, models, queries
+from . import heatmaps, models, queries, users
 from .engine import (
     data_dir,
     database_url,
@@ -26,10 +26,12 @@ from .models import (
     ImageScore,
     Job,
     LabelEvent,
+    LoginFailure,
     Metric,
     Project,
     Run,
     TrainLog,
+    User,
     Worker,
     utcnow,
 )
@@ -47,12 +49,14 @@ __all__ = [
     "Job",
     "LABELS",
     "LabelEvent",
+    "LoginFailure",
     "Metric",
     "Project",
     "Run",
     "RunSummary",
     "SPLITS",
     "TrainLog",
+    "User",
     "Worker",
     "data_dir",
     "database_url",
@@ -68,6 +72,7 @@ __all__ = [
     "models",
     "queries",
     "session_scope",
+    "users",
     "utcnow",
     *queries.__all__,
 ]

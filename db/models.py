@@ -48,6 +48,7 @@ WEIGHTS_SOURCES = ("explicit", "torchvision", "efficientnet_lite0_package", "ran
 JOB_KINDS = ("train", "score")
 SCORE_ROLES = ("train_normal", "train_anomaly", "test", "scored")
 CURVE_KINDS = ("roc", "pr")
+ROLES = ("admin", "labeller", "viewer")
 
 # Deterministic constraint names: Alembic's batch mode on SQLite can only drop or
 # alter constraints that have names.
@@ -234,6 +235,9 @@ class Run(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     notes: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # who queued or ran it: the logged-in user, the free-text name when login is off,
+    # "cli:<OS user>" from the command line; NULL for runs made before accounts existed
+    created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     project: Mapped[Project] = relationship(back_populates="runs")
 
@@ -363,6 +367,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
     def __repr__(self) -> str:
         return f"Job(id={self.id}, kind={self.kind!r}, status={self.status!r})"
@@ -381,6 +386,42 @@ class Worker(Base):
 
     def __repr__(self) -> str:
         return f"Worker(id={self.id!r}, stopped={self.stopped_at is not None})"
+
+
+# --- accounts -----------------------------------------------------------------------
+
+
+class User(Base):
+    """An account of the app. Only an Argon2 hash of the password is stored; accounts
+    are disabled, never deleted, so the history keeps naming real users."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("username", name="uq_users_username"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), nullable=False)
+    password_hash: Mapped[str] = mapped_column(Text, nullable=False)
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    disabled: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"User(username={self.username!r}, role={self.role!r}, disabled={self.disabled})"
+
+
+class LoginFailure(Base):
+    """One failed login, kept for the rate limit (shared by every app process)."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (
+        Index("ix_login_failures_username_created_at", "username", "created_at"),
+        Index("ix_login_failures_client_created_at", "client", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(200), nullable=False)
+    client: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
 ALL_TABLES = tuple(Base.metadata.tables)

@@ -1037,11 +1037,13 @@ def train_log(s: Session, run_id: int) -> list[dict[str, Any]]:
 
 
 def enqueue_job(
-    s: Session, kind: str, payload: Mapping[str, Any] | None, run_id: int | None = None
+    s: Session, kind: str, payload: Mapping[str, Any] | None, run_id: int | None = None,
+    created_by: str | None = None,
 ) -> Job:
     _check(kind, JOB_KINDS, "job kind")
     job = Job(
         kind=kind,
+        created_by=created_by,
         payload_json=_jsonable(payload or {}),
         run_id=run_id,
         status="queued",

@@ -167,7 +167,8 @@ def cmd_train(a) -> int:
     if not a.no_db:
         from .store import record_run
 
-        run_id = record_run(res, ds, source="cli", project_name=a.project, model_path=model_path)
+        run_id = record_run(res, ds, source="cli", project_name=a.project, model_path=model_path,
+                            created_by=_cli_user())
         print(f"recorded as run {run_id} in the OSAD Studio database")
     if a.json:
         Path(a.json).write_text(json.dumps(res.summary(), indent=2))
@@ -269,7 +270,7 @@ def cmd_benchmark(a) -> int:
                 if not a.no_db:
                     from .store import record_run
 
-                    record_run(res, ds, source="benchmark", project_name=a.project)
+                    record_run(res, ds, source="benchmark", project_name=a.project, created_by=_cli_user())
             rows.append({
                 "method": method, "data": ds.name, "setting": a.setting, "shots": a.shots, "known_class": kc,
                 "preset": a.preset, "auroc_mean": float(np.mean(aucs)), "auroc_std": float(np.std(aucs)),
@@ -295,6 +296,59 @@ def cmd_benchmark(a) -> int:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"rows": rows, "runs": runs}, indent=2, default=str))
         print(f"wrote {a.json}")
+    return 0
+
+
+def _cli_user() -> str:
+    """Who ran a command: runs from the command line are recorded as ``cli:<OS user>``."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except Exception:  # no user name in this environment (some containers)
+        return "cli"
+
+
+def _read_password(a) -> str:
+    if a.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    if not sys.stdin.isatty():
+        raise UserError("no terminal to ask for the password; pipe it in with --password-stdin")
+    first = getpass.getpass(f"Password for {a.name}: ")
+    if getpass.getpass("Repeat the password: ") != first:
+        raise UserError("the two passwords differ; nothing was changed")
+    return first
+
+
+def cmd_users(a) -> int:
+    """Accounts of the app (the first admin is created here)."""
+    from db import auth
+
+    try:
+        if a.users_command == "add":
+            acc = auth.create_user(a.name, _read_password(a), a.role)
+            print(f"added {acc.username} ({acc.role})")
+        elif a.users_command == "list":
+            rows = auth.list_accounts()
+            if not rows:
+                print("no accounts yet: login is off on this machine's loopback address only; "
+                      "add the first admin with `python -m osad_core users add NAME --role admin`")
+            for r in rows:
+                state = "disabled" if r["disabled"] else "active"
+                print(f"{r['username']:<24} {r['role']:<9} {state:<8} created {r['created_at']:%Y-%m-%d %H:%M} UTC")
+        elif a.users_command == "set-role":
+            auth.set_role(a.name, a.role)
+            print(f"{a.name} is now {a.role}")
+        elif a.users_command == "passwd":
+            auth.set_password(a.name, _read_password(a))
+            print(f"password of {a.name} changed")
+        elif a.users_command in ("disable", "enable"):
+            auth.set_disabled(a.name, a.users_command == "disable")
+            print(f"{a.name} {a.users_command}d")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return 0
 
 
@@ -349,6 +403,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="write all rows and runs as JSON")
     _add_db(s)
     s.set_defaults(func=cmd_benchmark)
+
+    from db.models import ROLES
+
+    s = sub.add_parser("users", help="accounts of the app: add, list, set-role, passwd, disable, enable")
+    us = s.add_subparsers(dest="users_command", metavar="ACTION", required=True)
+    u = us.add_parser("add", help="add an account (the password is asked for, or read from stdin)")
+    u.add_argument("name")
+    u.add_argument("--role", choices=ROLES, required=True,
+                   help="admin: everything, users too; labeller: label, train, cancel, export; viewer: read only")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    us.add_parser("list", help="list the accounts")
+    u = us.add_parser("set-role", help="change an account's role")
+    u.add_argument("name")
+    u.add_argument("role", choices=ROLES)
+    u = us.add_parser("passwd", help="set a new password")
+    u.add_argument("name")
+    u.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+    for action in ("disable", "enable"):
+        u = us.add_parser(action, help=f"{action} an account (accounts are never deleted: history names them)")
+        u.add_argument("name")
+    s.set_defaults(func=cmd_users)
 
     s = sub.add_parser("worker", help="run training jobs queued by the app (normally started by the app)")
     s.add_argument("--once", action="store_true", help="run at most one job, then exit")

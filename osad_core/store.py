@@ -106,8 +106,11 @@ def result_rows(res, id_of: dict[str, int]) -> list[dict]:
 
 
 def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None = None,
-               model_path: str | Path | None = None, run_id: int | None = None, url: str | None = None) -> int:
-    """Store a finished run (metrics, curves, per-image scores, maps, embeddings, t-SNE)."""
+               model_path: str | Path | None = None, run_id: int | None = None, url: str | None = None,
+               created_by: str | None = None) -> int:
+    """Store a finished run (metrics, curves, per-image scores, maps, embeddings, t-SNE).
+
+    ``created_by`` names who made a new run (a run queued by the app already has it)."""
     from db import init_db, session_scope
     from db import queries as q
 
@@ -119,7 +122,7 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
         if run_id is None:
             pid = ensure_project(s, ds, project_name)
             run = q.create_run(s, pid, det.name, det.preset, det.config, res.split.protocol.to_dict(), source,
-                               status="running")
+                               status="running", created_by=created_by)
             run_id = run.id
         else:
             pid = q.get_run(s, run_id).project_id

@@ -135,7 +135,8 @@ def run_one(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
             beat.job_id = None
     with session_scope() as s:
         q.finish_job(s, job.id, status, error, worker_id=worker_id)
-    log.info("job %s %s%s", job.id, status, f": {error}" if error else "")
+    log.info("job %s (queued by %s) %s%s", job.id, getattr(job, "created_by", None) or "?", status,
+             f": {error}" if error else "")
     return status
 
 

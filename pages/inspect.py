@@ -17,7 +17,7 @@ import streamlit as st
 
 from db import data_dir, session_scope
 from db import queries as q
-from ui import common, figures, fmt, ingest, thumbs
+from ui import auth, common, figures, fmt, ingest, thumbs
 
 MAX_UPLOAD_SCORE = 32
 ROLE_FILTER = {
@@ -146,6 +146,7 @@ def score_tab(run) -> None:
         go = st.form_submit_button(f"Score with run {run.id}", type="primary")
     if go:
         try:
+            auth.require("score")
             if not files:
                 raise ingest.IngestError("Choose one or more images to score.")
             entries, _ = ingest.collect_upload([(f.name, f.getvalue()) for f in files],
@@ -194,6 +195,7 @@ def score_tab(run) -> None:
 
 
 def export_tab(run) -> None:
+    auth.require("export")
     with session_scope() as s:
         rows = q.run_scores(s, run.id)
     df = pd.DataFrame(rows)
@@ -246,13 +248,14 @@ def main() -> None:
     warn = fmt.weights_warning(run)
     if warn:
         st.error(warn, icon="🚨")
-    tabs = st.tabs(["Images by score", "Score new images", "Export"])
-    with tabs[0]:
-        browse_tab(run)
-    with tabs[1]:
-        score_tab(run)
-    with tabs[2]:
-        export_tab(run)
+    tabs = {"Images by score": browse_tab, "Score new images": score_tab, "Export": export_tab}
+    if not auth.can("score"):
+        tabs.pop("Score new images")
+    if not auth.can("export"):
+        tabs.pop("Export")
+    for tab, draw in zip(st.tabs(list(tabs)), tabs.values()):
+        with tab:
+            draw(run)
 
 
 common.run_page(main)

@@ -15,7 +15,7 @@ import streamlit as st
 
 from db import session_scope
 from db import queries as q
-from ui import common, figures, fmt, thumbs
+from ui import auth, common, figures, fmt, thumbs
 
 PAGE_SIZE = 48
 COLUMNS = 6
@@ -83,9 +83,9 @@ def _anomaly_type() -> str:
 def _apply(ids: list[int] | None, action: str, after_focus: int | None = None) -> None:
     """Apply ``action`` (normal / anomaly / unlabeled / test / train) to ``ids``, or to
     the current selection when ``ids`` is None."""
-    user = common.user_name()
     ids = sorted(_selected()) if ids is None else list(ids)
     try:
+        user = auth.require("label").username
         if not ids:
             raise ValueError("Select images first (tick their boxes, or “Select page”).")
         with session_scope() as s:
@@ -113,8 +113,13 @@ def _apply(ids: list[int] | None, action: str, after_focus: int | None = None) -
 
 
 def _undo(project_id: int) -> None:
+    try:
+        user = auth.require("label").username
+    except ValueError as exc:
+        _fail(exc)
+        return
     with session_scope() as s:
-        n = q.undo_last(s, project_id, author=common.user_name())
+        n = q.undo_last(s, project_id, author=user)
     if n:
         _notify(f"Undone: {n} image{'s' if n != 1 else ''} restored", "↩️")
     else:
@@ -260,15 +265,16 @@ def large_view(project_id: int, flt: dict, total: int, run) -> None:
                 st.button("Next", key="kb_next", icon="➡️", on_click=_move_focus, args=(1, total),
                           shortcut="Right", disabled=idx >= total - 1)
                 st.button("Close", key="kb_close", on_click=_close_focus, shortcut="Esc")
-            with st.container(horizontal=True):
-                st.button("Normal", key="kb_normal", icon="🟢", shortcut="1", on_click=_apply,
-                          args=([im.id], "normal", idx))
-                st.button(f"Anomaly: {_anomaly_type() or '…'}", key="kb_anomaly", icon="🔴", shortcut="2",
-                          on_click=_apply, args=([im.id], "anomaly", idx))
-                st.button("Unlabelled", key="kb_unlabeled", on_click=_apply, args=([im.id], "unlabeled", idx))
-                other = "train" if im.split == "test" else "test"
-                st.button("Use for training" if other == "train" else "Hold out for testing", key="kb_split",
-                          on_click=_apply, args=([im.id], other, idx))
+            if auth.can("label"):
+                with st.container(horizontal=True):
+                    st.button("Normal", key="kb_normal", icon="🟢", shortcut="1", on_click=_apply,
+                              args=([im.id], "normal", idx))
+                    st.button(f"Anomaly: {_anomaly_type() or '…'}", key="kb_anomaly", icon="🔴", shortcut="2",
+                              on_click=_apply, args=([im.id], "anomaly", idx))
+                    st.button("Unlabelled", key="kb_unlabeled", on_click=_apply, args=([im.id], "unlabeled", idx))
+                    other = "train" if im.split == "test" else "test"
+                    st.button("Use for training" if other == "train" else "Hold out for testing", key="kb_split",
+                              on_click=_apply, args=([im.id], other, idx))
             show_heat = False
             if heat is not None:
                 show_heat = st.toggle(f"Heatmap of run {run.id}", key="lv_heat", value=True)
@@ -300,7 +306,8 @@ def _open(idx: int) -> None:
     st.session_state["focus_idx"] = idx
 
 
-def card(im, score, idx: int, rng: tuple[float, float] | None, threshold: float | None) -> None:
+def card(im, score, idx: int, rng: tuple[float, float] | None, threshold: float | None,
+         labelling: bool = True) -> None:
     sel = im.id in _selected()
     key = f"card_{im.label}_{im.id}" + ("_sel" if sel else "")
     with st.container(key=key):
@@ -321,11 +328,15 @@ def card(im, score, idx: int, rng: tuple[float, float] | None, threshold: float 
         sc = f" · {score:.3f}" if score is not None else ""
         st.markdown(f'<div class="osad-card-meta">{chip(im.label, im.defect_type)}{split}{sc}{bar}</div>',
                     unsafe_allow_html=True)
-        ck = f"sel_{im.id}"
-        if ck not in st.session_state:
-            st.session_state[ck] = sel
         c1, c2 = st.columns([4, 1], vertical_alignment="center")
-        c1.checkbox(im.rel_path.split("/")[-1], key=ck, on_change=_toggle, args=(im.id,))
+        name = im.rel_path.split("/")[-1]
+        if labelling:
+            ck = f"sel_{im.id}"
+            if ck not in st.session_state:
+                st.session_state[ck] = sel
+            c1.checkbox(name, key=ck, on_change=_toggle, args=(im.id,))
+        else:
+            c1.caption(name)
         c2.button("🔍", key=f"zoom_{im.id}", on_click=_open, args=(idx,), help="Large view", type="tertiary")
 
 
@@ -434,9 +445,13 @@ def main() -> None:
             st.session_state["label_page"] = page
             rows, total = _query(pid, flt, page * PAGE_SIZE, PAGE_SIZE)
 
-    bulk_toolbar(pid, [r.image.id for r in rows], types, keyboard=not focus)
-    st.caption("Keyboard: **1** normal · **2** anomaly (type above) · **U** undo"
-               + (" · **←/→** previous/next · **Esc** close" if focus else " · 🔍 opens the large view"))
+    labelling = auth.can("label")
+    if labelling:
+        bulk_toolbar(pid, [r.image.id for r in rows], types, keyboard=not focus)
+        st.caption("Keyboard: **1** normal · **2** anomaly (type above) · **U** undo"
+                   + (" · **←/→** previous/next · **Esc** close" if focus else " · 🔍 opens the large view"))
+    else:
+        st.caption("Read only: your role can look at images, labels and scores but not change them.")
     if focus:
         large_view(pid, flt, total, run)
 
@@ -449,7 +464,7 @@ def main() -> None:
             cols = st.columns(COLUMNS)
             for j, (im, score) in enumerate(rows[start:start + COLUMNS]):
                 with cols[j]:
-                    card(im, score, page * PAGE_SIZE + start + j, rng, thr)
+                    card(im, score, page * PAGE_SIZE + start + j, rng, thr, labelling)
         pager(page, pages, total, "bottom")
     history(pid)
 

@@ -6,7 +6,7 @@ import streamlit as st
 from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
-from ui import common, fmt, ingest
+from ui import auth, common, fmt, ingest
 
 
 def _flash() -> None:
@@ -26,7 +26,8 @@ def _created(c: ingest.Created) -> None:
 def _create_elpv() -> None:
     with st.spinner("Creating the ELPV demo project (2,624 images)…"):
         try:
-            created = ingest.create_elpv_demo(author=common.user_name())
+            who = auth.require("create_project").username
+            created = ingest.create_elpv_demo(author=who)
         except (DataError, ValueError) as exc:
             common.show_error(exc)
             return
@@ -43,52 +44,71 @@ def hero() -> None:
         unsafe_allow_html=True,
     )
     st.write("")
+    if not auth.can("create_project"):
+        st.caption("No project yet; an admin or a labeller creates one.")
+        return
     if st.button("Open the ELPV solar cells demo", type="primary", icon="☀️", key="elpv_demo"):
         _create_elpv()
 
 
+def _folder_tab() -> None:
+    st.caption("MVTec layout is recognised: `train/good` → normal, `test/good` → normal held out for "
+               "testing, `test/<type>` → anomaly of that type. Any other folder: all images unlabelled.")
+    with st.form("from_folder", border=False):
+        path = st.text_input("Folder path", placeholder="/data/parts/bottle", key="folder_path")
+        name = st.text_input("Project name", placeholder="default: the folder's name", key="folder_name")
+        go = st.form_submit_button("Create project", type="primary")
+    if go:
+        try:
+            who = auth.require("import_folder").username
+            with st.spinner("Reading the folder…"):
+                created = ingest.create_from_folder(path, name, author=who)
+        except (DataError, ValueError) as exc:
+            common.show_error(exc)
+        else:
+            _created(created)
+
+
+def _upload_tab() -> None:
+    st.caption("Image files or a .zip (an MVTec-layout zip keeps its labels). Files are stored under "
+               "the data folder's `uploads/`.")
+    with st.form("from_upload", border=False, clear_on_submit=False):
+        name = st.text_input("Project name", key="upload_name")
+        files = st.file_uploader("Images or a zip", accept_multiple_files=True, key="upload_files")
+        go = st.form_submit_button("Create project", type="primary")
+    if go:
+        try:
+            who = auth.require("upload").username
+            with st.spinner("Checking and storing the images…"):
+                created = ingest.create_from_uploads(
+                    [(f.name, f.getvalue()) for f in files or []], name, author=who)
+        except (DataError, ValueError) as exc:
+            common.show_error(exc)
+        else:
+            _created(created)
+
+
+def _elpv_tab(has_elpv: bool) -> None:
+    if has_elpv:
+        st.info(f"The demo project “{ingest.ELPV_DEMO_NAME}” already exists.")
+    else:
+        st.caption("2,624 solar-cell images from the `elpv-dataset` package; normal = defect probability "
+                   "0 (75 % train / 25 % held out), anomalies mono / poly, 401 uncertain cells unlabelled.")
+        if st.button("Create the ELPV demo project", key="elpv_tab"):
+            _create_elpv()
+
+
 def create_section(has_elpv: bool, expanded: bool) -> None:
+    if not auth.can("create_project"):
+        return
+    tabs = {"From a folder on the server": _folder_tab, "Upload images or a zip": _upload_tab,
+            "ELPV demo": lambda: _elpv_tab(has_elpv)}
+    if not auth.can("import_folder"):  # reading the server's disks is for admins only
+        tabs.pop("From a folder on the server")
     with st.expander("➕ New project", expanded=expanded):
-        tabs = st.tabs(["From a folder on the server", "Upload images or a zip", "ELPV demo"])
-        with tabs[0]:
-            st.caption("MVTec layout is recognised: `train/good` → normal, `test/good` → normal held out for "
-                       "testing, `test/<type>` → anomaly of that type. Any other folder: all images unlabelled.")
-            with st.form("from_folder", border=False):
-                path = st.text_input("Folder path", placeholder="/data/parts/bottle", key="folder_path")
-                name = st.text_input("Project name", placeholder="default: the folder's name", key="folder_name")
-                go = st.form_submit_button("Create project", type="primary")
-            if go:
-                try:
-                    with st.spinner("Reading the folder…"):
-                        created = ingest.create_from_folder(path, name, author=common.user_name())
-                except (DataError, ValueError) as exc:
-                    common.show_error(exc)
-                else:
-                    _created(created)
-        with tabs[1]:
-            st.caption("Image files or a .zip (an MVTec-layout zip keeps its labels). Files are stored under "
-                       "the data folder's `uploads/`.")
-            with st.form("from_upload", border=False, clear_on_submit=False):
-                name = st.text_input("Project name", key="upload_name")
-                files = st.file_uploader("Images or a zip", accept_multiple_files=True, key="upload_files")
-                go = st.form_submit_button("Create project", type="primary")
-            if go:
-                try:
-                    with st.spinner("Checking and storing the images…"):
-                        created = ingest.create_from_uploads(
-                            [(f.name, f.getvalue()) for f in files or []], name, author=common.user_name())
-                except (DataError, ValueError) as exc:
-                    common.show_error(exc)
-                else:
-                    _created(created)
-        with tabs[2]:
-            if has_elpv:
-                st.info(f"The demo project “{ingest.ELPV_DEMO_NAME}” already exists.")
-            else:
-                st.caption("2,624 solar-cell images from the `elpv-dataset` package; normal = defect probability "
-                           "0 (75 % train / 25 % held out), anomalies mono / poly, 401 uncertain cells unlabelled.")
-                if st.button("Create the ELPV demo project", key="elpv_tab"):
-                    _create_elpv()
+        for tab, draw in zip(st.tabs(list(tabs)), tabs.values()):
+            with tab:
+                draw()
 
 
 def _confirm_delete(p: dict) -> None:
@@ -100,6 +120,7 @@ def _confirm_delete(p: dict) -> None:
         c1, c2, _ = st.columns([1, 1, 4])
         if c1.button("Yes, delete", type="primary", key=f"del_yes_{p['id']}"):
             try:
+                auth.require("delete_project")
                 name = ingest.delete_project(p["id"])
             except ValueError as exc:
                 common.show_error(exc)
@@ -129,10 +150,10 @@ def project_card(p: dict) -> None:
                          help="Make this the current project and go to labelling"):
                 common.set_project(p["id"])
                 st.switch_page(common.PAGES["label"])
-            if b2.button("Train", key=f"train_{p['id']}"):
+            if auth.can("train") and b2.button("Train", key=f"train_{p['id']}"):
                 common.set_project(p["id"])
                 st.switch_page(common.PAGES["train"])
-            if b3.button("Delete", key=f"delete_{p['id']}", icon="🗑️"):
+            if auth.can("delete_project") and b3.button("Delete", key=f"delete_{p['id']}", icon="🗑️"):
                 st.session_state["confirm_delete"] = p["id"]
         cols = st.columns(6)
         cols[0].metric("Images", f"{p['images']:,}")
@@ -151,7 +172,7 @@ def project_card(p: dict) -> None:
             st.caption("Anomalies by type")
             st.markdown(" ".join(f'<span class="osad-chip anomaly">{t} {n}</span>' for t, n in sorted(types.items()))
                         or "—", unsafe_allow_html=True)
-        if st.session_state.get("confirm_delete") == p["id"]:
+        if st.session_state.get("confirm_delete") == p["id"] and auth.can("delete_project"):
             _confirm_delete(p)
 
 

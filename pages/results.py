@@ -15,7 +15,7 @@ import streamlit as st
 from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
-from ui import common, figures, fmt, thumbs, training
+from ui import auth, common, figures, fmt, thumbs, training
 
 HEADLINE = ("image_auroc", "image_aupr", "image_auroc_seen", "image_auroc_unseen")
 MISSING_HELP = {
@@ -234,9 +234,10 @@ def main() -> None:
     run_id = c1.selectbox("Run", ids, key="results_pick",
                           format_func=lambda i: f"{fmt.run_title(by_id[i])} · {fmt.ago(by_id[i].finished_at)}")
     run = by_id[run_id]
-    if c2.button("Retrain", icon="🔁", key="results_retrain", help="Repeat this run's configuration on today's labels"):
+    if auth.can("train") and c2.button("Retrain", icon="🔁", key="results_retrain",
+                                       help="Repeat this run's configuration on today's labels"):
         try:
-            new_run, job_id = training.retrain(run.id, author=common.user_name())
+            new_run, job_id = training.retrain(run.id, auth.actor())
         except (DataError, ValueError) as exc:
             common.show_error(exc)
         else:

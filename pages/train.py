@@ -11,7 +11,7 @@ import streamlit as st
 from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
-from ui import common, figures, fmt, training
+from ui import auth, common, figures, fmt, training
 
 PRESET_ORDER = ("quick", "paper", "tiny")
 
@@ -103,7 +103,7 @@ def train_form(project_id: int, av: training.Availability) -> None:
             st.error(problem, icon="⚠️")
         if st.button("Train", type="primary", key="train_button", icon="🚀", disabled=problem is not None):
             try:
-                run_id, job_id = training.enqueue(req, author=common.user_name())
+                run_id, job_id = training.enqueue(req, auth.actor())
             except (DataError, ValueError) as exc:
                 common.show_error(exc)
             else:
@@ -112,7 +112,11 @@ def train_form(project_id: int, av: training.Availability) -> None:
 
 
 def _cancel(job_id: int) -> None:
-    status = training.cancel(job_id)
+    try:
+        status = training.cancel(job_id, auth.actor())
+    except ValueError as exc:
+        st.session_state["train_note"] = common.sentence(exc)
+        return
     st.session_state["train_note"] = (f"Job {job_id}: cancelled." if status == "cancelled"
                                       else f"Job {job_id}: cancelling — the worker stops at its next step.")
 
@@ -122,15 +126,16 @@ def job_card(j: dict) -> None:
     with st.container(border=True, key=f"job_{j['job_id']}"):
         head, btn = st.columns([5, 1], vertical_alignment="center")
         proto = fmt.protocol_text(j["protocol"])
+        by = f" · by {j['created_by']}" if j.get("created_by") else ""
         if j["status"] == "running":
             head.markdown(f"⚙️ **Run {j['run_id']}** · {j['method']} · {j['preset']} · {proto} · "
-                          f"project {j['project']}")
+                          f"project {j['project']}{by}")
         else:
             head.markdown(f"⏳ **Run {j['run_id']}** · {j['method']} · {j['preset']} · {proto} · "
-                          f"project {j['project']} — waiting, position **{j['position']}** in the queue")
+                          f"project {j['project']}{by} — waiting, position **{j['position']}** in the queue")
         if j["cancel_requested"]:
             btn.caption("cancelling…")
-        else:
+        elif auth.can("cancel"):
             btn.button("Cancel", key=f"cancel_{j['job_id']}", on_click=_cancel, args=(j["job_id"],), icon="⏹️")
         if j["status"] != "running":
             return
@@ -187,7 +192,7 @@ def jobs_panel(project_id: int) -> None:
 
 def _retrain(run_id: int) -> None:
     try:
-        new_run, job_id = training.retrain(run_id, author=common.user_name())
+        new_run, job_id = training.retrain(run_id, auth.actor())
     except (DataError, ValueError) as exc:
         st.session_state["train_error"] = common.sentence(exc)
         return
@@ -214,14 +219,14 @@ def recent_runs(project_id: int) -> None:
             text = (f"{fmt.STATUS_ICONS.get(run.status, '')} **{fmt.run_title(run)}** · {run.status}"
                     + (f" · AUROC **{fmt.num(auroc)}**" if auroc is not None else "")
                     + f" · {fmt.protocol_text(run.protocol_json)}" + (f" · {run.device}" if run.device else "")
-                    + f" · {fmt.ago(run.created_at)}")
+                    + f" · {fmt.ago(run.created_at)}" + (f" by {run.created_by}" if run.created_by else ""))
             c1.markdown(text)
             if run.error:
                 c1.caption(f"⚠️ {run.error}")
             if run.status == "done":
                 if c2.button("Results", key=f"res_{run.id}", on_click=_open_results, args=(run.id,)):
                     st.switch_page(common.PAGES["results"])
-            if run.status in ("done", "failed", "cancelled"):
+            if run.status in ("done", "failed", "cancelled") and auth.can("train"):
                 c3.button("Retrain", key=f"retrain_{run.id}", on_click=_retrain, args=(run.id,), icon="🔁",
                           help="Repeat this configuration on the current labels")
 
@@ -236,7 +241,10 @@ def main() -> None:
         st.error(err, icon="⚠️")
     av = training.availability(project.id)
     availability_panel(av)
-    train_form(project.id, av)
+    if auth.can("train"):
+        train_form(project.id, av)
+    else:
+        st.info("Read only: your role can follow jobs and runs but not start or cancel training.")
     jobs_panel(project.id)
     recent_runs(project.id)
 

@@ -283,3 +283,73 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     expect(overlay.locator(".hm image, .heatmaplayer image").first).to_be_attached()  # the heatmap itself
     expect(page.get_by_text("threshold").first).to_be_visible()
     shot("10_inspect_heatmap")
+
+
+def test_login_survives_a_reload_and_logout_forgets_it_in_chromium(tmp_path):
+    """Login on: only the login form, a wrong password refused, the session kept across a
+    reload (signed cookie), logout back to the form, also after a reload."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from db import auth
+
+    auth.create_user("alice", "admin-pass-1", "admin")
+    shots_dir = Path(os.environ.get("OSAD_SCREENSHOT_DIR") or tmp_path / "screens")
+    shots_dir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, OSAD_OFFLINE="1", OSAD_AUTOSTART_WORKER="0", PYTHONUNBUFFERED="1")
+    log = open(tmp_path / "streamlit.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_healthy(url, proc)
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.set_default_timeout(60_000)
+            expect = sync_api.expect
+            expect.set_options(timeout=60_000)
+            try:
+                page.goto(url)
+                expect(page.get_by_role("button", name="Log in")).to_be_visible()
+                expect(page.locator('[data-testid="stSidebarNav"]')).to_have_count(0)
+                page.screenshot(path=str(shots_dir / "login_01_form.png"))
+                page.get_by_label("Username", exact=True).fill("alice")
+                page.get_by_label("Password", exact=True).fill("wrong-password")
+                page.get_by_role("button", name="Log in").click()
+                expect(page.get_by_text("Wrong username or password")).to_be_visible()
+                page.get_by_label("Password", exact=True).fill("admin-pass-1")
+                page.get_by_role("button", name="Log in").click()
+                expect(page.get_by_role("heading", level=1)).to_contain_text("Projects")
+                expect(page.get_by_text("alice · admin")).to_be_visible()
+                expect(page.locator('[data-testid="stSidebarNav"]')).to_contain_text("Users")
+                _settle(page)
+                page.screenshot(path=str(shots_dir / "login_02_in.png"))
+                page.reload()
+                expect(page.get_by_role("heading", level=1)).to_contain_text("Projects")
+                expect(page.get_by_text("alice · admin")).to_be_visible()
+                cookies = {c["name"]: c for c in page.context.cookies()}
+                assert cookies["osad_session"]["sameSite"] == "Strict"
+                page.get_by_role("button", name="Log out").click()
+                expect(page.get_by_role("button", name="Log in")).to_be_visible()
+                _settle(page)
+                page.reload()
+                expect(page.get_by_role("button", name="Log in")).to_be_visible()
+                assert "osad_session" not in {c["name"] for c in page.context.cookies()}
+            except Exception:
+                page.screenshot(path=str(shots_dir / "login_failure.png"), full_page=True)
+                raise
+            browser.close()
+        print(f"\nscreenshots: {shots_dir}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    assert "login: user 'alice' (admin)" in (tmp_path / "streamlit.log").read_text()

@@ -19,6 +19,7 @@ PAGES = {
     "train": "pages/train.py",
     "results": "pages/results.py",
     "inspect": "pages/inspect.py",
+    "users": "pages/users.py",
 }
 
 
@@ -48,10 +49,18 @@ def default_user() -> str:
     return (os.environ.get("OSAD_USER") or os.environ.get("USER") or "inspector").strip() or "inspector"
 
 
-def user_name() -> str:
-    """The name that goes into the label history ("Your name" in the sidebar)."""
+def free_text_name() -> str:
+    """"Your name" in the sidebar, used while login is off."""
     name = str(st.session_state.get("user_name") or "").strip()
     return name or default_user()
+
+
+def user_name() -> str:
+    """The name that goes into the label history and onto runs and jobs: the logged-in
+    user, or "Your name" while login is off."""
+    from . import auth
+
+    return auth.actor().username
 
 
 def current_project_id() -> int | None:
@@ -145,6 +154,10 @@ def run_page(main) -> None:
     import logging
 
     ensure_navigation()
+    from . import auth
+
+    if auth.login_required() and auth.current() is None:
+        st.stop()  # app.py's gate already showed the login form; never draw a page past it
     try:
         main()
     except Exception as exc:  # Streamlit's rerun/stop are BaseExceptions and pass through

@@ -89,7 +89,7 @@ def run_title(run) -> str:
 def provenance(run) -> str:
     """Everything that produced a run's numbers, in one line."""
     parts = [
-        f"run {run.id}",
+        f"run {run.id}" + (f" by {run.created_by}" if getattr(run, "created_by", None) else ""),
         f"method {run.method}",
         f"preset {run.preset or '—'}",
         protocol_text(run.protocol_json),

@@ -1,4 +1,4 @@
-"""The global sidebar: project switcher, your name, compute, worker state, backbone
+"""The global sidebar: project switcher, your name (while login is off), compute, worker state, backbone
 weights in use, database location."""
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ def worker_status() -> None:
 
 def render_top() -> None:
     project_switcher()
+    if st.session_state.get("auth_on"):
+        return  # the logged-in user signs every change
     st.session_state.setdefault("user_name", common.default_user())
     st.text_input("Your name", key="user_name", help="Stored with every label change in the history.")
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from db import session_scope
 from db import queries as q
+from db.auth import Account, require
 from osad_core.data import DataError
 from osad_core.protocol import Protocol, make_split
 
@@ -152,14 +153,16 @@ def maybe_start_worker(force: bool = False) -> bool:
     return started
 
 
-def enqueue(req: TrainRequest, author: str = "user") -> tuple[int, int]:
-    """Queue ``req`` (after :func:`check`); returns (run id, job id)."""
+def enqueue(req: TrainRequest, actor: Account) -> tuple[int, int]:
+    """Queue ``req`` for ``actor`` (after :func:`check`); returns (run id, job id)."""
+    require(actor, "train")
     check(req)
     payload = req.payload()
+    by = actor.username
     with session_scope() as s:
         run = q.create_run(s, req.project_id, req.method, req.preset, {"overrides": payload["overrides"]},
-                           req.protocol(), source="app", status="queued", notes=f"queued by {author}")
-        job = q.enqueue_job(s, "train", payload, run_id=run.id)
+                           req.protocol(), source="app", status="queued", notes=f"queued by {by}", created_by=by)
+        job = q.enqueue_job(s, "train", payload, run_id=run.id, created_by=by)
         ids = run.id, job.id
     maybe_start_worker()
     return ids
@@ -183,11 +186,13 @@ def request_for_run(run_id: int) -> TrainRequest:
         )
 
 
-def retrain(run_id: int, author: str = "user") -> tuple[int, int]:
-    return enqueue(request_for_run(run_id), author)
+def retrain(run_id: int, actor: Account) -> tuple[int, int]:
+    require(actor, "train")
+    return enqueue(request_for_run(run_id), actor)
 
 
-def cancel(job_id: int) -> str:
+def cancel(job_id: int, actor: Account) -> str:
+    require(actor, "cancel")
     with session_scope() as s:
         return q.request_cancel(s, job_id)
 
@@ -208,7 +213,7 @@ def active_jobs(project_id: int | None = None) -> list[dict[str, Any]]:
                 "created_at": job.created_at, "started_at": job.started_at, "error": job.error,
                 "position": q.queue_position(s, job.id), "method": run.method if run else "?",
                 "preset": run.preset if run else "?", "protocol": dict(run.protocol_json or {}) if run else {},
-                "project": project.name if project else "?", "project_id": pid,
+                "project": project.name if project else "?", "project_id": pid, "created_by": job.created_by,
             })
     return out
 
