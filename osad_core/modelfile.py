@@ -183,8 +183,8 @@ def read_model(path: str | Path, max_bytes: int = MAX_MODEL_BYTES) -> dict:
         raise FileNotFoundError(f"model file {path} does not exist")
     size = path.stat().st_size
     if size > max_bytes:
-        raise ModelFileError(f"model file {path} is {size / 1e6:,.0f} MB, more than the {max_bytes / 1e6:,.0f} MB "
-                             "a model file may have")
+        raise ModelFileError(f"model file {path} has {size:,} bytes, more than the {max_bytes:,} a model file "
+                             "may have")
     with open(path, "rb") as f:
         data = f.read(max_bytes + 1)  # read once: what is checked is what is loaded
     split = _split_header(data)
