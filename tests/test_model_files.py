@@ -79,13 +79,17 @@ def test_every_method_round_trips_with_identical_outputs(method, split, tmp_path
 
 def test_state_parts_keep_their_types():
     tensors: dict = {}
-    state = {"t": torch.arange(6.0).view(2, 3)[:, 1:], "a": np.arange(4, dtype=np.uint8),
+    w = torch.arange(8.0)
+    state = {"t": torch.arange(6.0).view(2, 3)[:, 1:], "a": np.arange(4, dtype=np.uint8), "tied": [w, w, w[2:4]],
              "pairs": [(torch.ones(2), torch.zeros(2))], "n": np.float32(0.5), "s": "x", "none": None,
              "nested": {"layers": (2, 3), "flags": [True, 1, 2.5]}}
     enc = modelfile.encode(state, "state", tensors)
     json.dumps(enc)  # only JSON in the manifest
-    assert set(tensors) == {"state.t", "state.a", "state.pairs.0.0", "state.pairs.0.1"}
+    assert set(tensors) == {"state.t", "state.a", "state.pairs.0.0", "state.pairs.0.1", "state.tied.0",
+                            "state.tied.1", "state.tied.2"}
+    modelfile._unshare(tensors)  # safetensors refuses tied weights and views into a larger tensor
     back = modelfile.decode(enc, st_load(st_save(tensors)), set())
+    assert torch.equal(back["tied"][1], w) and torch.equal(back["tied"][2], w[2:4])
     assert torch.equal(back["t"], state["t"]) and back["a"].dtype == np.uint8 and isinstance(back["a"], np.ndarray)
     assert isinstance(back["pairs"][0], tuple) and torch.equal(back["pairs"][0][0], torch.ones(2))
     assert back["n"] == 0.5 and type(back["n"]) is float and back["nested"] == state["nested"]
