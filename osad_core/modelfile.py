@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -199,7 +200,7 @@ def read_model(path: str | Path, max_bytes: int = MAX_MODEL_BYTES) -> dict:
         data = f.read(max_bytes + 1)  # read once: what is checked is what is loaded
     split = _split_header(data)
     if split is None and (data[:4] == b"PK\x03\x04" or data[:2] == b"\x80\x02"):  # torch.save: zip or pickle
-        return _read_legacy(path)
+        return _read_legacy(path, data)
     meta = split[0].get("__metadata__") if split else None
     if not isinstance(meta, dict) or MANIFEST_KEY not in meta:
         raise ModelFileError(f"{path} is not an OSAD Studio model file")
@@ -247,10 +248,6 @@ def _decoded(path: Path, manifest: dict, tensors: dict) -> dict:
     return out
 
 
-_REEXPORT = ("re-train the model, or open it once with `python -m osad_core export --model OLD.pt --out NEW.osad` "
-             "using PyTorch 2.6 or newer")
-
-
 def _legacy_allowed_globals() -> list:
     """What old model files may contain besides tensors and plain values: numpy arrays."""
     try:
@@ -260,18 +257,20 @@ def _legacy_allowed_globals() -> list:
     return [_reconstruct, np.ndarray, np.dtype] + [type(np.dtype(c)) for c in "?bBhHiIlLqQefd"]
 
 
-def _read_legacy(path: Path) -> dict:
+def _read_legacy(path: Path, data: bytes) -> dict:
     """An old pickled .pt model, read only through PyTorch's restricted unpickler."""
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if version < (2, 6):  # older weights_only unpicklers had code-execution holes
-        raise ModelFileError(f"{path} is an old-format (.pt) model file that this PyTorch {torch.__version__} "
-                             f"cannot open safely; {_REEXPORT}")
+        raise ModelFileError(f"{path} is an old-format (.pt) model file, which OSAD Studio opens only with PyTorch "
+                             f"2.6 or newer (this is {torch.__version__}); upgrade PyTorch and run `python -m "
+                             f"osad_core export --model {path.name} --out {path.stem}.osad`, or re-train the model")
     try:
         with torch.serialization.safe_globals(_legacy_allowed_globals()):
-            blob = torch.load(path, map_location="cpu", weights_only=True)
+            blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # any refusal by the restricted unpickler, or a damaged file
-        raise ModelFileError(f"{path} is an old-format (.pt) model file that holds more than tensors and plain "
-                             f"values, so OSAD Studio will not open it; {_REEXPORT}") from None
+        raise ModelFileError(f"{path} is an old-format (.pt) model file that is damaged or holds more than tensors "
+                             "and plain values, so OSAD Studio will not open it; re-train the model (it is then "
+                             "saved as .osad)") from None
     if not isinstance(blob, dict) or "method" not in blob:
         raise ModelFileError(f"{path} is not an OSAD Studio model file")
     # the same validation as a new file: only tensors, arrays and JSON values survive

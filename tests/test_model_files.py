@@ -185,8 +185,8 @@ def _hostile(kind: str, src: Path, d: Path) -> Path:
 
 # kind -> words the one-line refusal must contain
 HOSTILE = {
-    "pickle_pt": "holds more than tensors and plain values",
-    "pickle_bare": "holds more than tensors and plain values",
+    "pickle_pt": "holds more than tensors and plain values, so OSAD Studio will not open it; re-train",
+    "pickle_bare": "holds more than tensors and plain values, so OSAD Studio will not open it; re-train",
     "altered_tensor": "do not match the hash in its manifest",
     "truncated": "do not match the hash in its manifest",
     "truncated_header": "is not an OSAD Studio model file",
@@ -277,7 +277,7 @@ def test_old_pt_model_loads_through_weights_only_and_exports(split, tmp_path, ca
     a = det.predict(split.test).scores
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if version < (2, 6):
-        with pytest.raises(ModelFileError, match="cannot open safely"):
+        with pytest.raises(ModelFileError, match="opens only with PyTorch 2.6 or newer"):
             load_detector(old)
         return
     np.testing.assert_array_equal(load_detector(old, device="cpu").predict(split.test).scores, a)
@@ -286,6 +286,15 @@ def test_old_pt_model_loads_through_weights_only_and_exports(split, tmp_path, ca
     np.testing.assert_array_equal(load_detector(tmp_path / "dra.osad", device="cpu").predict(split.test).scores, a)
     assert main(["export", "--model", str(old), "--out", str(tmp_path / "dra.pt2")]) == 2
     assert "--out must end in .osad" in capsys.readouterr().err
+
+
+def test_old_pt_model_is_refused_under_a_pytorch_older_than_2_6(tmp_path, monkeypatch):
+    old = tmp_path / "m.pt"
+    torch.save({"method": "devnet", "state": {}}, old)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")  # its weights_only unpickler had holes
+    with pytest.raises(ModelFileError, match=r"opens only with PyTorch 2.6 or newer \(this is 2.5.1\+cpu\); upgrade "
+                                             r"PyTorch and run `python -m osad_core export --model m.pt --out m.osad`"):
+        load_detector(old)
 
 
 # --------------------------------------------------------------------------------------
