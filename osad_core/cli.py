@@ -347,14 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
-    s.add_argument("--model", required=True, help="model file written by `train --out`")
+    s.add_argument("--model", required=True, help="model file (.osad) written by `train --out`")
     _add_protocol(s)
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
     s.add_argument("--json", help="write the metrics as JSON")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("score", help="score new images (files or folders) with a saved model")
-    s.add_argument("--model", required=True, help="model file written by `train --out`")
+    s.add_argument("--model", required=True, help="model file (.osad) written by `train --out`")
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--csv", help="also write path,score[,verdict] to this CSV file")
     s.add_argument("--threshold", type=float, help="add a verdict column: anomaly when score >= threshold")
