@@ -12,7 +12,8 @@ training history, format version, creation time and the detector's state as JSON
 which each tensor or numpy array is a placeholder (``{"$tensor": key}``,
 ``{"$ndarray": key}``; tuples are ``{"$tuple": [...]}``) naming its entry in the
 safetensors part under a dotted key. ``payload_sha256`` covers the tensor table and the
-tensor bytes and is checked before anything in the file is used. Nothing is unpickled:
+tensor bytes and is checked before anything in the file is used; the manifest, which
+cannot carry its own hash, is checked field by field. Nothing is unpickled:
 old PyTorch ``.pt`` model files are read only with ``torch.load(weights_only=True)``
 (PyTorch >= 2.6, whose restricted unpickler builds tensors, numpy arrays and plain values
 only) and pass through the same validation as new files.
