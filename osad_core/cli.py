@@ -1,4 +1,4 @@
-"""Command line: ``python -m osad_core train|evaluate|score|benchmark|methods|worker``.
+"""Command line: ``python -m osad_core train|evaluate|score|export|benchmark|methods|worker``.
 
 Every command that trains or evaluates records its run in the database (the app shows
 it) unless ``--no-db`` is given. Bad input ends with one clear sentence and exit code 2.
@@ -21,11 +21,12 @@ from .protocol import Protocol
 log = logging.getLogger("osad_core")
 
 EPILOG = """examples:
-  python -m osad_core train --data headct --method dra --shots 10 --out dra_headct.pt
+  python -m osad_core train --data headct --method dra --shots 10 --out dra_headct.osad
   python -m osad_core train --data /data/bottle --method devnet --setting general --shots 1
   python -m osad_core train --data elpv --method dra --setting hard --known-class mono
-  python -m osad_core evaluate --model dra_headct.pt --data headct --shots 10
-  python -m osad_core score --model dra_headct.pt new_images/ --csv scores.csv
+  python -m osad_core evaluate --model dra_headct.osad --data headct --shots 10
+  python -m osad_core score --model dra_headct.osad new_images/ --csv scores.csv
+  python -m osad_core export --model old_model.pt --out model.osad
   python -m osad_core benchmark --data headct --methods devnet,dra --seeds 0 1 2 --json bench.json
 
 --data takes `elpv` (the elpv-dataset package), `headct` (../shared/datasets/headct) or a
@@ -153,9 +154,18 @@ def cmd_methods(a) -> int:
     return 0
 
 
+def _check_model_out(out: str | None) -> None:
+    """Checked before any work: a model file is always one .osad file."""
+    from .modelfile import EXTENSION
+
+    if out is not None and Path(out).suffix != EXTENSION:
+        raise UserError(f"--out must end in {EXTENSION} (OSAD Studio model file), got {Path(out).name!r}")
+
+
 def cmd_train(a) -> int:
     from .experiment import run_experiment
 
+    _check_model_out(a.out)
     ds = resolve_dataset(a.data)
     proto = _protocol(a)
     res = run_experiment(ds, proto, a.method, a.preset, _overrides(a), _terminal_callbacks())
@@ -237,6 +247,15 @@ def cmd_score(a) -> int:
         write_csv(a.csv, rows)
         print(f"wrote {len(rows)} scores to {a.csv}", file=sys.stderr)
     return 0 if rows else 2
+
+
+def cmd_export(a) -> int:
+    from .methods.base import load_detector
+
+    _check_model_out(a.out)
+    det = load_detector(a.model, "cpu")
+    print(f"{det.describe()} saved to {det.save(a.out)}")
+    return 0
 
 
 def cmd_benchmark(a) -> int:
@@ -376,25 +395,30 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_protocol(s)
     _add_model(s)
-    s.add_argument("--out", help="save the trained model to this file (.pt)")
+    s.add_argument("--out", help="save the trained model to this file (one .osad file: safetensors + manifest)")
     s.add_argument("--json", help="write the run summary (metrics, timings, weights) as JSON")
     _add_db(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", help="evaluate a saved model on a dataset's test split")
-    s.add_argument("--model", required=True, help="model file written by `train --out`")
+    s.add_argument("--model", required=True, help="model file (.osad) written by `train --out`")
     _add_protocol(s)
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
     s.add_argument("--json", help="write the metrics as JSON")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("score", help="score new images (files or folders) with a saved model")
-    s.add_argument("--model", required=True, help="model file written by `train --out`")
+    s.add_argument("--model", required=True, help="model file (.osad) written by `train --out`")
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--csv", help="also write path,score[,verdict] to this CSV file")
     s.add_argument("--threshold", type=float, help="add a verdict column: anomaly when score >= threshold")
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
     s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("export", help="write a saved model (also an old .pt one) as a checked .osad file")
+    s.add_argument("--model", required=True, help="model file to read")
+    s.add_argument("--out", required=True, help="the .osad file to write")
+    s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("benchmark", help="run methods over a protocol and several seeds; mean ± std table",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

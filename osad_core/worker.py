@@ -106,7 +106,7 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
                          cb, with_tsne=True, score_train=True, score_also=unlabeled, require_test=False)
     with session_scope() as s:
         q.update_job_progress(s, job_id, message="saving results", fraction=1.0)
-    model_path = Path(data_dir()) / "models" / f"run_{run_id or job_id}.pt"
+    model_path = Path(data_dir()) / "models" / f"run_{run_id or job_id}.osad"
     res.detector.save(model_path)
     record_run(res, ds, source="app", run_id=run_id, model_path=model_path)
     return "done", None

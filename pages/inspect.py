@@ -218,7 +218,7 @@ def export_tab(run) -> None:
     if run.model_path and Path(run.model_path).is_file():
         path = Path(run.model_path)
         c2.download_button(f"Model of run {run.id} ({path.stat().st_size / 1e6:.1f} MB)",
-                           lambda: path.read_bytes(), f"osad_run_{run.id}_{run.method}.pt",
+                           lambda: path.read_bytes(), f"osad_run_{run.id}_{run.method}{path.suffix}",
                            "application/octet-stream", key="dl_model", icon="🧠", on_click="ignore")
         st.caption("Load it with `osad_core.methods.load_detector(path)` or score folders with "
                    "`python -m osad_core score --model <file> <images>`.")

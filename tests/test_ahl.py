@@ -283,7 +283,7 @@ def test_tiny_ahl_dra_run_reports_every_stage_predicts_and_round_trips(mvtec_dir
     assert image_metrics(labels, a.scores)["image_auroc"] > 0.7
     m = evaluate_prediction(a.records, a.scores, a.maps, sp.seen_types, base_scores=a.extra["base_score"])
     assert m["base_image_auroc"] == image_metrics(labels, a.extra["base_score"])["image_auroc"]
-    b = load_detector(det.save(tmp_path / "ahl.pt"), device="cpu").predict(sp.test)
+    b = load_detector(det.save(tmp_path / "ahl.osad"), device="cpu").predict(sp.test)
     np.testing.assert_allclose(a.scores, b.scores, **cross_device_tol(det.device, 1e-5, 1e-5))
     np.testing.assert_allclose(a.maps, b.maps, **cross_device_tol(det.device, 1e-4, 1e-5))
     np.testing.assert_allclose(a.embeddings, b.embeddings, **cross_device_tol(det.device, 1e-4, 1e-5))

@@ -63,7 +63,7 @@ def seeded_template(tmp_path_factory):
                 q.set_split(s, holes, "train", author="seed")
                 ds = project_dataset(s, created.project_id)
             res = run_experiment(ds, Protocol("general", 2, seed=0), "dra", "tiny", TINY)
-            model = res.detector.save(root / "models" / "run.pt")
+            model = res.detector.save(root / "models" / "run.osad")
             run_id = record_run(res, ds, source="cli", model_path=model)
         finally:
             db.dispose_engines()  # closes the last connection: the WAL is folded into osad.db

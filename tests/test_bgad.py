@@ -213,7 +213,7 @@ def test_bgad_shapes_scores_and_save_load(fitted, parts_split, tmp_path):
     np.testing.assert_allclose(pred.scores, pred.maps.reshape(n, -1).max(1), rtol=1e-6)  # score = max of A
     labels = np.array([r.label for r in pred.records])
     assert pred.scores[labels == 1].mean() > pred.scores[labels == 0].mean()
-    again = load_detector(det.save(tmp_path / "bgad.pt"), device="cpu").predict(parts_split.test)
+    again = load_detector(det.save(tmp_path / "bgad.osad"), device="cpu").predict(parts_split.test)
     np.testing.assert_allclose(again.scores, pred.scores, **cross_device_tol(det.device, 1e-5, 1e-5))
     np.testing.assert_allclose(again.maps, pred.maps, **cross_device_tol(det.device, 1e-5, 1e-5))
     # the flow amplifies TF32 rounding: one CUDA value in 4096 moved by 0.021

@@ -145,7 +145,7 @@ def test_ckaad_shapes_and_save_load(fitted, parts_split, tmp_path):
     # score = mean of the top-k smoothed map values (k = 100 * (32/256)^2 -> 2)
     top = np.sort(pred.maps.reshape(n, -1), 1)[:, -2:].mean(1)
     np.testing.assert_allclose(pred.scores, top, rtol=1e-5)
-    again = load_detector(det.save(tmp_path / "ckaad.pt"), device="cpu").predict(parts_split.test)
+    again = load_detector(det.save(tmp_path / "ckaad.osad"), device="cpu").predict(parts_split.test)
     np.testing.assert_allclose(again.scores, pred.scores, **cross_device_tol(det.device, 1e-5, 1e-6))
     np.testing.assert_allclose(again.maps, pred.maps, **cross_device_tol(det.device, 1e-5, 1e-6))
     np.testing.assert_allclose(again.embeddings, pred.embeddings, **cross_device_tol(det.device, 1e-5, 1e-6))

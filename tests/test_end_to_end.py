@@ -18,7 +18,7 @@ def test_save_load_round_trip_gives_identical_outputs(mvtec_dir, tmp_path):
     sp = make_split(load_folder(mvtec_dir), Protocol("general", 2, seed=0))
     det = make_detector("dra", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
     a = det.predict(sp.test)
-    path = det.save(tmp_path / "m.pt")
+    path = det.save(tmp_path / "m.osad")
     b = load_detector(path, device="cpu").predict(sp.test)
     np.testing.assert_allclose(a.scores, b.scores, **cross_device_tol(det.device, 1e-5, 1e-5))
     np.testing.assert_allclose(a.maps, b.maps, **cross_device_tol(det.device, 1e-4, 1e-5))
@@ -71,7 +71,7 @@ def test_learns_headct_clearly_above_chance(headct_dir):
 
 
 def test_cli_train_records_run_and_scores_images(mvtec_dir, tmp_path, capsys):
-    out = tmp_path / "m.pt"
+    out = tmp_path / "m.osad"
     rc = main(["train", "--data", str(mvtec_dir), "--method", "dra", "--preset", "tiny", "--shots", "2",
                "--weights", "random", "--backbone", "resnet18", "--out", str(out), "--json", str(tmp_path / "s.json")])
     assert rc == 0 and out.is_file()
@@ -106,7 +106,7 @@ def test_cli_train_records_run_and_scores_images(mvtec_dir, tmp_path, capsys):
     (["train", "--data", "{parts}", "--setting", "hard", "--known-class", "dent"], "unknown class 'dent'"),
     (["train", "--data", "{nonormal}"], "no normal training images"),
     (["train", "--data", "{parts}", "--method", "magic"], "unknown method 'magic'"),
-    (["score", "--model", "/no/model.pt", "x.png"], "does not exist"),
+    (["score", "--model", "/no/model.osad", "x.png"], "does not exist"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, msg, mvtec_dir, tmp_path, capsys):
     import shutil

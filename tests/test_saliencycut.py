@@ -214,7 +214,7 @@ def test_tiny_run_save_load_gives_identical_outputs(split, tmp_path):
     assert set(a.extra) == {"head_normal", "head_anomaly"}
     np.testing.assert_allclose(a.scores, a.extra["head_anomaly"] - a.extra["head_normal"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(a.scores, det.predict(split.test).scores)  # deterministic at test time
-    path = det.save(tmp_path / "sc.pt")
+    path = det.save(tmp_path / "sc.osad")
     back = load_detector(path, device="cpu")
     assert torch.equal(back.scales[0]["layouts"], det.scales[0]["layouts"])
     assert back.config["pseudo_refresh"] == "iteration" and back.config["patch_offsets"] == "free"

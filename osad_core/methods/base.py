@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from ..data import IMAGE_CACHE, ImageRecord
 from ..train import Callbacks
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 PRESETS = ("quick", "paper", "tiny")
 
 
@@ -105,20 +103,19 @@ class Detector(ABC):
         pass
 
     def save(self, path: str | Path) -> Path:
+        """Write the fitted model as one ``.osad`` file (safetensors + JSON manifest), atomically."""
+        from ..modelfile import to_bytes, write_atomic
+
         if not self.fitted:
             raise RuntimeError("fit the detector before saving it")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({
-            "format_version": FORMAT_VERSION,
+        return write_atomic(path, to_bytes({
             "method": self.name,
             "preset": self.preset,
             "config": self.config,
             "backbone_info": self.backbone_info,
             "history": self.history,
             "state": self.state(),
-        }, path)
-        return path
+        }))
 
     def describe(self) -> str:
         bi = self.backbone_info or {}
@@ -163,25 +160,30 @@ def make_detector(name: str, preset: str = "quick", overrides: dict | None = Non
 
 
 def load_detector(path: str | Path, device: str = "auto") -> Detector:
-    """Rebuild a saved detector for inference (no weight download, no training data)."""
+    """Rebuild a saved detector for inference (no weight download, no training data).
+
+    Every model file goes through ``modelfile.read_model``'s checks; anything refused raises
+    ``ModelFileError`` (a ValueError) with one sentence for the user."""
+    from ..modelfile import ModelFileError, read_model
+
     _import_all()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(blob, dict) or "method" not in blob:
-        raise ValueError(f"{path} is not an OSAD Studio model file")
-    if blob.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} was written by a newer OSAD Studio (format {blob['format_version']})")
+    blob = read_model(path)
     cls = REGISTRY.get(blob["method"])
     if cls is None:
-        raise ValueError(f"{path} holds a {blob['method']!r} model, which this version does not know")
-    det = cls(preset=blob["preset"])
-    det.config.update(blob["config"])
-    det.config["device"] = device
-    det.backbone_info = blob["backbone_info"]
-    det.history = blob.get("history", [])
-    det.load_state(blob["state"])
+        raise ModelFileError(f"{path} holds a {blob['method'][:80]!r} model, which this version does not know")
+    try:
+        det = cls(preset=blob["preset"])
+        det.config.update(blob["config"])
+        det.config["device"] = device
+        det.backbone_info = blob["backbone_info"]
+        det.history = blob["history"]
+        det.load_state(blob["state"])
+    except ModelFileError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        # the hash proves the tensors are as written, not that the manifest fits this method
+        msg = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelFileError(f"model file {path} does not fit its method {blob['method']!r}: {msg}") from None
     det.fitted = True
     return det
 
