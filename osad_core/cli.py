@@ -135,8 +135,8 @@ def _print_metrics(res) -> None:
     for k, v in res.metrics.items():
         print(f"  {k:20s} {v:.4f}")
     print(f"  train {s['train_seconds']:.1f}s, inference {s['images_per_s']:.1f} images/s")
-    if res.prediction.skipped:
-        print(f"  skipped {len(res.prediction.skipped)} unreadable test image(s), e.g. {res.prediction.skipped[0][1]}")
+    if res.skipped:
+        print(f"  skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}")
 
 
 # --------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def cmd_methods(a) -> int:
 def cmd_train(a) -> int:
     from .experiment import run_experiment
 
-    ds = resolve_dataset(a.data)
+    ds = _dataset(a.data)
     proto = _protocol(a)
     res = run_experiment(ds, proto, a.method, a.preset, _overrides(a), _terminal_callbacks())
     _print_metrics(res)
@@ -180,7 +180,7 @@ def cmd_evaluate(a) -> int:
     from .protocol import make_split
 
     det = load_detector(a.model, a.device or "auto")
-    ds = resolve_dataset(a.data)
+    ds = _dataset(a.data)
     split = make_split(ds, _protocol(a))
     t0 = time.monotonic()
     pred = det.predict(split.test)
@@ -198,6 +198,13 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _dataset(spec: str):
+    ds = resolve_dataset(spec)
+    for _, why in ds.skipped:  # names that are not UTF-8: left out, said once
+        print(f"skipped: {why}", file=sys.stderr)
+    return ds
+
+
 def _collect_images(paths: list[str]) -> list[ImageRecord]:
     recs: list[ImageRecord] = []
     for p in paths:
@@ -205,6 +212,8 @@ def _collect_images(paths: list[str]) -> list[ImageRecord]:
         if path.is_dir():
             ds = load_folder(path)
             recs += ds.records
+            for _, why in ds.skipped:
+                print(f"skipped: {why}", file=sys.stderr)
         elif path.is_file():
             recs.append(ImageRecord(str(path), -1))
         else:
@@ -241,7 +250,7 @@ def cmd_score(a) -> int:
 def cmd_benchmark(a) -> int:
     from .experiment import run_experiment
 
-    ds = resolve_dataset(a.data)
+    ds = _dataset(a.data)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     classes = [a.known_class] if a.known_class else [None]
     if a.setting == "hard" and not a.known_class:

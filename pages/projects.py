@@ -1,6 +1,8 @@
 """Projects: create (server folder, upload, ELPV demo), list with counts, delete."""
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 
 from db import session_scope
@@ -149,7 +151,8 @@ def project_card(p: dict) -> None:
         cols[4].metric("Last run AUROC", fmt.num(auroc) if auroc is not None else "—", help=last)
         with cols[5]:
             st.caption("Anomalies by type")
-            st.markdown(" ".join(f'<span class="osad-chip anomaly">{t} {n}</span>' for t, n in sorted(types.items()))
+            st.markdown(" ".join(f'<span class="osad-chip anomaly">{html.escape(t)} {n}</span>'
+                                 for t, n in sorted(types.items()))
                         or "—", unsafe_allow_html=True)
         if st.session_state.get("confirm_delete") == p["id"]:
             _confirm_delete(p)

@@ -50,6 +50,7 @@ def seeded_template(tmp_path_factory):
     data = root / "data"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OSAD_DATA_DIR", str(data))
+        mp.setenv("OSAD_IMPORT_ROOTS", str(root))
         try:
             from ui import ingest
 
