@@ -82,8 +82,9 @@ class _Lister:
 
     def ok(self, p: Path) -> bool:
         if not utf8_name(p):
-            shown = os.fsencode(str(p)).decode("utf-8", "replace")
-            self.skipped.append((shown, f"`{shown}` was skipped: its name is not valid UTF-8"))
+            shown = os.fsencode(p.name).decode("utf-8", "replace")
+            self.skipped.append((os.fsencode(str(p)).decode("utf-8", "replace"),
+                                 f"`{shown}` was skipped: its name is not valid UTF-8"))
             return False
         if self.confine_to is not None and not inside(p, self.confine_to):
             self.skipped.append((str(p), f"`{p.name}` was skipped: it links outside the folders allowed"))
