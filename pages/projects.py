@@ -54,7 +54,9 @@ def create_section(has_elpv: bool, expanded: bool) -> None:
         tabs = st.tabs(["From a folder on the server", "Upload images or a zip", "ELPV demo"])
         with tabs[0]:
             st.caption("MVTec layout is recognised: `train/good` → normal, `test/good` → normal held out for "
-                       "testing, `test/<type>` → anomaly of that type. Any other folder: all images unlabelled.")
+                       "testing, `test/<type>` → anomaly of that type. Any other folder: all images unlabelled. "
+                       "Only folders below the server's import folders (`OSAD_IMPORT_ROOTS`, by default the "
+                       "data folder) can be read.")
             with st.form("from_folder", border=False):
                 path = st.text_input("Folder path", placeholder="/data/parts/bottle", key="folder_path")
                 name = st.text_input("Project name", placeholder="default: the folder's name", key="folder_name")

@@ -474,7 +474,9 @@ def test_non_utf8_file_names_are_skipped_not_fatal(tmp_path):
 XSS = "<img src=x onerror=alert(1)>"
 
 
-def test_html_in_a_defect_type_is_escaped_on_every_page(tmp_path, monkeypatch):
+def test_pages_escape_html_in_a_defect_type_and_survive_a_bomb(tmp_path, monkeypatch):
+    """A folder named like markup becomes a defect type shown (escaped) on Projects, Label
+    and Train; an image replaced by a bomb after import is a placeholder on the Label grid."""
     from streamlit.testing.v1 import AppTest
 
     from ui import ingest
@@ -482,6 +484,7 @@ def test_html_in_a_defect_type_is_escaped_on_every_page(tmp_path, monkeypatch):
     monkeypatch.setenv("OSAD_AUTOSTART_WORKER", "0")
     parts = make_mvtec(tmp_path / "parts", n_train=2, n_test_good=1, defects=(XSS,), n_defect=2)
     c = ingest.create_from_folder(str(parts), "xss")
+    (parts / "train" / "good" / "000.png").write_bytes(png_declaring(50_000, 50_000, False))
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=90)
     at.session_state["project_id"] = c.project_id
     at.run()
@@ -492,6 +495,8 @@ def test_html_in_a_defect_type_is_escaped_on_every_page(tmp_path, monkeypatch):
         html_blocks = [m.value for m in at.markdown if m.proto.allow_html]
         assert not any(XSS in b for b in html_blocks), page
         seen += [b for b in html_blocks if "&lt;img src=x onerror=alert(1)&gt;" in b]
+        if page == "label":
+            assert [e.value for e in at.error] == ["unreadable image"]  # the bomb's card, the page lives
     assert len(seen) >= 3  # the chip is drawn (escaped) on Projects, Label and Train
 
 
