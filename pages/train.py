@@ -220,6 +220,9 @@ def recent_runs(project_id: int) -> None:
             c1.markdown(text)
             if run.error:
                 c1.caption(f"⚠️ {run.error}")
+            skipped = fmt.skipped_text(run)
+            if skipped:
+                c1.caption(f"⚠️ {skipped}")
             if run.status == "done":
                 if c2.button("Results", key=f"res_{run.id}", on_click=_open_results, args=(run.id,)):
                     st.switch_page(common.PAGES["results"])

@@ -574,7 +574,7 @@ def test_training_job_skips_an_undecodable_image_and_completes(tmp_path):
     from db import session_scope
     from db import queries as q
     from osad_core.worker import run_worker
-    from ui import ingest
+    from ui import fmt, ingest
 
     parts = make_mvtec(tmp_path / "parts", n_train=6, n_test_good=3, n_defect=3)
     c = ingest.create_from_folder(str(parts), "parts")
@@ -594,3 +594,7 @@ def test_training_job_skips_an_undecodable_image_and_completes(tmp_path):
         msg = job.progress_json.get("message", "")
         assert msg.startswith("skipped 1 unreadable image(s)") and "`000.png`" in msg
         clear(msg)
+        run = q.get_run(s, run_id)
+        assert fmt.skipped_text(run).startswith("1 unreadable image(s) skipped, e.g. `000.png` declares more")
+        scored = {r["rel_path"] for r in q.run_scores(s, run_id)}
+        assert "train/good/001.png" in scored and "train/good/000.png" not in scored
