@@ -136,8 +136,8 @@ def _print_metrics(res) -> None:
     for k, v in res.metrics.items():
         print(f"  {k:20s} {v:.4f}")
     print(f"  train {s['train_seconds']:.1f}s, inference {s['images_per_s']:.1f} images/s")
-    if res.prediction.skipped:
-        print(f"  skipped {len(res.prediction.skipped)} unreadable test image(s), e.g. {res.prediction.skipped[0][1]}")
+    if res.skipped:
+        print(f"  skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}")
 
 
 # --------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def cmd_train(a) -> int:
     from .experiment import run_experiment
 
     _check_model_out(a.out)
-    ds = resolve_dataset(a.data)
+    ds = _dataset(a.data)
     proto = _protocol(a)
     res = run_experiment(ds, proto, a.method, a.preset, _overrides(a), _terminal_callbacks())
     _print_metrics(res)
@@ -191,7 +191,7 @@ def cmd_evaluate(a) -> int:
     from .protocol import make_split
 
     det = load_detector(a.model, a.device or "auto")
-    ds = resolve_dataset(a.data)
+    ds = _dataset(a.data)
     split = make_split(ds, _protocol(a))
     t0 = time.monotonic()
     pred = det.predict(split.test)
@@ -209,6 +209,13 @@ def cmd_evaluate(a) -> int:
     return 0
 
 
+def _dataset(spec: str):
+    ds = resolve_dataset(spec)
+    for _, why in ds.skipped:  # names that are not UTF-8: left out, said once
+        print(f"skipped: {why}", file=sys.stderr)
+    return ds
+
+
 def _collect_images(paths: list[str]) -> list[ImageRecord]:
     recs: list[ImageRecord] = []
     for p in paths:
@@ -216,6 +223,8 @@ def _collect_images(paths: list[str]) -> list[ImageRecord]:
         if path.is_dir():
             ds = load_folder(path)
             recs += ds.records
+            for _, why in ds.skipped:
+                print(f"skipped: {why}", file=sys.stderr)
         elif path.is_file():
             recs.append(ImageRecord(str(path), -1))
         else:
@@ -261,7 +270,7 @@ def cmd_export(a) -> int:
 def cmd_benchmark(a) -> int:
     from .experiment import run_experiment
 
-    ds = resolve_dataset(a.data)
+    ds = _dataset(a.data)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     classes = [a.known_class] if a.known_class else [None]
     if a.setting == "hard" and not a.known_class:

@@ -17,16 +17,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from .errors import DataError
+from .safeio import IMAGE_EXTENSIONS, LARGE_PIXELS, inside, read_image, read_mask, utf8_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 NORMAL = "good"  # MVTec name of the normal class
 
-
-class DataError(ValueError):
-    """Bad input data: the message is meant for the user as it is."""
 
 
 @dataclass(frozen=True)
@@ -70,28 +69,57 @@ class Dataset:
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
 
 
-def _list_images(folder: Path) -> list[Path]:
-    # sorted so every protocol draw is independent of the filesystem's order
-    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+class _Lister:
+    """Lists a folder's images, leaving out (and noting) names that are not UTF-8 and, when
+    confined to a root, anything whose links lead out of it or into a hidden folder."""
 
+    def __init__(self, confine_to: Path | None):
+        self.confine_to = confine_to
+        self.skipped: list[tuple[str, str]] = []
 
-def _find_mask(root: Path, defect: str, img: Path) -> str | None:
-    gt = root / "ground_truth" / defect
-    if not gt.is_dir():
+    def ok(self, p: Path) -> bool:
+        if not utf8_name(p):
+            shown = os.fsencode(p.name).decode("utf-8", "replace")
+            self.skipped.append((os.fsencode(str(p)).decode("utf-8", "replace"),
+                                 f"`{shown}` was skipped: its name is not valid UTF-8"))
+            return False
+        if self.confine_to is not None and not inside(p, self.confine_to):
+            self.skipped.append((str(p), f"`{p.name}` was skipped: it links outside the folders allowed"))
+            return False
+        return True
+
+    def images(self, folder: Path) -> list[Path]:
+        # sorted so every protocol draw is independent of the filesystem's order
+        return sorted((p for p in folder.iterdir() if _is_image(p) and self.ok(p)), key=lambda p: p.name)
+
+    def tree(self, root: Path) -> list[Path]:
+        """Every image below ``root``, hidden folders left out (never descended into)."""
+        out = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            out += [p for f in filenames if _is_image(p := Path(dirpath) / f) and self.ok(p)]
+        return sorted(out, key=str)
+
+    def mask(self, root: Path, defect: str, img: Path) -> str | None:
+        gt = root / "ground_truth" / defect
+        if not gt.is_dir():
+            return None
+        for cand in (gt / f"{img.stem}_mask.png", gt / f"{img.stem}.png", gt / img.name):
+            if cand.is_file() and (self.confine_to is None or inside(cand, self.confine_to)):
+                return str(cand)
         return None
-    for cand in (gt / f"{img.stem}_mask.png", gt / f"{img.stem}.png", gt / img.name):
-        if cand.is_file():
-            return str(cand)
-    return None
 
 
-def load_folder(path: str | Path, name: str | None = None) -> Dataset:
+def load_folder(path: str | Path, name: str | None = None, confine_to: str | Path | None = None) -> Dataset:
     """Load an MVTec-layout folder, or a flat folder of images (all unlabelled).
 
-    Raises :class:`DataError` with a one-sentence reason when the folder cannot be used.
+    Hidden folders and files are left out; names that are not UTF-8 are skipped and
+    listed in ``Dataset.skipped``. ``confine_to``: a root that no image may lead out of
+    through a link (the app's server-folder import). Raises :class:`DataError` with a
+    one-sentence reason when the folder cannot be used.
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -99,28 +127,29 @@ def load_folder(path: str | Path, name: str | None = None) -> Dataset:
     if not root.is_dir():
         raise DataError(f"`{root}` is not a folder")
     name = name or root.name
+    ls = _Lister(Path(confine_to).resolve() if confine_to is not None else None)
     train_good = root / "train" / NORMAL
     recs: list[ImageRecord] = []
     if train_good.is_dir() or (root / "test").is_dir():
         if train_good.is_dir():
-            recs += [ImageRecord(str(p), 0, None, "train") for p in _list_images(train_good)]
+            recs += [ImageRecord(str(p), 0, None, "train") for p in ls.images(train_good)]
         test = root / "test"
         if test.is_dir():
-            for sub in sorted(d for d in test.iterdir() if d.is_dir()):
-                for p in _list_images(sub):
+            subs = [d for d in test.iterdir() if d.is_dir() and not d.name.startswith(".") and ls.ok(d)]
+            for sub in sorted(subs):
+                for p in ls.images(sub):
                     if sub.name == NORMAL:
                         recs.append(ImageRecord(str(p), 0, None, "test"))
                     else:
-                        recs.append(ImageRecord(str(p), 1, sub.name, "test", _find_mask(root, sub.name, p)))
+                        recs.append(ImageRecord(str(p), 1, sub.name, "test", ls.mask(root, sub.name, p)))
     else:
-        files = sorted((p for p in root.rglob("*") if _is_image(p)), key=lambda p: str(p))
-        recs = [ImageRecord(str(p), -1, None, "train") for p in files]
+        recs = [ImageRecord(str(p), -1, None, "train") for p in ls.tree(root)]
     if not recs:
         raise DataError(
             f"`{root}` has no images (looked for {' '.join(IMAGE_EXTENSIONS[:5])} … in train/good, "
             "test/<type>, or the folder itself)"
         )
-    return Dataset(name, recs, str(root))
+    return Dataset(name, recs, str(root), ls.skipped)
 
 
 def require_normal_training(ds: Dataset) -> None:
@@ -195,28 +224,6 @@ def resolve_dataset(spec: str) -> Dataset:
 # --------------------------------------------------------------------------------------
 # decoding and cache
 # --------------------------------------------------------------------------------------
-def read_image(path: str | Path) -> Image.Image:
-    """Decode any common format to RGB (grayscale replicated, 16-bit scaled, alpha dropped)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                hi = max(float(arr.max()), 1.0)
-                im = Image.fromarray((arr / hi * 255).astype(np.uint8))
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"`{path}` does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"`{path}` is not a readable image ({exc.__class__.__name__})") from None
-
-
-def read_mask(path: str | Path, size: int) -> np.ndarray:
-    with Image.open(path) as im:
-        m = im.convert("L").resize((size, size), Image.NEAREST)
-    return (np.asarray(m) > 127).astype(np.uint8)
-
-
 def file_sha1(path: str | Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -244,8 +251,10 @@ class ImageCache:
             if arr is not None:
                 self._d.move_to_end(key)
                 return arr
-        # squash to size x size (the papers' resize; aspect ratio not kept)
-        arr = np.asarray(read_image(path).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+        # squash to size x size (the papers' resize; aspect ratio not kept); only a very
+        # large JPEG is decoded reduced, so ordinary images give exactly the pixels they did
+        im = read_image(path, reduce_to=size, reduce_above=LARGE_PIXELS)
+        arr = np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
         arr.setflags(write=False)
         with self._lock:
             if key not in self._d:

@@ -4,11 +4,15 @@ All metrics come from scikit-learn; anomalies are the positive class.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from sklearn.manifold import TSNE
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from .data import ImageRecord, read_mask
+from .data import DataError, ImageRecord, read_mask
+
+log = logging.getLogger(__name__)
 
 MAX_CURVE_POINTS = 300
 
@@ -77,7 +81,11 @@ def masked_pairs(records: list[ImageRecord], maps: np.ndarray) -> tuple[list, li
     for r, m in zip(records, maps):
         if r.label == 1 and not r.mask_path:
             continue
-        gts.append(read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8))
+        try:
+            gts.append(read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8))
+        except DataError as exc:  # an unreadable mask leaves its image out of the pixel metrics
+            log.warning("skipping %s", exc)
+            continue
         ms.append(np.asarray(m, np.float32))
     return gts, ms
 

@@ -36,6 +36,16 @@ class RunResult:
     infer_seconds: float = 0.0
     images_per_s: float = 0.0
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(path, reason) of every image left out because it could not be read, once each."""
+        seen: dict[str, str] = {}
+        for path, why in list(getattr(self.detector, "skipped_train", [])) + [
+                x for p in (self.train_prediction, self.prediction, self.extra_prediction) if p is not None
+                for x in p.skipped]:
+            seen.setdefault(path, why)
+        return list(seen.items())
+
     def summary(self) -> dict:
         bi = self.detector.backbone_info or {}
         return {
@@ -53,6 +63,7 @@ class RunResult:
             "n_train_anomaly": len(self.split.train_anomalies),
             "n_test": len(self.prediction.records),
             "seen_types": self.split.seen_types,
+            "n_skipped": len(self.skipped),
         }
 
 

@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image as PILImage
 
-from .data import Dataset, ImageRecord, file_sha1
+from .data import Dataset, DataError, ImageRecord, file_sha1
+from .safeio import probe, read_image
 from .evaluate import METRIC_DETAILS
 
 log = logging.getLogger(__name__)
@@ -20,18 +20,36 @@ LABEL_NAMES = {0: "normal", 1: "anomaly", -1: "unlabeled"}
 SOURCES = {"elpv": "elpv", "headct": "headct"}
 
 
-def image_items(records: list[ImageRecord], root: str | None = None) -> list[dict]:
-    """Rows for ``db.queries.add_images`` (hash and size read from each file)."""
+def _rel(path: str, root: str | None) -> str:
+    try:
+        return str(Path(path).relative_to(root)) if root else Path(path).name
+    except ValueError:
+        return Path(path).name
+
+
+def image_items(records: list[ImageRecord], root: str | None = None,
+                skipped: list[tuple[str, str]] | None = None, decode: bool = False) -> list[dict]:
+    """Rows for ``db.queries.add_images`` (hash and size read from each file).
+
+    Every file passes the guarded reader's checks (format, file size and pixel limits
+    from the header; with ``decode`` also a full decode at reduced size, which finds
+    truncated files). A file that fails is left out and appended to ``skipped`` as
+    (path, one-sentence reason), so one bad file never stops the others.
+    """
     items = []
     for r in records:
+        rel = _rel(r.path, root)
         try:
-            with PILImage.open(r.path) as im:
-                w, h = im.size
+            info = probe(r.path, name=rel)
+            w, h = info.width, info.height
+            if decode:
+                read_image(r.path, reduce_to=256, name=rel)
             digest = file_sha1(r.path)
-        except OSError:
-            w = h = None
-            digest = None
-        rel = str(Path(r.path).relative_to(root)) if root and r.path.startswith(str(root)) else Path(r.path).name
+        except (DataError, OSError) as exc:
+            log.warning("skipping %s", exc)
+            if skipped is not None:
+                skipped.append((r.path, str(exc) if isinstance(exc, DataError) else f"`{rel}` cannot be read"))
+            continue
         items.append({
             "path": r.path, "rel_path": rel, "split": r.split, "label": LABEL_NAMES[r.label],
             "defect_type": r.defect_type if r.label == 1 else None, "content_hash": digest,
@@ -131,6 +149,8 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
         config = dict(det.config, display={"heatmap_vmin": lo, "heatmap_vmax": hi,
                                            "note": "colour range fixed per run: median .. 99.9th percentile "
                                                    "of normal images' map values"})
+        if res.skipped:  # unreadable images were left out: the run says how many, and why
+            config["skipped_images"] = {"count": len(res.skipped), "first": [why for _, why in res.skipped[:5]]}
         q.update_run(
             s, run_id, status="done", backbone=bi.get("name"), weights=bi.get("weights"),
             weights_source=bi.get("weights_source"), device=det.device_name, config=config,

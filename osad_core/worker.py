@@ -109,6 +109,10 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
     model_path = Path(data_dir()) / "models" / f"run_{run_id or job_id}.osad"
     res.detector.save(model_path)
     record_run(res, ds, source="app", run_id=run_id, model_path=model_path)
+    if res.skipped:  # unreadable images never fail a job; the job says how many were left out
+        first = res.skipped[0][1]
+        with session_scope() as s:
+            q.update_job_progress(s, job_id, message=f"skipped {len(res.skipped)} unreadable image(s), e.g. {first}")
     return "done", None
 
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import html
 import io
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from db import data_dir, session_scope
+from db import session_scope
 from db import queries as q
 from ui import auth, common, figures, fmt, ingest, thumbs
 
@@ -124,17 +123,6 @@ def browse_tab(run) -> None:
         st.plotly_chart(fig, key="ins_overlay", config={"displayModeBar": False})
 
 
-def _save_uploads(run_id: int, entries: list[tuple[str, bytes]]) -> list[str]:
-    folder = data_dir() / "uploads" / "scored" / f"run_{run_id}" / uuid.uuid4().hex[:8]
-    paths = []
-    for rel, data in entries:
-        dest = folder / Path(rel).name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
-        paths.append(str(dest))
-    return paths
-
-
 def score_tab(run) -> None:
     if not run.model_path or not Path(run.model_path).is_file():
         st.info(f"Run {run.id} has no saved model to score new images with (runs started from the app save one).")
@@ -149,37 +137,44 @@ def score_tab(run) -> None:
             auth.require("score")
             if not files:
                 raise ingest.IngestError("Choose one or more images to score.")
-            entries, _ = ingest.collect_upload([(f.name, f.getvalue()) for f in files],
-                                               nothing="nothing was scored")
-            if len(entries) > MAX_UPLOAD_SCORE:
-                raise ingest.IngestError(f"Score at most {MAX_UPLOAD_SCORE} images at a time here; use "
-                                         "`python -m osad_core score` for more.")
-            paths = _save_uploads(run.id, entries)
-            with st.spinner(f"Scoring {len(paths)} image(s) with run {run.id}…"):
-                det = _detector(run.model_path, Path(run.model_path).stat().st_mtime)
-                pred = det.predict(paths)
+            # uploads to score belong to no project: they live in a folder of their own
+            # (unique names, so same-named files never overwrite each other) that is removed
+            # as soon as they are scored; only the scores, maps and small views are kept
+            with ingest.scoring_folder() as folder:
+                paths, notes = ingest.save_upload([(f.name, f.getvalue()) for f in files], folder,
+                                                  nothing="nothing was scored")
+                if not paths:
+                    why = f" ({ingest.skipped_note(notes)})" if notes else ""
+                    raise ingest.IngestError(f"The upload holds no images{why}; nothing was scored.")
+                if len(paths) > MAX_UPLOAD_SCORE:
+                    raise ingest.IngestError(f"Score at most {MAX_UPLOAD_SCORE} images at a time here; use "
+                                             "`python -m osad_core score` for more.")
+                with st.spinner(f"Scoring {len(paths)} image(s) with run {run.id}…"):
+                    det = _detector(run.model_path, Path(run.model_path).stat().st_mtime)
+                    pred = det.predict(paths)
+                    views = [thumbs.view_image(r.path) for r in pred.records]
         except (ValueError, FileNotFoundError) as exc:
             common.show_error(exc)
             return
         st.session_state["scored"] = {
             "run_id": run.id,
-            "rows": [{"file": Path(r.path).name, "path": r.path, "score": float(sc)}
-                     for r, sc in zip(pred.records, pred.scores)],
+            "rows": [{"file": Path(r.path).name, "score": float(sc)} for r, sc in zip(pred.records, pred.scores)],
             "maps": [np.asarray(m, np.float32) for m in pred.maps],
-            "skipped": pred.skipped,
+            "views": views,
+            "skipped": [why for _, why in pred.skipped] + notes,
         }
     res = st.session_state.get("scored")
     if not res or res["run_id"] != run.id:
         return
     rows = res["rows"]
-    for path, why in res["skipped"]:
+    for why in res["skipped"]:
         st.warning(common.sentence(why))
     if not rows:
         return
     table = pd.DataFrame(rows)
     if run.threshold is not None:
         table["verdict"] = np.where(table["score"] >= run.threshold, "anomaly", "normal")
-    st.dataframe(table.drop(columns=["path"]), hide_index=True, width="stretch",
+    st.dataframe(table, hide_index=True, width="stretch",
                  column_config={"score": st.column_config.NumberColumn(format="%.4f")})
     st.download_button("Download these scores (CSV)", table.to_csv(index=False), f"run_{run.id}_new_scores.csv",
                        "text/csv", key="dl_new_scores", on_click="ignore")
@@ -187,8 +182,7 @@ def score_tab(run) -> None:
     pick = st.selectbox("Show", range(len(rows)), format_func=lambda i: rows[i]["file"], key="scored_pick")
     c1, c2 = st.columns([3, 2])
     with c1:
-        arr = thumbs.view_image(rows[pick]["path"])
-        st.plotly_chart(figures.overlay_figure(arr, res["maps"][pick], vmin, vmax, 0.45), key="scored_overlay",
+        st.plotly_chart(figures.overlay_figure(res["views"][pick], res["maps"][pick], vmin, vmax, 0.45), key="scored_overlay",
                         config={"displayModeBar": False})
     with c2:
         st.markdown(_verdict_html(rows[pick]["score"], run.threshold), unsafe_allow_html=True)

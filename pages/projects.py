@@ -1,6 +1,8 @@
 """Projects: create (server folder, upload, ELPV demo), list with counts, delete."""
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 
 from db import session_scope
@@ -53,7 +55,9 @@ def hero() -> None:
 
 def _folder_tab() -> None:
     st.caption("MVTec layout is recognised: `train/good` → normal, `test/good` → normal held out for "
-               "testing, `test/<type>` → anomaly of that type. Any other folder: all images unlabelled.")
+               "testing, `test/<type>` → anomaly of that type. Any other folder: all images unlabelled. "
+               "Only folders below the server's import folders (`OSAD_IMPORT_ROOTS`, by default the "
+               "data folder) can be read.")
     with st.form("from_folder", border=False):
         path = st.text_input("Folder path", placeholder="/data/parts/bottle", key="folder_path")
         name = st.text_input("Project name", placeholder="default: the folder's name", key="folder_name")
@@ -170,7 +174,8 @@ def project_card(p: dict) -> None:
         cols[4].metric("Last run AUROC", fmt.num(auroc) if auroc is not None else "—", help=last)
         with cols[5]:
             st.caption("Anomalies by type")
-            st.markdown(" ".join(f'<span class="osad-chip anomaly">{t} {n}</span>' for t, n in sorted(types.items()))
+            st.markdown(" ".join(f'<span class="osad-chip anomaly">{html.escape(t)} {n}</span>'
+                                 for t, n in sorted(types.items()))
                         or "—", unsafe_allow_html=True)
         if st.session_state.get("confirm_delete") == p["id"] and auth.can("delete_project"):
             _confirm_delete(p)

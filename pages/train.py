@@ -6,6 +6,8 @@ browser loses nothing — the job lives in the database and the worker is its ow
 """
 from __future__ import annotations
 
+import html
+
 import streamlit as st
 
 from db import session_scope
@@ -43,7 +45,7 @@ def availability_panel(av: training.Availability) -> None:
     types = sorted(set(av.tagged) | set(av.held_out))
     if types:
         st.markdown("Shots available by defect type: " + " ".join(
-            f'<span class="osad-chip anomaly">{t}: {av.tagged.get(t, 0)} tagged + {av.held_out.get(t, 0)} held out'
+            f'<span class="osad-chip anomaly">{html.escape(t)}: {av.tagged.get(t, 0)} tagged + {av.held_out.get(t, 0)} held out'
             f"</span>" for t in types), unsafe_allow_html=True)
 
 
@@ -223,6 +225,9 @@ def recent_runs(project_id: int) -> None:
             c1.markdown(text)
             if run.error:
                 c1.caption(f"⚠️ {run.error}")
+            skipped = fmt.skipped_text(run)
+            if skipped:
+                c1.caption(f"⚠️ {skipped}")
             if run.status == "done":
                 if c2.button("Results", key=f"res_{run.id}", on_click=_open_results, args=(run.id,)):
                     st.switch_page(common.PAGES["results"])

@@ -36,6 +36,7 @@ HEADCT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "headct"
 def _isolated_data_dir(tmp_path, monkeypatch):
     """Every test gets its own data dir and SQLite database."""
     monkeypatch.setenv("OSAD_DATA_DIR", str(tmp_path / "osad-data"))
+    monkeypatch.setenv("OSAD_IMPORT_ROOTS", str(tmp_path))  # server folders: the test's own files only
     monkeypatch.delenv("OSAD_DATABASE_URL", raising=False)
     monkeypatch.delenv("OSAD_BACKBONE_WEIGHTS", raising=False)
     yield

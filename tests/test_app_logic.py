@@ -48,13 +48,16 @@ def test_zip_in_mvtec_layout_keeps_its_labels(tmp_path):
     assert counts["by_split"]["train"]["normal"] == 3 and counts["anomaly_by_type"] == {"hole": 2, "scratch": 2}
 
 
-def test_upload_rejects_broken_images_and_duplicate_names_are_kept_apart():
+def test_upload_skips_broken_images_and_duplicate_names_are_kept_apart():
     from ui import ingest
 
-    with pytest.raises(ingest.IngestError, match="`broken.png` is not a readable image; nothing was created"):
-        ingest.create_from_uploads([("a.png", png()), ("broken.png", b"\x89PNG not really")], "x")
+    c = ingest.create_from_uploads([("a.png", png()), ("broken.png", b"\x89PNG not really")], "x")
+    assert c.images == 1 and "`broken.png` is not a readable image" in c.notes[-1]
+    assert sorted(p.name for p in (ingest.uploads_dir()).rglob("*.png")) == ["a.png"]  # refused file removed
+    with pytest.raises(ingest.IngestError, match="`broken.png` is not a readable image.*nothing was created"):
+        ingest.create_from_uploads([("broken.png", b"\x89PNG not really")], "y")
     with pytest.raises(ingest.IngestError, match="not a readable zip"):
-        ingest.create_from_uploads([("a.zip", b"PK nope")], "x")
+        ingest.create_from_uploads([("a.zip", b"PK nope")], "z")
     with pytest.raises(ingest.IngestError, match="Give the project a name"):
         ingest.create_from_uploads([("a.png", png())], "  ")
     c = ingest.create_from_uploads([("a.png", png(1)), ("a.png", png(2))], "dups")

@@ -50,6 +50,7 @@ def seeded_template(tmp_path_factory):
     data = root / "data"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OSAD_DATA_DIR", str(data))
+        mp.setenv("OSAD_IMPORT_ROOTS", str(root))
         try:
             from ui import ingest
 
@@ -166,9 +167,11 @@ def test_first_start_offers_the_elpv_demo_in_one_click():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda tmp: tmp / "does-not-exist", "does not exist"),
+    # a path that does not exist or is no folder reads like one outside the import roots,
+    # so the answer tells nobody which paths exist
+    (lambda tmp: tmp / "does-not-exist", "cannot be imported"),
     (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "has no images"),
-    (lambda tmp: (tmp / "f.txt").write_text("x") and tmp / "f.txt", "is not a folder"),
+    (lambda tmp: (tmp / "f.txt").write_text("x") and tmp / "f.txt", "cannot be imported"),
 ])
 def test_bad_folder_shows_one_sentence_and_creates_nothing(tmp_path, make, message):
     at = app()
@@ -221,7 +224,7 @@ def test_upload_images_and_a_zip_creates_a_project_under_the_data_dir():
     click(at, "Create project", form="from_upload")
     assert not at.error, [e.value for e in at.error]
     assert "Created project “line 3” with 3 images" in texts(at)
-    assert "skipped 1 file(s) in the zip that are not images" in texts(at)
+    assert "skipped 1 file(s): `batch/README.txt` (not an image)" in texts(at)
     with session_scope() as s:
         (p,) = q.list_projects(s)
         paths = [im.path for im in q.get_images(s, p["id"])]

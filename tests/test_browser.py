@@ -190,7 +190,7 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     form = page.locator('[data-testid="stForm"]').filter(has=page.get_by_label("Folder path"))
     form.get_by_label("Folder path").fill(str(tmp_path / "no-such-folder"))
     form.get_by_role("button", name="Create project").click()
-    expect(page.get_by_text("does not exist")).to_be_visible()
+    expect(page.get_by_text("cannot be imported")).to_be_visible()
     shot("01_bad_path")
     form.get_by_label("Folder path").fill(str(parts))
     form.get_by_label("Project name").fill("parts")

@@ -66,7 +66,7 @@ def test_cache_decodes_once(tmp_path, monkeypatch):
     import osad_core.data as data
 
     real = data.read_image
-    monkeypatch.setattr(data, "read_image", lambda path: calls.append(path) or real(path))
+    monkeypatch.setattr(data, "read_image", lambda path, **kw: calls.append(path) or real(path, **kw))
     cache = ImageCache()
     a = cache.get(str(p), 16)
     b = cache.get(str(p), 16)

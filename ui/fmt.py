@@ -102,7 +102,19 @@ def provenance(run) -> str:
                      f"tested on {run.n_test} held-out images")
     if run.train_seconds is not None:
         parts.append(f"training {duration(run.train_seconds)}")
+    skipped = skipped_text(run)
+    if skipped:
+        parts.append(skipped)
     return " · ".join(parts)
+
+
+def skipped_text(run) -> str | None:
+    """'N unreadable image(s) skipped, e.g. …' when a run had to leave images out."""
+    sk = (run.config_json or {}).get("skipped_images")
+    if not sk:
+        return None
+    first = f", e.g. {sk['first'][0]}" if sk.get("first") else ""
+    return f"{sk['count']} unreadable image(s) skipped{first}"
 
 
 def weights_warning(run) -> str | None:

@@ -1,8 +1,11 @@
 """Creating and deleting projects: a server folder, uploaded images or a zip, the ELPV demo.
 
-Every creator checks its input completely before it writes anything, and writes the
-project and its images in one database transaction, so bad input (a non-image upload,
-an empty folder, a path that does not exist) leaves no half-created project behind.
+Everything from outside goes through the guarded reader (:mod:`osad_core.safeio`): server
+folders only below the import roots, zips streamed under limits, every image checked and
+decoded once. A file that fails is skipped and named in the notes; it never stops the
+others and leaves no file or row behind. The project and its images are written in one
+database transaction, so bad input (no readable image, a folder that may not be read)
+leaves no half-created project behind.
 Errors are :class:`IngestError` (or the library's ``DataError``) with a one-sentence
 message meant for the user as it is.
 """
@@ -10,20 +13,20 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import shutil
 import time
 import uuid
-import zipfile
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Sequence
-
-from PIL import Image, UnidentifiedImageError
+from typing import Iterator, Sequence
 
 from db import data_dir, session_scope
 from db import queries as q
 from osad_core.data import IMAGE_EXTENSIONS, DataError, Dataset, import_elpv, load_folder
+from osad_core.safeio import confined_folder, extract_zip, is_image_name
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +81,8 @@ def _check_name_free(name: str) -> str:
     return name
 
 
-def _store(ds: Dataset, name: str, source: str, description: str, author: str) -> tuple[int, int]:
-    from osad_core.store import image_items  # imports scikit-learn: only when a project is made
-
-    items = image_items(ds.records, ds.root)
+def _store(ds: Dataset, items: list[dict], name: str, source: str, description: str, author: str
+           ) -> tuple[int, int]:
     with session_scope() as s:
         try:
             project = q.create_project(s, name, source, root_path=ds.root, description=description)
@@ -94,34 +95,49 @@ def _store(ds: Dataset, name: str, source: str, description: str, author: str) -
 # --- from a folder on the server --------------------------------------------------------
 
 
+def import_roots() -> list[str]:
+    """Folders below which the server imports (``OSAD_IMPORT_ROOTS``, separated by
+    ``os.pathsep``); by default only the data directory."""
+    env = [r for r in os.environ.get("OSAD_IMPORT_ROOTS", "").split(os.pathsep) if r.strip()]
+    return env or [str(data_dir())]
+
+
+def skipped_note(skipped: Sequence[tuple[str, str]] | Sequence[str]) -> str:
+    whys = [w if isinstance(w, str) else w[1] for w in skipped]
+    more = f" and {len(whys) - 3} more" if len(whys) > 3 else ""
+    return f"skipped {len(whys)} file(s): " + "; ".join(whys[:3]) + more
+
+
+def _readable(ds: Dataset, skipped: list) -> tuple[Dataset, list[dict]]:
+    """The dataset's images that pass the guarded reader (decoded once each), with their rows."""
+    from osad_core.store import image_items  # imports scikit-learn: only when a project is made
+
+    items = image_items(ds.records, ds.root, skipped=skipped, decode=True)
+    ok = {it["path"] for it in items}
+    return replace(ds, records=[r for r in ds.records if r.path in ok]), items
+
+
 def create_from_folder(path: str, name: str = "", author: str = "import") -> Created:
-    """A project from a server folder: MVTec layout keeps its labels, a flat folder
-    becomes all unlabelled. Raises ``DataError``/``IngestError``; creates nothing then."""
+    """A project from a server folder below the import roots: MVTec layout keeps its
+    labels, a flat folder becomes all unlabelled. Files that are not readable images are
+    skipped and listed in the notes. Raises ``DataError``/``IngestError``; creates nothing then."""
     t0 = time.perf_counter()
     path = (path or "").strip()
     if not path:
         raise IngestError("Enter the path of a folder on the server.")
-    ds = load_folder(path)
+    folder, root = confined_folder(path, import_roots())
+    ds = load_folder(folder, confine_to=root)
     name = _check_name_free(name or ds.name)
+    skipped = list(ds.skipped)
+    ds, items = _readable(ds, skipped)
+    if not items:
+        raise IngestError(f"None of the images in `{path}` is readable ({skipped[0][1]}); nothing was created.")
     summary = describe_dataset(ds)
-    pid, n = _store(ds, name, "folder", f"from {ds.root}: {summary}", author)
-    return Created(pid, name, n, time.perf_counter() - t0, [summary])
+    pid, n = _store(ds, items, name, "folder", f"from {ds.root}: {summary}", author)
+    return Created(pid, name, n, time.perf_counter() - t0, [summary] + ([skipped_note(skipped)] if skipped else []))
 
 
 # --- from uploaded files ----------------------------------------------------------------
-
-
-def _is_image_name(name: str) -> bool:
-    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def _decodes(data: bytes) -> bool:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
 
 
 def _safe_part(part: str) -> str:
@@ -133,63 +149,63 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "project"
 
 
-def collect_upload(files: Sequence[tuple[str, bytes]], nothing: str = "nothing was created"
-                   ) -> tuple[list[tuple[str, bytes]], list[str]]:
-    """(relative path, bytes) of every image in the upload, and the zip members skipped.
+def save_upload(files: Sequence[tuple[str, bytes]], folder: Path, nothing: str = "nothing was created"
+                ) -> tuple[list[str], list[str]]:
+    """Write the images of an upload (image files and zips of them) below ``folder``.
 
-    A file that is not an image (nor a zip) is an error; inside a zip, hidden and
-    system files are ignored and other non-image files are skipped with a note, since
-    archives often carry a licence or a readme next to the images.
+    Returns (paths written, notes on what was skipped). Zips are streamed member by member
+    under the guarded reader's limits; inside a zip, hidden and system files are ignored,
+    other non-image files, unsafe names and links are skipped with a note (archives often
+    carry a licence next to the images). A file uploaded directly that is not an image
+    nor a zip is an error, raised before anything is written. Files are not decoded here.
     """
-    entries: list[tuple[str, bytes]] = []
-    skipped: list[str] = []
-    not_images: list[str] = []
+    not_images = [PurePosixPath(f.replace("\\", "/")).name for f, _ in files
+                  if not is_image_name(f) and not f.lower().endswith(".zip")]
+    if not_images:
+        verb = "is not an image" if len(not_images) == 1 else "are not images"
+        raise IngestError(
+            f"{_quote_list(not_images)} {verb} (accepted: {ACCEPTED} … or a .zip of them); {nothing}.")
     used: set[str] = set()
+    notes: list[str] = []
+    written: list[str] = []
 
-    def unique(rel: str) -> str:
+    def unique(rel: str) -> Path:
         base, n = rel, 2
         while rel.lower() in used:
             p = PurePosixPath(base)
             rel = str(p.with_name(f"{p.stem}_{n}{p.suffix}"))
             n += 1
         used.add(rel.lower())
-        return rel
+        return folder / rel
 
+    def member_dest(member: str) -> Path | None:
+        parts = [p for p in PurePosixPath(member.replace("\\", "/")).parts if p not in ("", "/", ".")]
+        if any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            return None
+        if not is_image_name(member):
+            notes.append(f"`{member}` (not an image)")
+            return None
+        return unique("/".join(_safe_part(p) for p in parts))
+
+    folder.mkdir(parents=True, exist_ok=True)
     for fname, data in files:
         fname = PurePosixPath(fname.replace("\\", "/")).name
         if fname.lower().endswith(".zip"):
             try:
-                zf = zipfile.ZipFile(io.BytesIO(data))
-            except zipfile.BadZipFile:
-                raise IngestError(f"`{fname}` is not a readable zip file; {nothing}.") from None
-            with zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        continue
-                    parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-                    if any(p.startswith(".") or p == "__MACOSX" for p in parts):
-                        continue
-                    if not _is_image_name(info.filename):
-                        skipped.append(info.filename)
-                        continue
-                    rel = "/".join(_safe_part(p) for p in parts if p not in ("", "/", ".."))
-                    entries.append((unique(rel), zf.read(info)))
-        elif _is_image_name(fname):
-            entries.append((unique(_safe_part(fname)), data))
+                paths, skipped = extract_zip(io.BytesIO(data), fname, member_dest)
+            except DataError as exc:
+                raise IngestError(f"{_sentence(str(exc))}; {nothing}.") from None
+            written += paths
+            notes += skipped
         else:
-            not_images.append(fname)
-    if not_images:
-        verb = "is not an image" if len(not_images) == 1 else "are not images"
-        raise IngestError(
-            f"{_quote_list(not_images)} {verb} (accepted: {ACCEPTED} … or a .zip of them); {nothing}."
-        )
-    if not entries:
-        raise IngestError(f"The upload holds no images (accepted: {ACCEPTED} … or a .zip of them); {nothing}.")
-    broken = [rel for rel, data in entries if not _decodes(data)]
-    if broken:
-        verb = "is not a readable image" if len(broken) == 1 else "are not readable images"
-        raise IngestError(f"{_quote_list(broken)} {verb}; {nothing}.")
-    return entries, skipped
+            dest = unique(_safe_part(fname))
+            dest.write_bytes(data)
+            written.append(str(dest))
+    return written, notes
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _dataset_root(folder: Path) -> Path:
@@ -204,28 +220,55 @@ def _dataset_root(folder: Path) -> Path:
 
 def create_from_uploads(files: Sequence[tuple[str, bytes]], name: str, author: str = "import") -> Created:
     """A project from uploaded image files and/or zips (stored under
-    ``<data dir>/uploads/``). A zip in MVTec layout keeps its labels."""
+    ``<data dir>/uploads/<slug>-<id>/``, the one folder the project owns). A zip in MVTec
+    layout keeps its labels; files that are not readable images are skipped, removed and
+    listed in the notes."""
     t0 = time.perf_counter()
     if not files:
         raise IngestError("Choose image files or a zip to upload.")
     name = _check_name_free(name)
-    entries, skipped = collect_upload(files)
     folder = uploads_dir() / f"{_slug(name)}-{uuid.uuid4().hex[:8]}"
     try:
-        for rel, data in entries:
-            dest = folder / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(data)
-        ds = load_folder(_dataset_root(folder), name)
+        written, notes = save_upload(files, folder)
+        if not written:
+            raise IngestError(f"The upload holds no images (accepted: {ACCEPTED} … or a .zip of them); "
+                              "nothing was created.")
+        skipped: list[tuple[str, str]] = []
+        ds, items = _readable(load_folder(_dataset_root(folder), name), skipped)
+        for path, _ in skipped:  # a refused file is not kept
+            Path(path).unlink(missing_ok=True)
+        notes = [why for _, why in skipped] + notes
+        if not items:
+            raise IngestError(f"The upload holds no readable images ({notes[0]}); nothing was created.")
         summary = describe_dataset(ds)
-        pid, n = _store(ds, name, "upload", f"uploaded: {summary}", author)
+        pid, n = _store(ds, items, name, "upload", f"uploaded: {summary}", author)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    notes = [summary]
-    if skipped:
-        notes.append(f"skipped {len(skipped)} file(s) in the zip that are not images: {_quote_list(skipped)}")
-    return Created(pid, name, n, time.perf_counter() - t0, notes)
+    return Created(pid, name, n, time.perf_counter() - t0, [summary] + ([skipped_note(notes)] if notes else []))
+
+
+@contextmanager
+def scoring_folder(max_age_s: float = 3600.0) -> Iterator[Path]:
+    """A fresh folder for images uploaded to be scored, removed when scoring is done.
+
+    Scored uploads are not part of any project, so nothing keeps them; folders left by a
+    process that died mid-scoring are swept once they are ``max_age_s`` old.
+    """
+    base = uploads_dir() / "scoring"
+    if base.is_dir():
+        for old in base.iterdir():
+            try:
+                if time.time() - old.stat().st_mtime > max_age_s:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+    folder = base / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --- the ELPV demo ------------------------------------------------------------------------
@@ -245,22 +288,37 @@ def create_elpv_demo(author: str = "import") -> Created:
     summary = describe_dataset(ds)
     desc = ("Electroluminescence images of solar cells (elpv-dataset). Normal = defect probability 0, "
             "anomalies = probability 1 by cell type (mono/poly); uncertain cells left unlabelled.")
-    pid, n = _store(ds, name, "elpv", desc, author)
+    from osad_core.store import image_items
+
+    pid, n = _store(ds, image_items(ds.records, ds.root), name, "elpv", desc, author)
     return Created(pid, name, n, time.perf_counter() - t0, [summary])
 
 
 # --- deleting -----------------------------------------------------------------------------
 
 
+def owned_folder(source: str, root_path: str | None) -> Path | None:
+    """The one folder a project owns: ``uploads/<slug>-<id>/``, made when it was created
+    from an upload (its root lies in it). A project made from a server folder owns no
+    files, even when that folder lies in the data dir or in another project's uploads."""
+    if source != "upload" or not root_path:
+        return None
+    up = uploads_dir().resolve()
+    r = Path(root_path).resolve()
+    if up not in r.parents:
+        return None
+    return up / r.relative_to(up).parts[0]
+
+
 def delete_project(project_id: int) -> str:
     """Delete a project with its labels, runs and jobs; also remove the files the app
-    made for it (uploaded images, model checkpoints under the data dir). Images that
-    live elsewhere on the server are never touched. Returns the project's name."""
+    made for it (its upload folder, model checkpoints under the data dir). Images that
+    it imported from elsewhere are never touched. Returns the project's name."""
     with session_scope() as s:
         project = q.get_project(s, project_id)
         if project is None:
             raise IngestError("That project no longer exists.")
-        name, root = project.name, project.root_path
+        name, owned = project.name, owned_folder(project.source, project.root_path)
         models = [r.run.model_path for r in q.list_runs(s, project_id) if r.run.model_path]
         q.delete_project(s, project_id)
     base = data_dir().resolve()
@@ -268,12 +326,8 @@ def delete_project(project_id: int) -> str:
         p = Path(m).resolve()
         if base in p.parents:
             p.unlink(missing_ok=True)
-    if root:
-        up = uploads_dir().resolve()
-        r = Path(root).resolve()
-        if up in r.parents:
-            top = up / r.relative_to(up).parts[0]
-            shutil.rmtree(top, ignore_errors=True)
+    if owned is not None:
+        shutil.rmtree(owned, ignore_errors=True)
     return name
 
 
@@ -286,7 +340,9 @@ __all__ = [
     "create_elpv_demo",
     "create_from_folder",
     "create_from_uploads",
-    "collect_upload",
+    "save_upload",
+    "scoring_folder",
+    "import_roots",
     "delete_project",
     "describe_dataset",
 ]

@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from db import data_dir
-from osad_core.data import DataError, read_image
+from osad_core.errors import DataError
+from osad_core.safeio import read_image
 
 THUMB_SIZE = 192
 VIEW_SIZE = 512
@@ -30,41 +32,36 @@ def thumb_path(path: str, content_hash: str | None, size: int = THUMB_SIZE) -> P
     return data_dir() / "thumbs" / key[:2] / f"{key}_{size}.jpg"
 
 
-def _open_small(path: str, size: int) -> Image.Image:
-    """Decode at (about) the size needed: JPEG's draft mode skips most of the work."""
-    try:
-        with Image.open(path) as im:
-            if im.format == "JPEG":
-                im.draft("RGB", (size, size))
-                im.load()
-                return im.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"`{path}` does not exist") from None
-    except Exception:  # let read_image give the one-sentence reason
-        pass
-    return read_image(path)
-
-
 def thumbnail(path: str, content_hash: str | None = None, size: int = THUMB_SIZE) -> Path | None:
-    """Path of the cached JPEG thumbnail (made now if missing); None if unreadable."""
+    """Path of the cached JPEG thumbnail (made now if missing); None if the file is
+    unreadable or refused by the guarded reader (the grid shows a placeholder then)."""
     out = thumb_path(path, content_hash, size)
     if out.is_file():
         return out
     try:
-        im = _open_small(path, size)
+        im = read_image(path, reduce_to=size)  # a JPEG is decoded at about the size needed
     except DataError:
         return None
     im.thumbnail((size, size), Image.BILINEAR)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    im.save(tmp, "JPEG", quality=85)
-    os.replace(tmp, out)  # atomic: two sessions making the same thumbnail never clash
+    # a temp name of its own per writer, then an atomic rename: sessions (threads of one
+    # process included) making the same thumbnail at once never clash
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False) as f:
+        tmp = Path(f.name)
+        try:
+            im.save(f, "JPEG", quality=85)
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    os.replace(tmp, out)
     return out
 
 
 def view_image(path: str, max_side: int = VIEW_SIZE) -> np.ndarray:
-    """The image as an RGB uint8 array, no larger than ``max_side`` (for the large view)."""
-    im = _open_small(path, max_side)
+    """The image as an RGB uint8 array, no larger than ``max_side`` (for the large view).
+    Raises ``DataError`` with one sentence for a file the guarded reader refuses."""
+    im = read_image(path, reduce_to=max_side)
     im.thumbnail((max_side, max_side), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
 
