@@ -42,10 +42,10 @@ def _isolated_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def url(tmp_path) -> str:
-    u = f"sqlite:///{tmp_path / 'test.db'}"
-    db.init_db(u)
-    return u
+def url(db_url) -> str:
+    """A migrated database, once on SQLite and once on PostgreSQL."""
+    db.init_db(db_url)
+    return db_url
 
 
 def _items(n: int, prefix: str = "/imgs", label="normal", defect_type=None, split="train"):
@@ -75,8 +75,8 @@ def _project_with_images(url: str, n: int = 6) -> tuple[int, list[int]]:
 # --- engine and migrations ----------------------------------------------------------
 
 
-def test_migrations_create_all_tables_and_are_idempotent(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def test_migrations_create_all_tables_and_are_idempotent(db_url):
+    url = db_url
     engine = db.init_db(url)
     tables = set(inspect(engine).get_table_names())
     assert set(Base.metadata.tables) | {"alembic_version"} == tables
@@ -115,8 +115,8 @@ def test_in_memory_database_works():
     assert "projects" in inspect(engine).get_table_names()
 
 
-def test_two_processes_initialise_one_file_at_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+def test_two_processes_initialise_one_database_at_once(db_url):
+    url = db_url
     code = "import sys; from db import init_db; init_db(sys.argv[1]); print('ok')"
     procs = [
         subprocess.Popen(
