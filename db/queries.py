@@ -570,12 +570,20 @@ def set_labels(
 def _lock_images(s: Session, ids: Sequence[int], *columns: Any) -> list[Any]:
     """Rows ``(id, *columns)`` of images, locked until the transaction ends.
 
-    Concurrent label writers on PostgreSQL then queue up per image: the second one
-    reads the state the first one committed, so every event's ``previous_*`` is the
-    state it replaced and an image's current label is that of its newest event. Rows
-    are locked in id order, so two writers with overlapping selections cannot
-    deadlock. SQLite ignores ``FOR UPDATE`` (it serialises all writers).
+    Concurrent label writers then queue up per image: the second one reads the state
+    the first one committed, so every event's ``previous_*`` is the state it replaced
+    and an image's current label is that of its newest event. PostgreSQL locks the
+    rows in id order, so two writers with overlapping selections cannot deadlock.
+    SQLite has no row locks and pysqlite opens the transaction only at its first
+    write, so a no-op write first takes the database's write lock before the read.
     """
+    if ids and s.get_bind().dialect.name == "sqlite":
+        s.execute(
+            update(Image)
+            .where(Image.id == ids[0])
+            .values(updated_at=Image.updated_at)
+            .execution_options(synchronize_session=False)
+        )
     rows = []
     for chunk in _chunks(sorted(ids)):
         rows.extend(
