@@ -60,9 +60,9 @@ class PostgresServer:
         with self.admin.connect() as conn:
             conn.execute(text(sql))
 
-    def create(self, template: str = "template0") -> str:
+    def create(self, template: str = "template0", name: str | None = None) -> str:
         """A new empty database (or a copy of ``template``); returns its URL."""
-        name = f"osad_test_{uuid.uuid4().hex[:12]}"
+        name = name or f"osad_test_{uuid.uuid4().hex[:12]}"
         self._run(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         return self.url.set(database=name).render_as_string(hide_password=False)
 
