@@ -115,7 +115,7 @@ def test_in_memory_database_works():
     assert "projects" in inspect(engine).get_table_names()
 
 
-def test_postgresql_urls_use_psycopg3_and_a_sized_pool(monkeypatch):
+def test_server_urls_use_psycopg3_and_a_sized_pool(monkeypatch):
     # Engines connect lazily: no server is needed to check how they are set up.
     monkeypatch.setenv("OSAD_DATABASE_URL", "postgresql://osad:pw@127.0.0.1:5999/osad")
     assert db.database_url() == "postgresql+psycopg://osad:pw@127.0.0.1:5999/osad"
