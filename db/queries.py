@@ -573,7 +573,9 @@ def _lock_images(s: Session, ids: Sequence[int], *columns: Any) -> list[Any]:
     Concurrent label writers then queue up per image: the second one reads the state
     the first one committed, so every event's ``previous_*`` is the state it replaced
     and an image's current label is that of its newest event. PostgreSQL locks the
-    rows in id order, so two writers with overlapping selections cannot deadlock.
+    rows in id order, so two writers with overlapping selections cannot deadlock, and
+    with ``FOR NO KEY UPDATE``, so a worker storing scores that reference the images
+    (a foreign-key check) does not wait for the label writers.
     SQLite has no row locks and pysqlite opens the transaction only at its first
     write, so a no-op write first takes the database's write lock before the read.
     """
@@ -588,7 +590,7 @@ def _lock_images(s: Session, ids: Sequence[int], *columns: Any) -> list[Any]:
     for chunk in _chunks(sorted(ids)):
         rows.extend(
             s.execute(
-                select(Image.id, *columns).where(Image.id.in_(chunk)).order_by(Image.id).with_for_update()
+                select(Image.id, *columns).where(Image.id.in_(chunk)).order_by(Image.id).with_for_update(key_share=True)
             ).all()
         )
     return rows

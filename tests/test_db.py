@@ -722,6 +722,39 @@ def test_two_processes_label_one_project_at_once(url):
         assert broken_chain == 0
 
 
+def test_postgresql_label_locks_queue_labellers_but_not_a_worker(postgres_server):
+    """While a label batch is uncommitted, a second labeller of the same image waits,
+    but a worker storing scores that reference the image (foreign-key check) does not."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    url = postgres_server.create()
+    other = db.make_engine(url)
+    try:
+        db.init_db(url)
+        pid, ids = _project_with_images(url, n=2)
+        with db.session_scope(url) as s:
+            run_id = q.create_run(s, pid, "devnet", None, {}, {}, "app").id
+        with db.session_scope(url) as labeller:
+            q.set_labels(labeller, ids, "unlabeled")  # the image rows stay locked in this block
+            with Session(other) as worker:
+                worker.execute(text("SET LOCAL lock_timeout = '2s'"))
+                q.store_run_results(worker, run_id, image_results=[{"image_id": i, "score": 0.5} for i in ids])
+                worker.commit()
+            with Session(other) as second:
+                second.execute(text("SET LOCAL lock_timeout = '300ms'"))
+                with pytest.raises(OperationalError, match="lock timeout"):
+                    q.set_labels(second, ids[:1], "normal")
+        with db.session_scope(url) as s:
+            assert len(q.run_scores(s, run_id)) == 2
+            assert {im.label for im in q.get_images(s, pid)} == {"unlabeled"}
+    finally:
+        other.dispose()
+        db_engine.dispose_engines()
+        postgres_server.drop(url)
+
+
 def test_cancel_queued_vs_running_and_finish_updates_run(url):
     pid, _ = _project_with_images(url, n=1)
     with db.session_scope(url) as s:
