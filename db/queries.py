@@ -567,30 +567,25 @@ def set_labels(
     return _change_images(s, ids, author, values)
 
 
-def _lock_images(s: Session, ids: Sequence[int], *columns: Any) -> list[Any]:
-    """Rows ``(id, *columns)`` of images, locked until the transaction ends.
+def _lock_rows(s: Session, model: type, ids: Sequence[Any], *columns: Any) -> list[Any]:
+    """Rows ``(id, *columns)`` of ``model``, locked until the transaction ends.
 
-    Concurrent label writers then queue up per image: the second one reads the state
-    the first one committed, so every event's ``previous_*`` is the state it replaced
-    and an image's current label is that of its newest event. PostgreSQL locks the
-    rows in id order, so two writers with overlapping selections cannot deadlock, and
-    with ``FOR NO KEY UPDATE``, so a worker storing scores that reference the images
-    (a foreign-key check) does not wait for the label writers.
-    SQLite has no row locks and pysqlite opens the transaction only at its first
-    write, so a no-op write first takes the database's write lock before the read.
+    Concurrent writers of the same rows then queue up: the second one reads what the
+    first one committed. PostgreSQL locks the rows in id order, so two writers with
+    overlapping selections cannot deadlock, and ``FOR NO KEY UPDATE``, so inserts
+    whose foreign keys point at the rows (a worker storing an image's scores) do not
+    wait. SQLite has no row locks and pysqlite opens a transaction only at its first
+    write, so there the database's write lock is taken before the read.
     """
-    if ids and s.get_bind().dialect.name == "sqlite":
-        s.execute(
-            update(Image)
-            .where(Image.id == ids[0])
-            .values(updated_at=Image.updated_at)
-            .execution_options(synchronize_session=False)
-        )
+    if s.get_bind().dialect.name == "sqlite":
+        conn = s.connection()
+        if not conn.connection.driver_connection.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
     rows = []
     for chunk in _chunks(sorted(ids)):
         rows.extend(
             s.execute(
-                select(Image.id, *columns).where(Image.id.in_(chunk)).order_by(Image.id).with_for_update(key_share=True)
+                select(model.id, *columns).where(model.id.in_(chunk)).order_by(model.id).with_for_update(key_share=True)
             ).all()
         )
     return rows
@@ -602,7 +597,9 @@ def _change_images(s: Session, ids: list[int], author: str | None, values: dict[
     Appends one event per image holding its new and previous state, then updates the
     images' current-state columns; returns the batch id.
     """
-    current = _lock_images(s, ids, Image.project_id, Image.label, Image.defect_type, Image.split)
+    # Locked, so every event's previous_* is the state it replaced and an image's
+    # current label stays that of its newest event when several people label at once.
+    current = _lock_rows(s, Image, ids, Image.project_id, Image.label, Image.defect_type, Image.split)
     missing = set(ids) - {row.id for row in current}
     if missing:
         raise ValueError(f"unknown image ids: {sorted(missing)[:10]}")
@@ -657,12 +654,15 @@ def undo_last(s: Session, project_id: int, author: str | None = None) -> int:
     )
     if author is not None:
         q = q.where(LabelEvent.author == author)
+    # Undos of one project take turns, so two of them never revert the same batch.
+    if not _lock_rows(s, Project, [project_id]):
+        return 0
     batch = s.scalar(q)
     if batch is None:
         return 0
     events = s.scalars(select(LabelEvent).where(LabelEvent.batch_id == batch).order_by(LabelEvent.id)).all()
     image_ids = [e.image_id for e in events]
-    state = {row.id: row for row in _lock_images(s, image_ids, Image.label, Image.defect_type, Image.split)}
+    state = {row.id: row for row in _lock_rows(s, Image, image_ids, Image.label, Image.defect_type, Image.split)}
     new_batch = str(uuid.uuid4())
     now = utcnow()
     rows = []

@@ -722,6 +722,59 @@ def test_two_processes_label_one_project_at_once(url):
         assert broken_chain == 0
 
 
+UNDOER = """
+import sys, time
+from db import session_scope
+from db import queries as q
+project_id, start_at = int(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))
+undone = 0
+while True:
+    with session_scope() as s:
+        if not q.undo_last(s, project_id):
+            break
+    undone += 1
+print(undone)
+"""
+
+
+def test_two_processes_undoing_at_once_revert_each_batch_once(url):
+    """Two processes press undo until nothing is left: every batch is reverted exactly
+    once, newest first, so the images end as imported."""
+    import os
+    import time
+
+    pid, ids = _project_with_images(url, n=10)
+    with db.session_scope(url) as s:
+        imported = {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, pid)}
+    rng = np.random.default_rng(0)
+    n_batches = 40
+    for i in range(n_batches):
+        chosen = rng.choice(ids, size=int(rng.integers(1, 6)), replace=False).tolist()
+        label = ("normal", "anomaly", "unlabeled")[i % 3]
+        with db.session_scope(url) as s:
+            q.set_labels(s, chosen, label, defect_type="dent" if label == "anomaly" else None,
+                         split=("train", "test")[i % 2])
+    env = {**os.environ, "OSAD_DATABASE_URL": url}
+    start_at = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", UNDOER, str(pid), start_at], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    undone = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        undone.append(int(out))
+    assert sum(undone) == n_batches, undone
+    with db.session_scope(url) as s:
+        reverts = s.execute(
+            select(LabelEvent.reverts_batch_id, func.count(func.distinct(LabelEvent.batch_id)))
+            .where(LabelEvent.reverts_batch_id.is_not(None))
+            .group_by(LabelEvent.reverts_batch_id)
+        ).all()
+        assert len(reverts) == n_batches and {n for _, n in reverts} == {1}
+        assert {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, pid)} == imported
+
+
 def test_postgresql_label_locks_queue_labellers_but_not_a_worker(postgres_server):
     """While a label batch is uncommitted, a second labeller of the same image waits,
     but a worker storing scores that reference the image (foreign-key check) does not."""
