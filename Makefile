@@ -19,8 +19,14 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) -m streamlit run app.py --server.address $(HOST) --server.headless true --browser.gatherUsageStats false
 
+# Database tests run on SQLite and on the PostgreSQL server of OSAD_TEST_POSTGRES_URL;
+# when that is unset but PostgreSQL's server binaries exist, on a throw-away cluster.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	@if [ -z "$$OSAD_TEST_POSTGRES_URL" ] && scripts/pg_tmp.sh bindir >/dev/null 2>&1; then \
+		echo "scripts/pg_tmp.sh run $(PY) -m pytest -q"; scripts/pg_tmp.sh run $(PY) -m pytest -q; \
+	else \
+		echo "$(PY) -m pytest -q"; $(PY) -m pytest -q; \
+	fi
 
 worker: $(STAMP)
 	$(PY) -m osad_core worker

@@ -2,8 +2,9 @@
 
 SQLite (the default) runs in WAL mode with a 30 s busy timeout so that the Streamlit
 app and one or more worker processes can read and write the same file at once. Any
-other SQLAlchemy URL (e.g. PostgreSQL for several users) can be given through
-``OSAD_DATABASE_URL``.
+other SQLAlchemy URL can be given through ``OSAD_DATABASE_URL``; PostgreSQL (a team's
+shared database) goes through psycopg 3, so ``postgresql://`` URLs are read as
+``postgresql+psycopg://``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 MIGRATIONS_DIR = PACKAGE_DIR / "migrations"
 DEFAULT_DATA_DIR = "~/.osad-studio"
 BUSY_TIMEOUT_MS = 30_000
+# Connection pool of a server database, per process (OSAD_DB_POOL_SIZE /
+# OSAD_DB_MAX_OVERFLOW). A process holds a connection only inside one session_scope
+# block: the app's page reruns (one thread per browser tab) and a worker's training
+# thread plus its heartbeat rarely need more than 5 at once, 10 more absorb bursts,
+# and 15 per process lets about six app and worker processes share PostgreSQL's
+# default max_connections=100 with room for maintenance connections.
+DEFAULT_POOL_SIZE = 5
+DEFAULT_MAX_OVERFLOW = 10
 
 _engines: dict[str, Engine] = {}
 _initialised: set[str] = set()
@@ -46,8 +55,34 @@ def database_url() -> str:
     """``OSAD_DATABASE_URL`` or the SQLite file ``<data_dir>/osad.db``."""
     url = os.environ.get("OSAD_DATABASE_URL")
     if url:
-        return url
+        return normalise_url(url)
     return f"sqlite:///{data_dir() / 'osad.db'}"
+
+
+def normalise_url(url: str) -> str:
+    """Pick psycopg 3 for PostgreSQL URLs that name no driver (SQLAlchemy's default
+    would be psycopg2, which OSAD Studio does not install)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _resolve(url: str | None) -> str:
+    return normalise_url(url) if url else database_url()
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number; got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must not be negative; got {value}")
+    return value
 
 
 def is_sqlite(url: str) -> bool:
@@ -89,7 +124,7 @@ def _sqlite_on_connect(dbapi_connection, connection_record) -> None:
 def make_engine(url: str | None = None) -> Engine:
     """A new (uncached) engine with OSAD Studio's settings; most code wants
     :func:`get_engine`. Separate engines on one file behave like separate processes."""
-    url = url or database_url()
+    url = _resolve(url)
     kwargs: dict = {}
     if is_sqlite(url):
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}
@@ -101,6 +136,9 @@ def make_engine(url: str | None = None) -> Engine:
             if database:
                 Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
     else:
+        kwargs["pool_size"] = _env_int("OSAD_DB_POOL_SIZE", DEFAULT_POOL_SIZE)
+        kwargs["max_overflow"] = _env_int("OSAD_DB_MAX_OVERFLOW", DEFAULT_MAX_OVERFLOW)
+        # A server restart or an idle-connection timeout must not surface as an error.
         kwargs["pool_pre_ping"] = True
     engine = create_engine(url, **kwargs)
     if is_sqlite(url):
@@ -110,7 +148,7 @@ def make_engine(url: str | None = None) -> Engine:
 
 def get_engine(url: str | None = None) -> Engine:
     """The process-wide engine for ``url`` (default :func:`database_url`)."""
-    url = url or database_url()
+    url = _resolve(url)
     with _lock:
         engine = _engines.get(url)
         if engine is None:
@@ -134,7 +172,7 @@ def alembic_config(url: str | None = None, connection: Connection | None = None)
     """Alembic configuration built in code (no ini file needed)."""
     from alembic.config import Config
 
-    url = url or database_url()
+    url = _resolve(url)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     # configparser interpolation: a literal % (e.g. in a password) must be doubled.
@@ -179,7 +217,7 @@ def init_db(url: str | None = None) -> Engine:
     engine, and when the stored revision already is the head no migration code runs.
     Safe when several processes call it at once on one SQLite file.
     """
-    url = url or database_url()
+    url = _resolve(url)
     data_dir()
     engine = get_engine(url)
     with _lock:

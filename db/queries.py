@@ -567,21 +567,39 @@ def set_labels(
     return _change_images(s, ids, author, values)
 
 
+def _lock_rows(s: Session, model: type, ids: Sequence[Any], *columns: Any) -> list[Any]:
+    """Rows ``(id, *columns)`` of ``model``, locked until the transaction ends.
+
+    Concurrent writers of the same rows then queue up: the second one reads what the
+    first one committed. PostgreSQL locks the rows in id order, so two writers with
+    overlapping selections cannot deadlock, and ``FOR NO KEY UPDATE``, so inserts
+    whose foreign keys point at the rows (a worker storing an image's scores) do not
+    wait. SQLite has no row locks and pysqlite opens a transaction only at its first
+    write, so there the database's write lock is taken before the read.
+    """
+    if s.get_bind().dialect.name == "sqlite":
+        conn = s.connection()
+        if not conn.connection.driver_connection.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    rows = []
+    for chunk in _chunks(sorted(ids)):
+        rows.extend(
+            s.execute(
+                select(model.id, *columns).where(model.id.in_(chunk)).order_by(model.id).with_for_update(key_share=True)
+            ).all()
+        )
+    return rows
+
+
 def _change_images(s: Session, ids: list[int], author: str | None, values: dict[str, Any]) -> str:
     """Set ``values`` (label / defect_type / split) on images as one label batch.
 
     Appends one event per image holding its new and previous state, then updates the
     images' current-state columns; returns the batch id.
     """
-    current = []
-    for chunk in _chunks(ids):
-        current.extend(
-            s.execute(
-                select(Image.id, Image.project_id, Image.label, Image.defect_type, Image.split).where(
-                    Image.id.in_(chunk)
-                )
-            ).all()
-        )
+    # Locked, so every event's previous_* is the state it replaced and an image's
+    # current label stays that of its newest event when several people label at once.
+    current = _lock_rows(s, Image, ids, Image.project_id, Image.label, Image.defect_type, Image.split)
     missing = set(ids) - {row.id for row in current}
     if missing:
         raise ValueError(f"unknown image ids: {sorted(missing)[:10]}")
@@ -636,17 +654,15 @@ def undo_last(s: Session, project_id: int, author: str | None = None) -> int:
     )
     if author is not None:
         q = q.where(LabelEvent.author == author)
+    # Undos of one project take turns, so two of them never revert the same batch.
+    if not _lock_rows(s, Project, [project_id]):
+        return 0
     batch = s.scalar(q)
     if batch is None:
         return 0
     events = s.scalars(select(LabelEvent).where(LabelEvent.batch_id == batch).order_by(LabelEvent.id)).all()
     image_ids = [e.image_id for e in events]
-    state = {}
-    for chunk in _chunks(image_ids):
-        for row in s.execute(
-            select(Image.id, Image.label, Image.defect_type, Image.split).where(Image.id.in_(chunk))
-        ):
-            state[row.id] = row
+    state = {row.id: row for row in _lock_rows(s, Image, image_ids, Image.label, Image.defect_type, Image.split)}
     new_batch = str(uuid.uuid4())
     now = utcnow()
     rows = []
@@ -1073,16 +1089,19 @@ def _set_run_for_job(s: Session, run_id: int | None, **values: Any) -> None:
 def claim_next_job(s: Session, worker_id: str, kinds: Iterable[str] | None = None) -> Job | None:
     """Claim the oldest queued job (FIFO) for ``worker_id``, or return None.
 
-    Atomic across processes: the ``UPDATE`` only succeeds while the row is still
-    ``queued``; a worker that loses the race tries the next job. Commit promptly
-    (SQLite holds its write lock until then). ``attempts`` is incremented.
+    Atomic across processes. On PostgreSQL the candidate row is locked with
+    ``FOR UPDATE SKIP LOCKED``, so concurrent workers each take a different job
+    without waiting for one another. SQLite ignores that clause (it has one writer at
+    a time); there the ``UPDATE`` only succeeds while the row is still ``queued`` and
+    a worker that loses the race tries the next job. Commit promptly (the row lock,
+    or SQLite's write lock, is held until then). ``attempts`` is incremented.
     """
     kind_list = _as_list(kinds)
     for _ in range(50):
-        q = select(func.min(Job.id)).where(Job.status == "queued")
+        q = select(Job.id).where(Job.status == "queued")
         if kind_list is not None:
             q = q.where(Job.kind.in_(kind_list))
-        job_id = s.scalar(q)
+        job_id = s.scalar(q.order_by(Job.id).limit(1).with_for_update(skip_locked=True))
         if job_id is None:
             return None
         now = utcnow()

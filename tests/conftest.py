@@ -32,6 +32,49 @@ def cross_device_tol(device, rtol: float = 1e-5, atol: float = 1e-5, cuda_atol: 
 HEADCT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "headct"
 
 
+POSTGRES_URL_ENV = "OSAD_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """Throw-away databases on the server of ``OSAD_TEST_POSTGRES_URL``; the
+    PostgreSQL variants of the tests skip, saying why, when it is unset."""
+    url = os.environ.get(POSTGRES_URL_ENV)
+    if not url:
+        pytest.skip(f"no PostgreSQL server: set {POSTGRES_URL_ENV} (scripts/pg_tmp.sh starts a throw-away one)")
+    from db.scratch import ScratchDatabases
+
+    server = ScratchDatabases(url, prefix="osad_test")
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, monkeypatch) -> str:
+    """The test's database URL, once per backend, also set as ``OSAD_DATABASE_URL`` so
+    code that calls ``init_db()``/``session_scope()`` without a URL uses it.
+
+    SQLite: ``<data dir>/osad.db``. PostgreSQL: a fresh empty database on the server
+    of ``OSAD_TEST_POSTGRES_URL`` (skipped when that is unset), dropped afterwards.
+    The schema is not created: tests call ``init_db`` as the app does.
+    """
+    import db
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{db.data_dir() / 'osad.db'}"
+        monkeypatch.setenv("OSAD_DATABASE_URL", url)
+        yield url
+        return
+    server = request.getfixturevalue("postgres_server")
+    url = server.create()
+    monkeypatch.setenv("OSAD_DATABASE_URL", url)
+    try:
+        yield url
+    finally:
+        db.dispose_engines()  # the pool's connections would keep the database in use
+        server.drop(url)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_data_dir(tmp_path, monkeypatch):
     """Every test gets its own data dir and SQLite database."""

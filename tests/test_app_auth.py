@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 from db import auth as accounts
 from db import session_scope
 from db import queries as q
-from test_app_pages import REPO, _no_worker, app, click, ok, seeded, seeded_template, texts  # noqa: F401 (fixtures)
+from test_app_pages import REPO, _no_worker, app, click, ok, seeded, seeded_templates, _database, texts  # noqa: F401 (fixtures)
 
 PASSWORDS = {"alice": "admin-pass-1", "lea": "labeller-pass", "vic": "viewer-pass"}
 

@@ -15,11 +15,13 @@ from PIL import Image
 from conftest import make_mvtec
 
 
-@pytest.fixture(autouse=True)
-def _db():
+@pytest.fixture
+def database(db_url):
+    """The app's database, migrated as at the app's start; once per backend."""
     import db
 
     db.init_db()
+    return db_url
 
 
 def png(color=100, size=20) -> bytes:
@@ -31,6 +33,7 @@ def png(color=100, size=20) -> bytes:
 # --- ingest ---------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("database")
 def test_zip_in_mvtec_layout_keeps_its_labels(tmp_path):
     from db import session_scope
     from db import queries as q
@@ -48,6 +51,7 @@ def test_zip_in_mvtec_layout_keeps_its_labels(tmp_path):
     assert counts["by_split"]["train"]["normal"] == 3 and counts["anomaly_by_type"] == {"hole": 2, "scratch": 2}
 
 
+@pytest.mark.usefixtures("database")
 def test_upload_skips_broken_images_and_duplicate_names_are_kept_apart():
     from ui import ingest
 
@@ -64,6 +68,7 @@ def test_upload_skips_broken_images_and_duplicate_names_are_kept_apart():
     assert c.images == 2
 
 
+@pytest.mark.usefixtures("database")
 def test_duplicate_project_name_is_refused(tmp_path):
     from ui import ingest
 
@@ -73,6 +78,7 @@ def test_duplicate_project_name_is_refused(tmp_path):
         ingest.create_from_folder(str(parts))
 
 
+@pytest.mark.usefixtures("database")
 def test_delete_removes_uploads_and_models_but_never_server_images(tmp_path):
     from db import data_dir, session_scope
     from db import queries as q
@@ -168,6 +174,7 @@ def test_overlay_uses_the_fixed_range_and_has_a_colour_bar():
 # --- training requests ----------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("database")
 def test_train_request_payload_is_what_the_worker_reads(tmp_path):
     from osad_core.protocol import Protocol
     from ui import ingest, training
@@ -185,6 +192,7 @@ def test_train_request_payload_is_what_the_worker_reads(tmp_path):
     assert av.default_shots() == 4
 
 
+@pytest.mark.usefixtures("database")
 def test_check_refuses_impossible_requests(tmp_path):
     from osad_core.data import DataError
     from ui import ingest, training
@@ -198,6 +206,7 @@ def test_check_refuses_impossible_requests(tmp_path):
         training.check(training.TrainRequest(c.project_id, "nope", "tiny"))
 
 
+@pytest.mark.usefixtures("database")
 def test_retrain_of_a_cli_run_uses_its_stored_protocol(tmp_path):
     from db import session_scope
     from db import queries as q
@@ -215,6 +224,7 @@ def test_retrain_of_a_cli_run_uses_its_stored_protocol(tmp_path):
 # --- the label batch added for the app ------------------------------------------------------
 
 
+@pytest.mark.usefixtures("database")
 def test_set_split_is_one_undoable_batch_that_keeps_labels(tmp_path):
     from db import session_scope
     from db import queries as q

@@ -33,51 +33,87 @@ def _no_worker(monkeypatch):
     monkeypatch.setenv("OSAD_AUTOSTART_WORKER", "0")
 
 
-@pytest.fixture(scope="module")
-def seeded_template(tmp_path_factory):
-    """One project ("parts", synthetic MVTec folder) with one real tiny DRA run, made once.
+@pytest.fixture(autouse=True)
+def _database(db_url):
+    """Every page runs on SQLite and on PostgreSQL (the app reads OSAD_DATABASE_URL)."""
 
-    Each test copies the database file into its own data dir (``seeded``).
-    """
+
+def _seed(root: Path, parts: Path):
+    """Create project "parts" with one real tiny DRA run in the database that
+    ``OSAD_DATABASE_URL`` names; returns (project id, run id, model path)."""
     import db
     from osad_core.experiment import run_experiment
     from osad_core.protocol import Protocol
     from osad_core.store import record_run
     from osad_core.worker import project_dataset
+    from ui import ingest
 
-    root = tmp_path_factory.mktemp("seed")
-    parts = make_mvtec(root / "parts", n_train=10, n_test_good=6, n_defect=5)
-    data = root / "data"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OSAD_DATA_DIR", str(data))
-        mp.setenv("OSAD_IMPORT_ROOTS", str(root))
-        try:
-            from ui import ingest
+    db.init_db()
+    created = ingest.create_from_folder(str(parts), "parts")
+    from db import queries as q
 
-            db.init_db()
-            created = ingest.create_from_folder(str(parts), "parts")
-            from db import queries as q
+    with db.session_scope() as s:
+        # an inspector tagged two "hole" parts for training: "scratch" stays unseen
+        holes = [im.id for im in q.get_images(s, created.project_id) if im.defect_type == "hole"][:2]
+        q.set_split(s, holes, "train", author="seed")
+        ds = project_dataset(s, created.project_id)
+    res = run_experiment(ds, Protocol("general", 2, seed=0), "dra", "tiny", TINY)
+    model = res.detector.save(root / "models" / "run.osad")
+    return created.project_id, record_run(res, ds, source="cli", model_path=model), model
 
-            with db.session_scope() as s:
-                # an inspector tagged two "hole" parts for training: "scratch" stays unseen
-                holes = [im.id for im in q.get_images(s, created.project_id) if im.defect_type == "hole"][:2]
-                q.set_split(s, holes, "train", author="seed")
-                ds = project_dataset(s, created.project_id)
-            res = run_experiment(ds, Protocol("general", 2, seed=0), "dra", "tiny", TINY)
-            model = res.detector.save(root / "models" / "run.osad")
-            run_id = record_run(res, ds, source="cli", model_path=model)
-        finally:
-            db.dispose_engines()  # closes the last connection: the WAL is folded into osad.db
-    return SimpleNamespace(db_file=data / "osad.db", parts=parts, project_id=created.project_id, run_id=run_id,
-                           model=model)
+
+@pytest.fixture(scope="module")
+def seeded_templates(tmp_path_factory):
+    """Seeded databases made once per backend and module, copied by each test (``seeded``):
+    a SQLite file, or a PostgreSQL database used as the template of the test's own."""
+    import db
+
+    made: dict[str, SimpleNamespace] = {}
+
+    def get(db_url: str, server) -> SimpleNamespace:
+        backend = "sqlite" if db_url.startswith("sqlite") else "postgresql"
+        if backend not in made:
+            root = tmp_path_factory.mktemp(f"seed-{backend}")
+            parts = make_mvtec(root / "parts", n_train=10, n_test_good=6, n_defect=5)
+            data = root / "data"
+            url = f"sqlite:///{data / 'osad.db'}" if backend == "sqlite" else server.create()
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("OSAD_DATA_DIR", str(data))
+                mp.setenv("OSAD_DATABASE_URL", url)
+                mp.setenv("OSAD_IMPORT_ROOTS", str(root))
+                try:
+                    project_id, run_id, model = _seed(root, parts)
+                finally:
+                    # Closes every connection: SQLite folds the WAL into osad.db, and
+                    # PostgreSQL copies a template only while nobody is connected to it.
+                    db.dispose_engines()
+            made[backend] = SimpleNamespace(url=url, server=server, parts=parts, project_id=project_id,
+                                            run_id=run_id, model=model)
+        return made[backend]
+
+    yield get
+    for seed in made.values():
+        if seed.server is not None:
+            seed.server.drop(seed.url)
 
 
 @pytest.fixture
-def seeded(seeded_template):
-    from db import data_dir
+def seeded(request, db_url, seeded_templates):
+    """The test's database holds a copy of the seeded one."""
+    from sqlalchemy.engine import make_url
 
-    shutil.copy(seeded_template.db_file, data_dir() / "osad.db")
-    return seeded_template
+    import db
+
+    if db_url.startswith("sqlite"):
+        seed = seeded_templates(db_url, None)
+        shutil.copy(make_url(seed.url).database, make_url(db_url).database)
+    else:
+        server = request.getfixturevalue("postgres_server")
+        seed = seeded_templates(db_url, server)
+        db.dispose_engines()
+        server.drop(db_url)
+        server.create(template=make_url(seed.url).database, name=make_url(db_url).database)
+    return seed
 
 
 def app(page: str | None = None, **state) -> AppTest:
@@ -135,13 +171,16 @@ def png(color=120, size=24) -> bytes:
 # --- app shell ----------------------------------------------------------------------------------
 
 
-def test_sidebar_shows_compute_worker_weights_and_database(seeded):
+def test_sidebar_shows_compute_worker_weights_and_database(seeded, db_url):
+    from sqlalchemy.engine import make_url
+
     at = app()
     side = "\n".join(m.value for m in at.sidebar.markdown)
     assert "**Compute**" in side and ("CPU ·" in side or "CUDA ·" in side or "MPS" in side)
     assert "**Worker**" in side and "not running" in side
     assert "**Backbone**" in side
-    assert any("osad.db" in c.value for c in at.sidebar.caption)
+    where = "osad.db" if db_url.startswith("sqlite") else make_url(db_url).database
+    assert any(where in c.value for c in at.sidebar.caption)
     assert at.sidebar.selectbox(key="sb_project").value == seeded.project_id
     assert at.sidebar.text_input(key="user_name").value
 

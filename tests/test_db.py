@@ -42,10 +42,10 @@ def _isolated_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def url(tmp_path) -> str:
-    u = f"sqlite:///{tmp_path / 'test.db'}"
-    db.init_db(u)
-    return u
+def url(db_url) -> str:
+    """A migrated database, once on SQLite and once on PostgreSQL."""
+    db.init_db(db_url)
+    return db_url
 
 
 def _items(n: int, prefix: str = "/imgs", label="normal", defect_type=None, split="train"):
@@ -75,8 +75,8 @@ def _project_with_images(url: str, n: int = 6) -> tuple[int, list[int]]:
 # --- engine and migrations ----------------------------------------------------------
 
 
-def test_migrations_create_all_tables_and_are_idempotent(tmp_path):
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+def test_migrations_create_all_tables_and_are_idempotent(db_url):
+    url = db_url
     engine = db.init_db(url)
     tables = set(inspect(engine).get_table_names())
     assert set(Base.metadata.tables) | {"alembic_version"} == tables
@@ -115,8 +115,46 @@ def test_in_memory_database_works():
     assert "projects" in inspect(engine).get_table_names()
 
 
-def test_two_processes_initialise_one_file_at_once(tmp_path):
-    url = f"sqlite:///{tmp_path / 'race.db'}"
+def test_server_urls_use_psycopg3_and_a_sized_pool(monkeypatch):
+    # Engines connect lazily: no server is needed to check how they are set up.
+    monkeypatch.setenv("OSAD_DATABASE_URL", "postgresql://osad:pw@127.0.0.1:5999/osad")
+    assert db.database_url() == "postgresql+psycopg://osad:pw@127.0.0.1:5999/osad"
+    engine = db.get_engine()
+    assert (engine.dialect.name, engine.dialect.driver) == ("postgresql", "psycopg")
+    assert engine.pool.size() == db_engine.DEFAULT_POOL_SIZE == 5
+    assert engine.pool._max_overflow == db_engine.DEFAULT_MAX_OVERFLOW == 10
+    assert engine.pool._pre_ping is True
+    assert db.get_engine("postgres://osad@127.0.0.1/osad").dialect.driver == "psycopg"
+
+    monkeypatch.setenv("OSAD_DB_POOL_SIZE", "2")
+    monkeypatch.setenv("OSAD_DB_MAX_OVERFLOW", "0")
+    engine = db.make_engine()
+    assert (engine.pool.size(), engine.pool._max_overflow) == (2, 0)
+    monkeypatch.setenv("OSAD_DB_POOL_SIZE", "many")
+    with pytest.raises(ValueError, match="OSAD_DB_POOL_SIZE must be a whole number"):
+        db.make_engine()
+
+
+def test_column_types_fit_the_backend(url):
+    """timestamptz, json, bytea and boolean on PostgreSQL; SQLite keeps declared names."""
+    engine = db.get_engine(url)
+    types = {
+        (table, c["name"]): str(c["type"].compile(dialect=engine.dialect)).lower()
+        for table in ("projects", "runs", "heatmaps", "image_scores", "jobs")
+        for c in inspect(engine).get_columns(table)
+    }
+    expected = {
+        "postgresql": {"timestamp with time zone", "json", "bytea", "boolean"},
+        "sqlite": {"datetime", "json", "blob", "boolean"},
+    }[engine.dialect.name]
+    cols = [("projects", "created_at"), ("runs", "config_json"), ("heatmaps", "png"), ("jobs", "cancel_requested")]
+    assert {types[c] for c in cols} == expected
+    assert types[("image_scores", "seen")] == types[("jobs", "cancel_requested")]
+    assert types[("jobs", "heartbeat_at")] == types[("projects", "created_at")]
+
+
+def test_two_processes_initialise_one_database_at_once(db_url):
+    url = db_url
     code = "import sys; from db import init_db; init_db(sys.argv[1]); print('ok')"
     procs = [
         subprocess.Popen(
@@ -554,6 +592,220 @@ def test_concurrent_claimers_never_share_a_job(url):
         by_worker = {j.id: j.worker_id for j in q.list_jobs(s)}
         for name, ids in claimed.items():
             assert all(by_worker[i] == name for i in ids)
+
+
+CLAIMER = """
+import json, sys, time
+from db import session_scope
+from db import queries as q
+name, start_at = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))  # all processes start claiming together
+claimed = []
+while True:
+    with session_scope() as s:
+        job = q.claim_next_job(s, name)
+    if job is None:
+        break
+    claimed.append(job.id)
+    with session_scope() as s:
+        q.finish_job(s, job.id, "done", worker_id=name)
+print(json.dumps(claimed))
+"""
+
+
+def test_worker_processes_claim_every_job_exactly_once(url):
+    """Four worker processes drain 300 queued jobs at once: each job is claimed once."""
+    import json
+    import os
+    import time
+
+    from sqlalchemy import event
+
+    n_jobs, names = 300, ["w1", "w2", "w3", "w4"]
+    with db.session_scope(url) as s:
+        for i in range(n_jobs):
+            q.enqueue_job(s, "score", {"i": i})
+    statements = []
+    engine = db.get_engine(url)
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    with db.session_scope(url) as s:  # how a claim reads its candidate row
+        assert q.claim_next_job(s, "probe", kinds=["train"]) is None
+    for_update = [st for st in statements if "FOR UPDATE" in st.upper()]
+    if engine.dialect.name == "postgresql":
+        assert for_update and all("SKIP LOCKED" in st.upper() for st in for_update)
+    else:
+        assert for_update == []  # SQLite has no row locks: the guarded UPDATE decides
+
+    env = {**os.environ, "OSAD_DATABASE_URL": url}
+    start_at = str(time.time() + 3)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CLAIMER, name, start_at], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for name in names
+    ]
+    claimed = {}
+    for name, p in zip(names, procs):
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        claimed[name] = json.loads(out)
+    all_ids = [i for ids in claimed.values() for i in ids]
+    assert len(all_ids) == len(set(all_ids)) == n_jobs
+    assert sum(1 for ids in claimed.values() if ids) >= 2  # they really ran side by side
+    with db.session_scope(url) as s:
+        jobs = q.list_jobs(s)
+        assert {j.status for j in jobs} == {"done"} and {j.attempts for j in jobs} == {1}
+        owner = {j.id: j.worker_id for j in jobs}
+        assert all(owner[i] == name for name, ids in claimed.items() for i in ids)
+
+
+LABELLER = """
+import json, random, sys, time
+from db import session_scope
+from db import queries as q
+ids, seconds, seed, start_at = json.loads(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+rng = random.Random(seed)
+time.sleep(max(0.0, start_at - time.time()))
+sent = batches = 0
+end = time.time() + seconds
+while time.time() < end:
+    chosen = rng.sample(ids, rng.randint(1, 12))
+    label = rng.choice(["normal", "anomaly", "unlabeled"])
+    with session_scope() as s:
+        q.set_labels(s, chosen, label, defect_type=f"type{seed}" if label == "anomaly" else None,
+                     author=f"writer{seed}", split=rng.choice([None, "train", "test"]))
+    sent += len(chosen)
+    batches += 1
+print(json.dumps({"sent": sent, "batches": batches}))
+"""
+
+
+def test_two_processes_label_one_project_at_once(url):
+    """Two processes label overlapping images of one project for 10 s: no event is
+    lost, each image's current label is its newest event's, and every event's
+    ``previous_*`` is the state the event before it left."""
+    import json
+    import os
+    import time
+
+    pid, ids = _project_with_images(url, n=40)
+    with db.session_scope(url) as s:
+        imported = s.scalar(select(func.count()).select_from(LabelEvent))
+    env = {**os.environ, "OSAD_DATABASE_URL": url}
+    start_at = str(time.time() + 3)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", LABELLER, json.dumps(ids), "10", str(seed), start_at],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for seed in (1, 2)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        results.append(json.loads(out))
+    assert all(r["batches"] > 10 for r in results), results  # both really wrote
+    sent = sum(r["sent"] for r in results)
+
+    with db.session_scope(url) as s:
+        events = s.scalars(select(LabelEvent).where(LabelEvent.project_id == pid).order_by(LabelEvent.id)).all()
+        assert len(events) - imported == sent
+        by_image: dict[int, list[LabelEvent]] = {}
+        for e in events:
+            by_image.setdefault(e.image_id, []).append(e)
+        broken_chain = 0
+        for im in q.get_images(s, pid):
+            history = by_image[im.id]
+            last = history[-1]
+            assert (im.label, im.defect_type, im.split) == (last.label, last.defect_type, last.split)
+            for before, after in zip(history, history[1:]):
+                broken_chain += (after.previous_label, after.previous_defect_type, after.previous_split) != (
+                    before.label, before.defect_type, before.split)
+        assert broken_chain == 0
+
+
+UNDOER = """
+import sys, time
+from db import session_scope
+from db import queries as q
+project_id, start_at = int(sys.argv[1]), float(sys.argv[2])
+time.sleep(max(0.0, start_at - time.time()))
+undone = 0
+while True:
+    with session_scope() as s:
+        if not q.undo_last(s, project_id):
+            break
+    undone += 1
+print(undone)
+"""
+
+
+def test_two_processes_undoing_at_once_revert_each_batch_once(url):
+    """Two processes press undo until nothing is left: every batch is reverted exactly
+    once, newest first, so the images end as imported."""
+    import os
+    import time
+
+    pid, ids = _project_with_images(url, n=10)
+    with db.session_scope(url) as s:
+        imported = {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, pid)}
+    rng = np.random.default_rng(0)
+    n_batches = 40
+    for i in range(n_batches):
+        chosen = rng.choice(ids, size=int(rng.integers(1, 6)), replace=False).tolist()
+        label = ("normal", "anomaly", "unlabeled")[i % 3]
+        with db.session_scope(url) as s:
+            q.set_labels(s, chosen, label, defect_type="dent" if label == "anomaly" else None,
+                         split=("train", "test")[i % 2])
+    env = {**os.environ, "OSAD_DATABASE_URL": url}
+    start_at = str(time.time() + 3)
+    procs = [subprocess.Popen([sys.executable, "-c", UNDOER, str(pid), start_at], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    undone = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        undone.append(int(out))
+    assert sum(undone) == n_batches, undone
+    with db.session_scope(url) as s:
+        reverts = s.execute(
+            select(LabelEvent.reverts_batch_id, func.count(func.distinct(LabelEvent.batch_id)))
+            .where(LabelEvent.reverts_batch_id.is_not(None))
+            .group_by(LabelEvent.reverts_batch_id)
+        ).all()
+        assert len(reverts) == n_batches and {n for _, n in reverts} == {1}
+        assert {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, pid)} == imported
+
+
+def test_postgresql_label_locks_queue_labellers_but_not_a_worker(postgres_server):
+    """While a label batch is uncommitted, a second labeller of the same image waits,
+    but a worker storing scores that reference the image (foreign-key check) does not."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.orm import Session
+
+    url = postgres_server.create()
+    other = db.make_engine(url)
+    try:
+        db.init_db(url)
+        pid, ids = _project_with_images(url, n=2)
+        with db.session_scope(url) as s:
+            run_id = q.create_run(s, pid, "devnet", None, {}, {}, "app").id
+        with db.session_scope(url) as labeller:
+            q.set_labels(labeller, ids, "unlabeled")  # the image rows stay locked in this block
+            with Session(other) as worker:
+                worker.execute(text("SET LOCAL lock_timeout = '2s'"))
+                q.store_run_results(worker, run_id, image_results=[{"image_id": i, "score": 0.5} for i in ids])
+                worker.commit()
+            with Session(other) as second:
+                second.execute(text("SET LOCAL lock_timeout = '300ms'"))
+                with pytest.raises(OperationalError, match="lock timeout"):
+                    q.set_labels(second, ids[:1], "normal")
+        with db.session_scope(url) as s:
+            assert len(q.run_scores(s, run_id)) == 2
+            assert {im.label for im in q.get_images(s, pid)} == {"unlabeled"}
+    finally:
+        other.dispose()
+        db_engine.dispose_engines()
+        postgres_server.drop(url)
 
 
 def test_cancel_queued_vs_running_and_finish_updates_run(url):

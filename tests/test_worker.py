@@ -1,4 +1,6 @@
 """The worker claims queued jobs, trains, stores results, and reports failures clearly."""
+import pytest
+
 from db import init_db, session_scope
 from db import queries as q
 from osad_core.data import load_folder
@@ -6,6 +8,11 @@ from osad_core.store import image_items
 from osad_core.worker import run_worker
 
 TINY = {"weights": "random", "backbone": "resnet18", "image_size": 64}
+
+
+@pytest.fixture(autouse=True)
+def _database(db_url):
+    """Every worker test runs on SQLite and on PostgreSQL (through OSAD_DATABASE_URL)."""
 
 
 def _project(mvtec_dir, name="parts"):
