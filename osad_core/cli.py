@@ -299,8 +299,10 @@ def cmd_benchmark(a) -> int:
 
 
 def cmd_worker(a) -> int:
-    from .worker import run_worker
+    from .worker import run_job_process, run_worker
 
+    if a.job is not None:
+        return run_job_process(a.job, a.worker_id)
     return run_worker(once=a.once, idle_exit_s=a.idle_exit)
 
 
@@ -353,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("worker", help="run training jobs queued by the app (normally started by the app)")
     s.add_argument("--once", action="store_true", help="run at most one job, then exit")
     s.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    s.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # the worker's job process
+    s.add_argument("--worker-id", default="", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_worker)
     return p
 
