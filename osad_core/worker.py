@@ -205,7 +205,8 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
     res = run_experiment(ds, proto, payload["method"], payload.get("preset", "quick"), payload.get("overrides"),
                          cb, with_tsne=True, score_train=True, score_also=unlabeled, require_test=False)
     cb.check_cancel()
-    write_progress("status", message="saving results", fraction=1.0)
+    resumed = {"resumed_from_epoch": cb.resumed_from} if cb.resumed_from else {}
+    write_progress("status", message="saving results", fraction=1.0, **resumed)
     model_path = artefacts.model_path(data_dir(), run_id or job_id)
     artefacts.save_model(res.detector, model_path)
     record_run(res, ds, source="app", run_id=run_id, model_path=model_path, job_id=job_id, worker_id=worker_id)
