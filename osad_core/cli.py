@@ -162,7 +162,9 @@ def cmd_train(a) -> int:
     _print_metrics(res)
     model_path = None
     if a.out:
-        model_path = res.detector.save(a.out)
+        from .artefacts import save_model
+
+        model_path = save_model(res.detector, a.out)  # a kill never leaves half a model under that name
         print(f"model saved to {model_path}")
     if not a.no_db:
         from .store import record_run

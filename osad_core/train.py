@@ -1,4 +1,15 @@
-"""What every method's training shares: device, seeding, sampling, progress, cancel."""
+"""What every method's training shares: device, seeding, sampling, progress, cancel, checkpoints.
+
+Resuming after a crash (``Callbacks.checkpoint_path`` + a :class:`Resumable` passed to
+:func:`run_loop`), per method:
+
+* DRA, DevNet, SaliencyCut (the DRA-family loop): resume after the last completed
+  epoch, with model, optimiser, scheduler, data streams and every RNG restored, so the
+  final metrics equal an uninterrupted run's;
+* AHL: its stage 1 (the base model) resumes like DRA/DevNet, or is skipped when it had
+  finished; the feature cache and the AHL heads are built again;
+* BGAD, CKAAD: start again (their loops are not wired to checkpoints yet).
+"""
 from __future__ import annotations
 
 import logging

@@ -269,8 +269,9 @@ def run_job_process(job_id: int, worker_id: str) -> int:
 def _start_job_process(job_id: int, worker_id: str) -> subprocess.Popen:
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see ensure_local_worker
+    verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.INFO) else []
     return subprocess.Popen(
-        [sys.executable, "-m", "osad_core", "worker", "--job", str(job_id), "--worker-id", worker_id],
+        [sys.executable, "-m", "osad_core", *verbose, "worker", "--job", str(job_id), "--worker-id", worker_id],
         stdin=subprocess.DEVNULL, cwd=str(Path(__file__).resolve().parents[1]), env=env,
     )
 
