@@ -240,10 +240,8 @@ def run_job_process(job_id: int, worker_id: str) -> int:
     except _SupervisorGone:
         log.warning("job %s: the worker that started it is gone; leaving the job for recovery", job_id)
         return 3
-    except (JobGone, q.RowGone) as exc:
-        log.info("job %s ended: %s", job_id, exc)
-        artefacts.discard_job_files(data_dir(), job_id, job.run_id)
-        return 0
+    except (JobGone, q.RowGone) as exc:  # deleted meanwhile: end quietly (the row may be gone too)
+        status, error = "failed", str(exc)
     except TrainingCancelled:
         status, error = "cancelled", "cancelled by the user"
     except (DataError, ValueError, FileNotFoundError) as exc:
