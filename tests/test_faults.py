@@ -12,6 +12,7 @@ import errno
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -489,3 +490,43 @@ def test_with_retry_repeats_transient_errors_only(db_url):
     with pytest.raises(IntegrityError):
         with_retry(duplicate, url=db_url)
     assert len(tries) == 1  # not transient: never repeated
+
+
+# --- the start-up sweep ------------------------------------------------------------------------
+
+
+def test_startup_sweep_removes_orphans_and_requeues_jobs_of_dead_workers(db_url, tmp_path):
+    from osad_core.worker import startup_sweep
+
+    data_dir = Path(os.environ["OSAD_DATA_DIR"])
+    pid = _project(db_url, tmp_path / "parts")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists
+    dead_worker = f"{socket.gethostname()}:{dead.pid}:cafe"
+    with session_scope(db_url) as s:
+        runs = {st: q.create_run(s, pid, "devnet", "tiny", {}, {}, "app", status=st).id
+                for st in ("done", "failed")}
+        live_run = q.create_run(s, pid, "devnet", "tiny", {}, {}, "app").id
+        live_job = q.enqueue_job(s, "train", {}, run_id=live_run).id
+        q.claim_next_job(s, dead_worker)
+        old_job = q.enqueue_job(s, "train", {}).id
+        q.finish_job(s, old_job, "failed", "x")
+        q.update_run(s, runs["done"], model_path=str(artefacts.model_path(data_dir, runs["done"])))
+    files = {
+        "done model": artefacts.model_path(data_dir, runs["done"]),
+        "failed model": artefacts.model_path(data_dir, runs["failed"]),
+        "live model": artefacts.model_path(data_dir, live_run),
+        "live checkpoint": artefacts.checkpoint_path(data_dir, live_job),
+        "old checkpoint": artefacts.checkpoint_path(data_dir, old_job),
+        "dead tmp": data_dir / "models" / f".run_9.pt.{artefacts._host()}.{dead.pid}.tmp",
+        "live tmp": data_dir / "models" / f".run_8.pt.{artefacts._host()}.{os.getpid()}.tmp",
+        "not ours": data_dir / "models" / "notes.txt",
+    }
+    for p in files.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    found = startup_sweep()
+    assert found["recovered"] == [live_job] and found["integrity"] == "ok"
+    assert _job(db_url, live_job).status == "queued"  # at once, no 60 s heartbeat wait
+    gone = {name for name, p in files.items() if not p.exists()}
+    assert gone == {"failed model", "old checkpoint", "dead tmp"}
