@@ -355,11 +355,6 @@ def supervise(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
     return status
 
 
-def run_one(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
-    """Run one claimed job to its end (kept for callers of the former in-process API)."""
-    return supervise(job, worker_id, beat)
-
-
 def dead_local_workers(s) -> set[str]:
     """Workers holding running jobs whose process on this host no longer exists."""
     from db import queries as q
