@@ -65,6 +65,7 @@ from .models import (
 
 __all__ = [
     "ImageRow",
+    "RowGone",
     "RunSummary",
     "IMAGE_SORTS",
     "STALE_WORKER_ERROR",
@@ -86,6 +87,8 @@ __all__ = [
     "get_run",
     "list_runs",
     "store_run_results",
+    "prepare_run_results",
+    "write_run_results",
     "run_metrics",
     "run_metric_details",
     "run_curves",
@@ -117,6 +120,11 @@ _CHUNK = 500
 
 IMAGE_SORTS = ("name", "score_desc", "score_asc", "uncertain")
 STALE_WORKER_ERROR = "worker stopped responding"
+
+
+class RowGone(ValueError):
+    """The row a long-running writer works on was deleted meanwhile (e.g. a job whose
+    project was deleted while it trained)."""
 
 
 class ImageRow(NamedTuple):
@@ -838,10 +846,24 @@ def store_run_results(
     ``kind -> (x, y, thresholds)``; non-finite thresholds (sklearn's leading ``inf``)
     are stored as None. ``heatmap_range=(vmin, vmax)`` quantises every map of the run
     over one range so maps stay comparable; by default each map uses its own min/max.
+
+    Writers that share the database should call :func:`prepare_run_results` before
+    their transaction and :func:`write_run_results` inside it: encoding hundreds of
+    heatmap PNGs while holding SQLite's write lock stalls every other writer.
     """
     _require_run(s, run_id)
-    # Build (and validate) every row before deleting anything, so a bad argument
-    # leaves the earlier results in place.
+    write_run_results(s, run_id, prepare_run_results(metrics, curves, image_results, heatmap_range))
+
+
+def prepare_run_results(
+    metrics: Mapping[str, float | tuple[float, str | None]] | None = None,
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]] | None = None,
+    image_results: Sequence[Mapping[str, Any]] | None = None,
+    heatmap_range: tuple[float, float] | None = None,
+) -> dict[type, list[dict[str, Any]]]:
+    """Validated, encoded rows (without ``run_id``) for :func:`write_run_results`;
+    needs no session, so the CPU work happens outside any transaction."""
+    run_id = None  # filled in by write_run_results
     metric_rows = []
     for name, v in (metrics or {}).items():
         value, detail = (v[0], v[1]) if isinstance(v, (tuple, list)) else (v, None)
@@ -868,7 +890,7 @@ def store_run_results(
     for r in image_results or ():
         image_id = int(r["image_id"])
         if image_id in seen_ids:
-            raise ValueError(f"image {image_id} appears twice in the results of run {run_id}")
+            raise ValueError(f"image {image_id} appears twice in the results")
         seen_ids.add(image_id)
         score = float(r["score"])
         if not math.isfinite(score):
@@ -919,15 +941,16 @@ def store_run_results(
                 }
             )
 
+    return {Metric: metric_rows, Curve: curve_rows, ImageScore: score_rows, Heatmap: heatmap_rows,
+            Embedding: embedding_rows}
+
+
+def write_run_results(s: Session, run_id: int, prepared: Mapping[type, Sequence[Mapping[str, Any]]]) -> None:
+    """Replace a run's results with rows from :func:`prepare_run_results`."""
     for model in (Metric, Curve, ImageScore, Heatmap, Embedding):
         s.execute(delete(model).where(model.run_id == run_id))
-    for model, rows in (
-        (Metric, metric_rows),
-        (Curve, curve_rows),
-        (ImageScore, score_rows),
-        (Heatmap, heatmap_rows),
-        (Embedding, embedding_rows),
-    ):
+    for model in (Metric, Curve, ImageScore, Heatmap, Embedding):
+        rows = [{**r, "run_id": run_id} for r in prepared.get(model, ())]
         for chunk in _chunks(rows):
             s.execute(insert(model), list(chunk))
 
@@ -1082,8 +1105,10 @@ def latest_job_for_run(s: Session, run_id: int) -> Job | None:
 
 
 def _set_run_for_job(s: Session, run_id: int | None, **values: Any) -> None:
+    """A run follows its job, except that a run stored as ``done`` stays done whatever
+    happens to the job afterwards (a crash after the commit, a late failure)."""
     if run_id is not None:
-        _update_by_id(s, Run, run_id, **values)
+        _update_by_id(s, Run, run_id, Run.status != "done", **values)
 
 
 def claim_next_job(s: Session, worker_id: str, kinds: Iterable[str] | None = None) -> Job | None:
@@ -1137,7 +1162,7 @@ def update_job_progress(s: Session, job_id: int, **progress: Any) -> bool:
         select(Job.progress_json, Job.cancel_requested, Job.status).where(Job.id == job_id)
     ).one_or_none()
     if row is None:
-        raise ValueError(f"job {job_id} does not exist")
+        raise RowGone(f"job {job_id} does not exist")
     merged = {**(row.progress_json or {}), **_jsonable(progress)}
     _update_by_id(s, Job, job_id, progress_json=merged, heartbeat_at=utcnow())
     return bool(row.cancel_requested) or row.status == "cancelled"
@@ -1194,7 +1219,7 @@ def finish_job(
     _check(status, TERMINAL_STATUSES, "final job status")
     job = s.get(Job, job_id, populate_existing=True)
     if job is None:
-        raise ValueError(f"job {job_id} does not exist")
+        raise RowGone(f"job {job_id} does not exist")
     conds = [Job.status.in_(("queued", "running"))]
     if worker_id is not None:
         conds.append(Job.worker_id == worker_id)
@@ -1212,48 +1237,75 @@ def finish_job(
     return True
 
 
-def recover_stale_jobs(s: Session, stale_after_s: float = 60, max_attempts: int = 2) -> list[int]:
-    """Handle running jobs whose heartbeat is older than ``stale_after_s``.
+def recover_stale_jobs(
+    s: Session, stale_after_s: float = 60, max_attempts: int = 2, dead_workers: Iterable[str] = ()
+) -> list[int]:
+    """Handle running jobs whose heartbeat is older than ``stale_after_s`` or whose
+    worker is known to be dead (``dead_workers``: ids of workers whose process is gone).
 
-    A job claimed fewer than ``max_attempts`` times goes back to the queue (its run to
-    ``queued``); otherwise it and its run become ``failed`` with an error starting
-    "worker stopped responding". A stale job whose cancellation was requested becomes
-    ``cancelled``. Returns the ids of the jobs changed.
+    Re-queue rule: a job goes back to the queue (its run to ``queued``) unless it has
+    crashed ``max_attempts`` times without progress. *Progress* is a checkpoint that
+    outlives the crash (``progress_json["checkpoint_epoch"]`` grew during the attempt):
+    a job that resumes further each time is never given up on, while one that dies
+    before saving anything new (a crash in start-up, scoring or saving) is failed after
+    ``max_attempts`` such attempts with an error starting "worker stopped responding".
+    A stale job whose cancellation was requested becomes ``cancelled``; one whose run is
+    already ``done`` becomes ``done`` (a finished run never flips back). Returns the
+    ids of the jobs changed.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     last_sign = func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
+    dead = list(dead_workers)
+    is_stale = last_sign < cutoff if not dead else (last_sign < cutoff) | Job.worker_id.in_(dead)
     stale = s.execute(
         select(Job.id, Job.attempts, Job.run_id, Job.cancel_requested, Job.progress_json).where(
-            Job.status == "running", last_sign < cutoff
+            Job.status == "running", is_stale
         )
     ).all()
     changed = []
     now = utcnow()
     for job in stale:
-        guard = (Job.status == "running", last_sign < cutoff)
-        if job.cancel_requested:
+        guard = (Job.status == "running", is_stale)
+        progress = dict(job.progress_json or {})
+        ckpt = int(progress.get("checkpoint_epoch") or 0)
+        fruitless = int(progress.get("fruitless_attempts") or 0)
+        if ckpt <= int(progress.get("checkpoint_epoch_at_start") or 0):
+            fruitless += 1
+        run_status = s.scalar(select(Run.status).where(Run.id == job.run_id)) if job.run_id else None
+        run_values: dict[str, Any] | None
+        if run_status == "done":
+            values = {"status": "done", "finished_at": now, "error": None}
+            run_values = None
+        elif job.cancel_requested:
             values = {"status": "cancelled", "finished_at": now, "error": f"cancelled ({STALE_WORKER_ERROR})"}
             run_values = {"status": "cancelled", "finished_at": now, "error": values["error"]}
-        elif job.attempts < max_attempts:
-            # Progress restarts with the next attempt; keep only the reason.
-            progress = {"message": f"re-queued: {STALE_WORKER_ERROR}"}
+        elif fruitless < max_attempts:
+            # Progress restarts with the next attempt; keep the reason and what the
+            # re-queue rule needs.
             values = {
                 "status": "queued",
                 "worker_id": None,
                 "started_at": None,
                 "heartbeat_at": None,
-                "progress_json": progress,
+                "progress_json": {
+                    "message": f"re-queued: {STALE_WORKER_ERROR}",
+                    "checkpoint_epoch": ckpt,
+                    "checkpoint_epoch_at_start": ckpt,
+                    "fruitless_attempts": fruitless,
+                },
             }
             run_values = {"status": "queued", "started_at": None, "finished_at": None, "error": None}
         else:
             error = (
-                f"{STALE_WORKER_ERROR} (no heartbeat for {stale_after_s:g} s; "
-                f"gave up after {job.attempts} attempt{'s' if job.attempts != 1 else ''})"
+                f"{STALE_WORKER_ERROR} (no heartbeat for {stale_after_s:g} s or its worker died; "
+                f"gave up after {job.attempts} attempt{'s' if job.attempts != 1 else ''}, "
+                f"{fruitless} without progress)"
             )
             values = {"status": "failed", "finished_at": now, "error": error}
             run_values = {"status": "failed", "finished_at": now, "error": error}
         if _update_by_id(s, Job, job.id, *guard, **values):
-            _set_run_for_job(s, job.run_id, **run_values)
+            if run_values is not None:
+                _set_run_for_job(s, job.run_id, **run_values)
             changed.append(job.id)
     return changed
 
@@ -1337,3 +1389,34 @@ def set_split(s: Session, image_ids: Iterable[int], split: str, author: str = "u
 
 
 __all__ += ["set_split"]
+
+
+# --- reliability ---------------------------------------------------------------------
+
+
+def integrity_check(s: Session, quick: bool = False) -> str:
+    """SQLite's own consistency check: ``"ok"`` or its list of problems (one per line).
+    Other backends check themselves; they answer ``"ok"``."""
+    if s.get_bind().dialect.name != "sqlite":
+        return "ok"
+    pragma = "quick_check" if quick else "integrity_check"
+    rows = s.connection().exec_driver_sql(f"PRAGMA {pragma}").fetchall()
+    return "\n".join(str(r[0]) for r in rows)
+
+
+def artefact_owners(s: Session) -> dict[str, set]:
+    """What keeps files in the data folder alive: ``done_models`` (model paths of done
+    runs), ``active_runs`` and ``active_jobs`` (ids with a queued or running job)."""
+    done_models = {p for (p,) in s.execute(select(Run.model_path).where(Run.status == "done"))
+                   if p}
+    live = s.execute(select(Job.id, Job.run_id).where(Job.status.in_(("queued", "running")))).all()
+    return {"done_models": done_models, "active_runs": {r for _, r in live if r is not None},
+            "active_jobs": {j for j, _ in live}}
+
+
+def running_job_workers(s: Session) -> set[str]:
+    """Ids of the workers that hold running jobs."""
+    return {w for (w,) in s.execute(select(Job.worker_id).where(Job.status == "running")) if w}
+
+
+__all__ += ["integrity_check", "artefact_owners", "running_job_workers"]

@@ -172,7 +172,7 @@ def cmd_train(a) -> int:
     _print_metrics(res)
     model_path = None
     if a.out:
-        model_path = res.detector.save(a.out)
+        model_path = res.detector.save(a.out)  # atomic: a kill never leaves half a model under that name
         print(f"model saved to {model_path}")
     if not a.no_db:
         from .store import record_run
@@ -381,8 +381,10 @@ def cmd_users(a) -> int:
 
 
 def cmd_worker(a) -> int:
-    from .worker import run_worker
+    from .worker import run_job_process, run_worker
 
+    if a.job is not None:
+        return run_job_process(a.job, a.worker_id)
     return run_worker(once=a.once, idle_exit_s=a.idle_exit)
 
 
@@ -461,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("worker", help="run training jobs queued by the app (normally started by the app)")
     s.add_argument("--once", action="store_true", help="run at most one job, then exit")
     s.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    s.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # the worker's job process
+    s.add_argument("--worker-id", default="", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_worker)
     return p
 

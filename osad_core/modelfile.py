@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -159,21 +158,17 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a part."""
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one, never a part.
+
+    The temp name is the one :func:`osad_core.artefacts.atomic_path` gives, so the worker's
+    start-up sweep recognises (and removes) what a killed writer left behind."""
+    from .artefacts import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the model from other users of a shared folder
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        # 0644: readable by the other users of a shared data folder
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     with contextlib.suppress(OSError):  # make the rename itself durable where the OS allows it
         dfd = os.open(path.parent, os.O_RDONLY)
         try:

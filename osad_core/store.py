@@ -58,20 +58,31 @@ def image_items(records: list[ImageRecord], root: str | None = None,
     return items
 
 
-def ensure_project(s, ds: Dataset, name: str | None = None) -> int:
-    """The project holding this dataset's images (created and filled on first use)."""
+def ensure_project(ds: Dataset, name: str | None = None, url: str | None = None) -> int:
+    """The project holding this dataset's images (created and filled on first use).
+
+    New files are hashed and measured before the short write transaction, so other
+    writers (the app, a worker) never wait for the disk."""
     from db import queries as q
+    from db import session_scope
+    from db.retry import with_retry
 
     name = name or ds.name
-    proj = q.get_project_by_name(s, name)
-    if proj is None:
-        proj = q.create_project(s, name, SOURCES.get(ds.name, "cli"), root_path=ds.root,
-                                description=f"created by the command line from {ds.root or ds.name}")
-    known = {im.path for im in q.get_images(s, proj.id)}
-    new = [r for r in ds.records if r.path not in known]  # hash and measure only new files
-    if new:
-        q.add_images(s, proj.id, image_items(new, ds.root))
-    return proj.id
+    with session_scope(url) as s:
+        proj = q.get_project_by_name(s, name)
+        known = {im.path for im in q.get_images(s, proj.id)} if proj is not None else set()
+    items = image_items([r for r in ds.records if r.path not in known], ds.root)
+
+    def write(s) -> int:
+        proj = q.get_project_by_name(s, name)
+        if proj is None:
+            proj = q.create_project(s, name, SOURCES.get(ds.name, "cli"), root_path=ds.root,
+                                    description=f"created by the command line from {ds.root or ds.name}")
+        if items:
+            q.add_images(s, proj.id, items)  # skips paths another writer added meanwhile
+        return proj.id
+
+    return with_retry(write, url=url, what="storing the project's images")
 
 
 def display_range(res) -> tuple[float, float]:
@@ -123,49 +134,88 @@ def result_rows(res, id_of: dict[str, int]) -> list[dict]:
     return list(rows.values())
 
 
+class JobGone(Exception):
+    """The job (or its project) was deleted, or it was cancelled, before its results
+    were stored; nothing of the run was written."""
+
+
 def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None = None,
                model_path: str | Path | None = None, run_id: int | None = None, url: str | None = None,
+               job_id: int | None = None, worker_id: str | None = None,
                created_by: str | None = None) -> int:
     """Store a finished run (metrics, curves, per-image scores, maps, embeddings, t-SNE).
 
-    ``created_by`` names who made a new run (a run queued by the app already has it)."""
+    The protocol that keeps a run either whole or absent: the model file must already
+    be in its final place; everything slow (hashing images, encoding heatmap PNGs)
+    happens first, outside any transaction; then ONE short transaction writes the run
+    as ``done`` with all its results, and with ``job_id`` finishes that job too. A
+    crash before the commit leaves no trace of the results; after it, nothing is
+    missing. With ``job_id`` the transaction first checks that the job still runs for
+    ``worker_id`` and was not cancelled; otherwise it raises :class:`JobGone` or
+    ``TrainingCancelled`` and writes nothing. ``created_by`` names who made a new run
+    (a run queued by the app already has it).
+    """
     from db import init_db, session_scope
     from db import queries as q
+    from db.retry import with_retry
+
+    from .train import TrainingCancelled
 
     init_db(url)
     det = res.detector
     bi = det.backbone_info or {}
     summary = res.summary()
+    if run_id is None:
+        pid = ensure_project(ds, project_name, url)
+    else:
+        with session_scope(url) as s:
+            run = q.get_run(s, run_id)
+            if run is None:
+                raise JobGone(f"run {run_id} was deleted while it trained")
+            pid = run.project_id
     with session_scope(url) as s:
-        if run_id is None:
-            pid = ensure_project(s, ds, project_name)
-            run = q.create_run(s, pid, det.name, det.preset, det.config, res.split.protocol.to_dict(), source,
-                               status="running", created_by=created_by)
-            run_id = run.id
-        else:
-            pid = q.get_run(s, run_id).project_id
         id_of = {im.path: im.id for im in q.get_images(s, pid)}
-        lo, hi = display_range(res)
-        config = dict(det.config, display={"heatmap_vmin": lo, "heatmap_vmax": hi,
-                                           "note": "colour range fixed per run: median .. 99.9th percentile "
-                                                   "of normal images' map values"})
-        if res.skipped:  # unreadable images were left out: the run says how many, and why
-            config["skipped_images"] = {"count": len(res.skipped), "first": [why for _, why in res.skipped[:5]]}
-        q.update_run(
-            s, run_id, status="done", backbone=bi.get("name"), weights=bi.get("weights"),
-            weights_source=bi.get("weights_source"), device=det.device_name, config=config,
-            train_seconds=res.train_seconds, infer_seconds=res.infer_seconds,
-            n_train_normal=summary["n_train_normal"], n_train_anomaly=summary["n_train_anomaly"],
-            n_test=summary["n_test"], seen_defect_types=res.split.seen_types, threshold=res.threshold,
-            model_path=str(model_path) if model_path else None,
-        )
-        metrics = {k: (v, METRIC_DETAILS.get(k)) for k, v in res.metrics.items()}
-        metrics["test_images_per_s"] = (res.images_per_s, f"inference throughput on {det.device_name}")
-        rows = result_rows(res, id_of)
-        allmaps = np.stack([r["heatmap"] for r in rows]) if rows else np.zeros((1, 1, 1))
-        q.store_run_results(s, run_id, metrics, res.curves, rows,
-                            heatmap_range=(float(allmaps.min()), float(allmaps.max())))
-        if not q.train_log(s, run_id):  # the worker logs live; the CLI logs here, once
+    lo, hi = display_range(res)
+    config = dict(det.config, display={"heatmap_vmin": lo, "heatmap_vmax": hi,
+                                       "note": "colour range fixed per run: median .. 99.9th percentile "
+                                               "of normal images' map values"})
+    if res.skipped:  # unreadable images were left out: the run says how many, and why
+        config["skipped_images"] = {"count": len(res.skipped), "first": [why for _, why in res.skipped[:5]]}
+    run_fields = dict(
+        status="done", backbone=bi.get("name"), weights=bi.get("weights"),
+        weights_source=bi.get("weights_source"), device=det.device_name, config=config,
+        train_seconds=res.train_seconds, infer_seconds=res.infer_seconds,
+        n_train_normal=summary["n_train_normal"], n_train_anomaly=summary["n_train_anomaly"],
+        n_test=summary["n_test"], seen_defect_types=res.split.seen_types, threshold=res.threshold,
+        model_path=str(model_path) if model_path else None,
+    )
+    metrics = {k: (v, METRIC_DETAILS.get(k)) for k, v in res.metrics.items()}
+    metrics["test_images_per_s"] = (res.images_per_s, f"inference throughput on {det.device_name}")
+    rows = result_rows(res, id_of)
+    allmaps = np.stack([r["heatmap"] for r in rows]) if rows else np.zeros((1, 1, 1))
+    prepared = q.prepare_run_results(metrics, res.curves, rows,
+                                     heatmap_range=(float(allmaps.min()), float(allmaps.max())))
+
+    def write(s) -> int:
+        rid = run_id
+        if job_id is not None:
+            job = q.get_job(s, job_id)
+            if job is None or job.status != "running" or (worker_id and job.worker_id != worker_id):
+                raise JobGone(f"job {job_id} is gone or no longer this worker's")
+            if job.cancel_requested:
+                raise TrainingCancelled("cancelled while saving")
+        if rid is None:
+            rid = q.create_run(s, pid, det.name, det.preset, det.config, res.split.protocol.to_dict(), source,
+                               status="done", created_by=created_by).id
+        elif q.get_run(s, rid) is None:
+            raise JobGone(f"run {rid} was deleted while it trained")
+        q.update_run(s, rid, **run_fields)
+        q.write_run_results(s, rid, prepared)
+        if not q.train_log(s, rid):  # the worker logs live; the CLI logs here, once
             for h in det.history:
-                q.add_train_log(s, run_id, h["epoch"], None, h["loss"], h["elapsed_s"])
-    return run_id
+                q.add_train_log(s, rid, h["epoch"], None, h["loss"], h["elapsed_s"])
+        if job_id is not None:
+            q.finish_job(s, job_id, "done", worker_id=worker_id)
+        return rid
+
+    return with_retry(write, url=url, deadline_s=600, what="storing the run's results")

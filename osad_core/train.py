@@ -1,4 +1,15 @@
-"""What every method's training shares: device, seeding, sampling, progress, cancel."""
+"""What every method's training shares: device, seeding, sampling, progress, cancel, checkpoints.
+
+Resuming after a crash (``Callbacks.checkpoint_path`` + a :class:`Resumable` passed to
+:func:`run_loop`), per method:
+
+* DRA, DevNet, SaliencyCut (the DRA-family loop): resume after the last completed
+  epoch, with model, optimiser, scheduler, data streams and every RNG restored, so the
+  final metrics equal an uninterrupted run's;
+* AHL: its stage 1 (the base model) resumes like DRA/DevNet, or is skipped when it had
+  finished; the feature cache and the AHL heads are built again;
+* BGAD, CKAAD: start again (their loops are not wired to checkpoints yet).
+"""
 from __future__ import annotations
 
 import logging
@@ -80,15 +91,25 @@ class Progress:
 
 
 class Callbacks:
-    """Progress reporting and cancellation; the CLI, worker and tests subclass or pass functions."""
+    """Progress reporting and cancellation; the CLI, worker and tests subclass or pass functions.
+
+    ``checkpoint_path``: where :func:`run_loop` keeps a resumable checkpoint of a method
+    that supports it (written atomically after every epoch, read at the start);
+    ``on_checkpoint(epochs_done)`` is told after each one is written.
+    """
 
     def __init__(self, on_progress: Callable[[Progress], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, every_s: float = 1.0,
-                 on_status: Callable[[str], None] | None = None):
+                 on_status: Callable[[str], None] | None = None,
+                 checkpoint_path: str | os.PathLike | None = None,
+                 on_checkpoint: Callable[[int], None] | None = None):
         self._on_progress = on_progress
         self._should_stop = should_stop
         self._on_status = on_status
         self.every_s = every_s
+        self.checkpoint_path = checkpoint_path
+        self.on_checkpoint = on_checkpoint
+        self.resumed_from: int | None = None  # epochs restored from a checkpoint, if any
         self._last = 0.0
 
     def progress(self, p: Progress, force: bool = False) -> None:
@@ -105,6 +126,57 @@ class Callbacks:
     def check_cancel(self) -> None:
         if self._should_stop and self._should_stop():
             raise TrainingCancelled("training was cancelled")
+
+
+@dataclass
+class Resumable:
+    """What a method's training loop changes between epochs, for checkpoints.
+
+    ``get()`` returns tensors, numbers, strings, lists and dicts only (the file is read
+    back with ``torch.load(weights_only=True)``); ``set(state)`` puts them back. ``key``
+    names the method and configuration: a checkpoint written under another key is
+    ignored. The loop itself saves Python's, NumPy's and torch's global RNGs.
+    """
+
+    get: Callable[[], dict]
+    set: Callable[[dict], None]
+    key: str
+
+
+def _global_rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def _set_global_rng_state(st: dict) -> None:
+    random.setstate((st["python"][0], tuple(st["python"][1]), st["python"][2]))
+    torch.set_rng_state(st["torch"])
+    name, key, *rest = st["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
+
+
+def save_checkpoint(path: str | os.PathLike, blob: dict) -> None:
+    """Write atomically: a crash leaves the previous checkpoint or the new one, never half."""
+    from .artefacts import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(blob, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, key: str) -> dict | None:
+    """The checkpoint at ``path`` if it exists, reads and was written under ``key``."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable: start again rather than fail the job
+        log.warning("ignoring unreadable checkpoint %s: %s", path, exc)
+        return None
+    if not isinstance(blob, dict) or blob.get("key") != key:
+        log.info("checkpoint %s belongs to another configuration; starting from scratch", path)
+        return None
+    return blob
 
 
 class InfiniteStream:
@@ -130,16 +202,30 @@ def run_loop(
     callbacks: Callbacks | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
     message: str = "",
+    resumable: Resumable | None = None,
 ) -> list[dict]:
     """Run ``step_fn(epoch, step)`` for epochs x steps, reporting progress and honouring cancel.
 
+    With ``resumable`` and ``callbacks.checkpoint_path`` the loop writes a checkpoint
+    after every epoch and, when one is there at the start, continues after its last
+    epoch with the state restored; the result equals an uninterrupted run's.
     Returns the per-epoch mean loss history.
     """
     cb = callbacks or Callbacks()
+    ckpt_path = cb.checkpoint_path if resumable is not None else None
     t0 = time.monotonic()
-    history = []
+    history: list[dict] = []
+    first = 0
+    blob = load_checkpoint(ckpt_path, resumable.key) if ckpt_path else None
+    if blob is not None:
+        resumable.set(blob["state"])
+        _set_global_rng_state(blob["rng"])
+        history, first = list(blob["history"]), int(blob["epoch"])
+        t0 -= float(blob.get("elapsed_s", 0.0))
+        cb.resumed_from = first
+        log.info("resuming after epoch %d/%d from %s", first, epochs, ckpt_path)
     total = epochs * steps
-    for epoch in range(epochs):
+    for epoch in range(first, epochs):
         if on_epoch_start:
             on_epoch_start(epoch)
         losses = []
@@ -156,6 +242,12 @@ def run_loop(
                         force=(step == steps - 1))
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": time.monotonic() - t0})
         log.info("epoch %d/%d loss %.4f", epoch + 1, epochs, history[-1]["loss"])
+        if ckpt_path:
+            save_checkpoint(ckpt_path, {"key": resumable.key, "epoch": epoch + 1, "history": history,
+                                        "elapsed_s": time.monotonic() - t0, "state": resumable.get(),
+                                        "rng": _global_rng_state()})
+            if cb.on_checkpoint:
+                cb.on_checkpoint(epoch + 1)
     return history
 
 

@@ -1,19 +1,48 @@
 """The training worker: ``python -m osad_core worker``.
 
-Pages never train. They write a *job* row; a worker claims it, trains, writes progress
-(every second), metrics and artefacts back, and honours cancel requests. A heartbeat
-thread keeps the job and worker rows fresh, so a crashed worker's job is noticed by
-``recover_stale_jobs`` and queued again (or failed after its second attempt).
+Pages never train. They write a *job* row; a worker claims it and runs it. The worker is
+two processes:
+
+* the **supervisor** (``run_worker``) claims jobs, keeps the worker's and the job's
+  heartbeat fresh, and watches the job: it stops a job whose training reports no
+  progress for ``OSAD_JOB_STALL_S`` seconds (default 1800), one running longer than
+  ``OSAD_JOB_MAX_S`` (default 24 h; ``"max_s"`` in the payload overrides it), and one
+  whose cancel request the training does not honour within ``OSAD_JOB_CANCEL_GRACE_S``
+  (default 30). It imports no torch and runs no user code, so it stays alive whatever
+  the job does;
+* a **job process** per job (``python -m osad_core worker --job N``) that trains,
+  writes progress and checkpoints, and stores the run.
+
+Why a subprocess and not a thread or ``multiprocessing``: a hung data loader, a stuck
+device call or a runaway C extension cannot be interrupted from Python inside the same
+process, only killed; a fresh interpreter per job also returns all of its memory
+(CUDA context included) to the system and shares no state with the supervisor, which
+``multiprocessing`` with ``fork`` would (threads, SQLite connections) and ``spawn``
+would not do better than a plain command line that one can also run by hand.
+
+Progress means what the training loop reports (``progress_json["progress_at"]``, set
+by every progress and status callback), never the heartbeat: the heartbeat only says
+the supervisor is alive, so ``recover_stale_jobs`` re-queues a job whose worker died.
+A worker that starts finds jobs of dead workers on its own host at once (their pid is
+gone) instead of waiting for the heartbeat to age.
+
+Crash safety: writes are short and retried (:mod:`db.retry`); a run is stored with its
+model in one transaction that also finishes the job (:func:`osad_core.store.record_run`);
+every epoch a checkpoint is written, so a re-queued job resumes (see
+:mod:`osad_core.artefacts`). Re-queue rule: see :func:`db.queries.recover_stale_jobs`
+(``OSAD_JOB_MAX_ATTEMPTS`` crashes without progress, default 2).
 
 Job payload of kind ``train``::
 
     {"project_id": 3, "method": "dra", "preset": "quick", "overrides": {...},
-     "protocol": {"setting": "general", "shots": 10, "seed": 42, "known_class": null}}
+     "protocol": {"setting": "general", "shots": 10, "seed": 42, "known_class": null},
+     "max_s": 3600}
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,15 +52,45 @@ import traceback
 import uuid
 from pathlib import Path
 
-from .data import Dataset, DataError, ImageRecord
-from .protocol import Protocol
-from .train import Callbacks, TrainingCancelled
+from .data import DataError, Dataset, ImageRecord
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
+POLL_S = 0.5
 LABEL_CODES = {"normal": 0, "anomaly": 1, "unlabeled": -1}
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else default
+    except ValueError:
+        log.warning("%s=%r is not a number; using %g", name, value, default)
+        return default
+
+
+def stall_limit_s() -> float:
+    return _env_float("OSAD_JOB_STALL_S", 1800.0)
+
+
+def max_run_s(payload: dict | None = None) -> float:
+    if payload and payload.get("max_s"):
+        return float(payload["max_s"])
+    return _env_float("OSAD_JOB_MAX_S", 24 * 3600.0)
+
+
+def cancel_grace_s() -> float:
+    return _env_float("OSAD_JOB_CANCEL_GRACE_S", 30.0)
+
+
+def max_attempts() -> int:
+    return int(_env_float("OSAD_JOB_MAX_ATTEMPTS", 2))
+
+
+def _duration(s: float) -> str:
+    return f"{s / 3600:g} h" if s >= 3600 else f"{s / 60:g} min" if s >= 60 else f"{s:g} s"
 
 
 def project_dataset(s, project_id: int) -> Dataset:
@@ -40,7 +99,7 @@ def project_dataset(s, project_id: int) -> Dataset:
 
     proj = q.get_project(s, project_id)
     if proj is None:
-        raise DataError(f"project {project_id} does not exist (was it deleted?)")
+        raise q.RowGone(f"project {project_id} does not exist (was it deleted?)")
     recs = [
         ImageRecord(im.path, LABEL_CODES[im.label], im.defect_type if im.label == "anomaly" else None, im.split,
                     im.mask_path, im.id)
@@ -53,6 +112,12 @@ def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def _worker_pid_if_local(worker_id: str) -> int | None:
+    host, _, rest = worker_id.partition(":")
+    pid = rest.partition(":")[0]
+    return int(pid) if host == socket.gethostname() and pid.isdigit() else None
+
+
 class _Heartbeat(threading.Thread):
     def __init__(self, worker_id: str):
         super().__init__(daemon=True, name="osad-heartbeat")
@@ -62,113 +127,312 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         from db import queries as q
-        from db import session_scope
+        from db.retry import with_retry
 
         while not self.stop_event.wait(HEARTBEAT_S):
-            try:
-                with session_scope() as s:
-                    q.worker_heartbeat(s, self.worker_id, self.job_id)
-                    if self.job_id is not None:
-                        q.heartbeat_job(s, self.job_id)
-            except Exception as exc:  # a busy database must not kill the worker
+            job_id = self.job_id
+
+            def beat(s):
+                q.worker_heartbeat(s, self.worker_id, job_id)
+                if job_id is not None:
+                    q.heartbeat_job(s, job_id)
+
+            try:  # a busy database must not kill the worker
+                with_retry(beat, deadline_s=HEARTBEAT_S, what="heartbeat", give_up=None)
+            except Exception as exc:
                 log.warning("heartbeat failed: %s", exc)
 
 
+# --- the job process ---------------------------------------------------------------
+
+
+class _SupervisorGone(Exception):
+    """The supervising worker died: leave the job for recovery, write nothing more."""
+
+
 def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id: str) -> tuple[str, str | None]:
-    """Run one training job; returns (final status, error message)."""
+    """Run one training job in this process; returns (final status, error message).
+
+    On success the run and the job's end are stored together by ``record_run``.
+    """
     from db import data_dir, session_scope
     from db import queries as q
+    from db.retry import with_retry
 
+    from . import artefacts
     from .experiment import run_experiment
-    from .store import record_run
+    from .protocol import Protocol
+    from .store import JobGone, record_run
+    from .train import Callbacks
 
     with session_scope() as s:
         ds = project_dataset(s, int(payload["project_id"]))
     proto = Protocol(**payload.get("protocol", {}))
     unlabeled = [r for r in ds.records if r.label == -1]
+    parent = os.getppid()
+
+    def write_progress(what: str, **fields) -> None:
+        # best effort: a busy database skips one update, it never fails the job
+        fields["progress_at"] = time.time()
+        try:
+            with_retry(lambda s: q.update_job_progress(s, job_id, **fields), deadline_s=10, what=what,
+                       give_up=None)
+        except q.RowGone as exc:
+            raise JobGone(str(exc)) from None
 
     def on_progress(p):
-        with session_scope() as s:
-            q.update_job_progress(s, job_id, **p.to_dict())
-            if run_id is not None and p.step == p.steps:
-                q.add_train_log(s, run_id, p.epoch, p.step, p.loss, p.elapsed_s)
+        write_progress("progress update", **p.to_dict())
+        if run_id is not None and p.step == p.steps:
+            with_retry(lambda s: q.add_train_log(s, run_id, p.epoch, p.step, p.loss, p.elapsed_s),
+                       deadline_s=10, what="loss log", give_up=None)
 
     def should_stop() -> bool:
-        with session_scope() as s:
-            return q.is_cancel_requested(s, job_id)
+        if os.getppid() != parent:
+            raise _SupervisorGone()
+        try:
+            with session_scope() as s:
+                return q.is_cancel_requested(s, job_id)
+        except Exception as exc:  # a busy read: look again at the next step
+            log.info("cancel check skipped: %s", exc)
+            return False
 
-    def on_status(message: str) -> None:
-        with session_scope() as s:
-            q.update_job_progress(s, job_id, message=message)
+    def on_checkpoint(epochs_done: int) -> None:
+        write_progress("checkpoint note", checkpoint_epoch=epochs_done)
 
-    cb = Callbacks(on_progress, should_stop, every_s=1.0, on_status=on_status)
+    ckpt = artefacts.checkpoint_path(data_dir(), job_id)
+    cb = Callbacks(on_progress, should_stop, every_s=1.0, on_status=lambda m: write_progress("status", message=m),
+                   checkpoint_path=ckpt, on_checkpoint=on_checkpoint)
     res = run_experiment(ds, proto, payload["method"], payload.get("preset", "quick"), payload.get("overrides"),
                          cb, with_tsne=True, score_train=True, score_also=unlabeled, require_test=False)
-    with session_scope() as s:
-        q.update_job_progress(s, job_id, message="saving results", fraction=1.0)
-    model_path = Path(data_dir()) / "models" / f"run_{run_id or job_id}.osad"
-    res.detector.save(model_path)
-    record_run(res, ds, source="app", run_id=run_id, model_path=model_path)
+    cb.check_cancel()
+    resumed = {"resumed_from_epoch": cb.resumed_from} if cb.resumed_from else {}
+    write_progress("status", message="saving results", fraction=1.0, **resumed)
+    model_path = artefacts.model_path(data_dir(), run_id or job_id)
+    res.detector.save(model_path)  # atomic: a kill never leaves half a model under that name
+    record_run(res, ds, source="app", run_id=run_id, model_path=model_path, job_id=job_id, worker_id=worker_id)
+    ckpt.unlink(missing_ok=True)
     if res.skipped:  # unreadable images never fail a job; the job says how many were left out
-        first = res.skipped[0][1]
-        with session_scope() as s:
-            q.update_job_progress(s, job_id, message=f"skipped {len(res.skipped)} unreadable image(s), e.g. {first}")
+        write_progress("status", message=f"skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}")
     return "done", None
 
 
-def run_one(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
-    from db import session_scope
+def run_job_process(job_id: int, worker_id: str) -> int:
+    """Body of ``python -m osad_core worker --job N``: run a job claimed by ``worker_id``."""
+    from db import data_dir, init_db, session_scope
     from db import queries as q
+    from db.retry import with_retry
 
-    if beat:
-        beat.job_id = job.id
+    from . import artefacts
+    from .store import JobGone
+    from .train import TrainingCancelled
+
+    init_db()
+    with session_scope() as s:
+        job = q.get_job(s, job_id)
+    if job is None or job.status != "running" or job.worker_id != worker_id:
+        log.info("job %s is not running for %s; nothing to do", job_id, worker_id)
+        return 0
     status, error = "failed", None
     try:
         if job.kind != "train":
             raise DataError(f"this worker does not run {job.kind!r} jobs")
         status, error = execute_train_job(job.id, job.run_id, dict(job.payload_json or {}), worker_id)
+        log.info("job %s done", job_id)
+        return 0
+    except _SupervisorGone:
+        log.warning("job %s: the worker that started it is gone; leaving the job for recovery", job_id)
+        return 3
+    except (JobGone, q.RowGone) as exc:  # deleted meanwhile: end quietly (the row may be gone too)
+        status, error = "failed", str(exc)
     except TrainingCancelled:
         status, error = "cancelled", "cancelled by the user"
     except (DataError, ValueError, FileNotFoundError) as exc:
         status, error = "failed", str(exc)
-    except Exception as exc:  # keep the worker alive; the job says what broke
-        log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+    except OSError as exc:  # e.g. a full disk while saving
+        status, error = "failed", f"could not write the results: {exc.strerror or exc}"
+    except Exception as exc:
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         status, error = "failed", f"{exc.__class__.__name__}: {exc}"
+    artefacts.discard_job_files(data_dir(), job_id, job.run_id)
+    try:
+        with_retry(lambda s: q.finish_job(s, job_id, status, error, worker_id=worker_id), deadline_s=600,
+                   what="final job status")
+    except q.RowGone:
+        pass
+    log.info("job %s %s%s", job_id, status, f": {error}" if error else "")
+    return 0
+
+
+# --- the supervisor -----------------------------------------------------------------
+
+
+def _start_job_process(job_id: int, worker_id: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see ensure_local_worker
+    verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.INFO) else []
+    return subprocess.Popen(
+        [sys.executable, "-m", "osad_core", *verbose, "worker", "--job", str(job_id), "--worker-id", worker_id],
+        stdin=subprocess.DEVNULL, cwd=str(Path(__file__).resolve().parents[1]), env=env,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def supervise(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
+    """Run ``job`` in a job process and watch it; returns the job's final status."""
+    from db import data_dir, session_scope
+    from db import queries as q
+    from db.retry import with_retry
+
+    from . import artefacts
+
+    payload = dict(job.payload_json or {})
+    limit, stall, grace = max_run_s(payload), stall_limit_s(), cancel_grace_s()
+    if beat:
+        beat.job_id = job.id
+    t_start = time.time()
+    proc = _start_job_process(job.id, worker_id)
+    cancel_seen: float | None = None
+    verdict: tuple[str, str] | None = None  # what the supervisor decided, if it had to
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+            try:
+                with session_scope() as s:
+                    row = q.get_job(s, job.id)
+            except Exception as exc:  # a busy read: look again next time
+                log.info("job watch skipped: %s", exc)
+                continue
+            if row is None:  # deleted with its project: stop quietly, take the next job
+                _stop(proc)
+                artefacts.discard_job_files(data_dir(), job.id, job.run_id)
+                log.info("job %s was deleted while it ran", job.id)
+                return "deleted"
+            if rc is not None:
+                if row.status == "running" and row.worker_id == worker_id:
+                    how = f"signal {-rc}" if rc < 0 else f"code {rc}"
+                    verdict = ("failed", f"the training process ended unexpectedly ({how}); see worker.log")
+                break
+            if row.status != "running" or row.worker_id != worker_id:
+                _stop(proc)  # finished or taken over elsewhere
+                break
+            now = time.time()
+            progress = row.progress_json or {}
+            last = max(float(progress.get("progress_at") or 0.0), t_start)
+            if row.cancel_requested:
+                cancel_seen = cancel_seen or now
+                if now - cancel_seen > grace:
+                    verdict = ("cancelled", f"cancelled by the user (stopped after {grace:g} s without reply)")
+            elif now - last > stall:
+                verdict = ("failed", f"stopped: no training progress for {_duration(stall)} "
+                                     f"(last step: {progress.get('message') or 'starting'})")
+            elif now - t_start > limit:
+                verdict = ("failed", f"stopped: the job ran longer than its limit of {_duration(limit)}")
+            if verdict:
+                _stop(proc)
+                break
     finally:
+        if proc.poll() is None:  # the supervisor itself is stopping (Ctrl+C)
+            _stop(proc)
         if beat:
             beat.job_id = None
+    if verdict is not None:
+        artefacts.discard_job_files(data_dir(), job.id, job.run_id)
+        try:
+            with_retry(lambda s: q.finish_job(s, job.id, verdict[0], verdict[1], worker_id=worker_id),
+                       deadline_s=600, what="final job status")
+        except q.RowGone:
+            return "deleted"
     with session_scope() as s:
-        q.finish_job(s, job.id, status, error, worker_id=worker_id)
-    log.info("job %s (queued by %s) %s%s", job.id, getattr(job, "created_by", None) or "?", status,
-             f": {error}" if error else "")
+        row = q.get_job(s, job.id)
+    status = row.status if row is not None else "deleted"
+    log.info("job %s (queued by %s) %s%s", job.id, getattr(job, "created_by", None) or "?", status, f": {row.error}" if row is not None and row.error else "")
     return status
+
+
+def dead_local_workers(s) -> set[str]:
+    """Workers holding running jobs whose process on this host no longer exists."""
+    from db import queries as q
+
+    from .artefacts import pid_alive
+
+    dead = set()
+    for wid in q.running_job_workers(s):
+        pid = _worker_pid_if_local(wid)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
+            dead.add(wid)
+    return dead
+
+
+def startup_sweep() -> dict:
+    """What a starting worker does first: re-queue jobs of dead local workers, remove
+    orphaned files, and check the SQLite file. Returns what it found."""
+    from db import data_dir, session_scope
+    from db import queries as q
+    from db.retry import with_retry
+
+    from . import artefacts
+
+    def recover(s):
+        return q.recover_stale_jobs(s, stale_after_s=STALE_AFTER_S, max_attempts=max_attempts(),
+                                    dead_workers=dead_local_workers(s))
+
+    recovered = with_retry(recover, what="recovering jobs of dead workers")
+    with session_scope() as s:
+        owners = q.artefact_owners(s)
+        integrity = q.integrity_check(s)
+    removed = artefacts.sweep(data_dir(), **owners)
+    if recovered:
+        log.warning("jobs of dead workers re-queued or failed: %s", recovered)
+    (log.info if integrity == "ok" else log.error)("database integrity check: %s", integrity)
+    return {"recovered": recovered, "removed": removed, "integrity": integrity}
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: float = 1.0) -> int:
     from db import init_db, session_scope
     from db import queries as q
+    from db.retry import with_retry
 
     init_db()
     worker_id = new_worker_id()
-    with session_scope() as s:
-        q.register_worker(s, worker_id, os.getpid(), socket.gethostname())
+    with_retry(lambda s: q.register_worker(s, worker_id, os.getpid(), socket.gethostname()),
+               what="registering the worker")
+    startup_sweep()
     beat = _Heartbeat(worker_id)
     beat.start()
     log.info("worker %s started", worker_id)
     idle_since = time.monotonic()
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a service stop) ends the loop like Ctrl+C, so the job process stops too
+        signal.signal(signal.SIGTERM, _interrupt)
+
+    def claim(s):
+        recovered = q.recover_stale_jobs(s, stale_after_s=STALE_AFTER_S, max_attempts=max_attempts(),
+                                         dead_workers=dead_local_workers(s))
+        if recovered:
+            log.warning("re-queued or failed stale jobs %s", recovered)
+        return q.claim_next_job(s, worker_id, kinds=["train"])
+
     try:
         while True:
-            with session_scope() as s:
-                recovered = q.recover_stale_jobs(s, stale_after_s=STALE_AFTER_S)
-                if recovered:
-                    log.warning("re-queued or failed stale jobs %s", recovered)
-                job = q.claim_next_job(s, worker_id, kinds=["train"])
+            job = with_retry(claim, what="claiming a job", give_up=None)
             if job is None:
                 if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
                     return 0
                 time.sleep(poll_s)
                 continue
-            run_one(job, worker_id, beat)
+            supervise(job, worker_id, beat)
             idle_since = time.monotonic()
             if once:
                 return 0
@@ -176,8 +440,10 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: flo
         return 130
     finally:
         beat.stop_event.set()
-        with session_scope() as s:
-            q.stop_worker(s, worker_id)
+        try:
+            with_retry(lambda s: q.stop_worker(s, worker_id), deadline_s=10, what="worker stop", give_up=None)
+        except Exception as exc:
+            log.warning("could not mark the worker stopped: %s", exc)
 
 
 def ensure_local_worker(max_age_s: float = 20.0) -> bool:

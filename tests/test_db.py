@@ -879,7 +879,8 @@ def test_recover_stale_jobs_requeues_then_fails(url):
         assert q.recover_stale_jobs(s, stale_after_s=60, max_attempts=2) == [job.id]
         j = q.get_job(s, job.id)
         assert (j.status, j.worker_id, j.attempts) == ("queued", None, 1)
-        assert j.progress_json == {"message": "re-queued: worker stopped responding"}
+        assert j.progress_json["message"] == "re-queued: worker stopped responding"
+        assert j.progress_json["fruitless_attempts"] == 1
         assert q.get_run(s, run.id).status == "queued"
         assert q.get_job(s, fresh.id).status == "running"  # its heartbeat is recent
         assert q.claim_next_job(s, "w2").id == job.id
@@ -892,6 +893,50 @@ def test_recover_stale_jobs_requeues_then_fails(url):
         r = q.get_run(s, run.id)
         assert r.status == "failed" and "worker stopped responding" in r.error
         assert q.recover_stale_jobs(s, stale_after_s=60) == []
+
+
+def test_a_job_that_checkpoints_further_each_time_is_requeued_past_max_attempts(url):
+    with db.session_scope(url) as s:
+        job = q.enqueue_job(s, "train", {})
+    for epoch in (1, 2, 3):  # three crashes, each after a new checkpoint
+        with db.session_scope(url) as s:
+            assert q.claim_next_job(s, "w").id == job.id
+            q.update_job_progress(s, job.id, checkpoint_epoch=epoch)
+        with db.session_scope(url) as s:
+            assert q.recover_stale_jobs(s, max_attempts=2, dead_workers=["w"]) == [job.id]
+            assert q.get_job(s, job.id).status == "queued"
+    for expected in ("queued", "failed"):  # then two crashes without progress
+        with db.session_scope(url) as s:
+            q.claim_next_job(s, "w")
+            q.recover_stale_jobs(s, max_attempts=2, dead_workers=["w"])
+            j = q.get_job(s, job.id)
+            assert j.status == expected
+    assert j.attempts == 5 and "2 without progress" in j.error
+
+
+def test_a_done_run_never_flips_back(url):
+    pid, _ = _project_with_images(url, n=1)
+    with db.session_scope(url) as s:
+        run = q.create_run(s, pid, "dra", None, {}, {}, "app")
+        job = q.enqueue_job(s, "train", {}, run_id=run.id)
+        q.claim_next_job(s, "w")
+        q.update_run(s, run.id, status="done")  # stored, then the worker died before finishing the job
+    with db.session_scope(url) as s:
+        assert q.recover_stale_jobs(s, dead_workers=["w"]) == [job.id]
+        assert (q.get_job(s, job.id).status, q.get_run(s, run.id).status) == ("done", "done")
+        job2 = q.enqueue_job(s, "train", {}, run_id=run.id)
+        q.claim_next_job(s, "w")
+        assert q.finish_job(s, job2.id, "failed", "late failure")
+        assert q.get_run(s, run.id).status == "done" and q.get_run(s, run.id).error is None
+
+
+def test_missing_job_rows_raise_row_gone(url):
+    with db.session_scope(url) as s:
+        with pytest.raises(q.RowGone):
+            q.update_job_progress(s, 999, message="x")
+        with pytest.raises(q.RowGone):
+            q.finish_job(s, 999, "failed")
+        assert q.integrity_check(s) == "ok"
 
 
 def test_recover_stale_job_with_cancel_request_cancels_it(url):

@@ -597,10 +597,15 @@ class AHL(Detector):
         stage_c = _StageCallbacks(callbacks, "stage 3/3: AHL heads (HADG, CDL, ψ)", 0.6, 1.0, base_epochs + 1,
                                   total_epochs)
 
-        # A. the base model, with its own recipe
+        # A. the base model, with its own recipe. Only this stage checkpoints: a re-run job
+        # resumes or skips it; the cache and the AHL heads are rebuilt from the base model.
+        if callbacks is not None:
+            stage_a.checkpoint_path, stage_a.on_checkpoint = callbacks.checkpoint_path, callbacks.on_checkpoint
         stage_a.announce("starting")
         t0 = time.monotonic()
         self.base.fit(train_normal, train_anomalies, stage_a)
+        if callbacks is not None:
+            callbacks.resumed_from = stage_a.resumed_from
         self.stage_seconds = {"base": time.monotonic() - t0}
         self.backbone_info = self.base.backbone_info
         self.device, self.device_name = self.base.device, self.base.device_name

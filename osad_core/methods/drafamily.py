@@ -8,6 +8,8 @@ Subclasses supply the heads (:meth:`make_heads`), how they are applied
 """
 from __future__ import annotations
 
+import json
+
 import logging
 import math
 import time
@@ -20,7 +22,7 @@ from torch import nn
 from .. import augment
 from ..backbones import build_arch_only, build_backbone
 from ..data import IMAGE_CACHE, DataError, ImageRecord
-from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
+from ..train import Callbacks, InfiniteStream, Resumable, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction
 
 log = logging.getLogger(__name__)
@@ -215,15 +217,39 @@ class DRAFamilyDetector(Detector):
                 sched.step()
             return loss
 
+        def get_state() -> dict:
+            return {"model": self.model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                    "streams": [list(s_norm._perm), list(s_an._perm)], "extra": self.extra_train_state()}
+
+        def set_state(st: dict) -> None:
+            self.model.load_state_dict(st["model"])
+            opt.load_state_dict(st["opt"])
+            sched.load_state_dict(st["sched"])
+            rng.bit_generator.state = st["rng"]
+            gen.set_state(st["gen"])
+            s_norm._perm, s_an._perm = [int(i) for i in st["streams"][0]], [int(i) for i in st["streams"][1]]
+            self.load_extra_train_state(st["extra"])
+
+        key = json.dumps({"method": self.name, "config": c}, sort_keys=True, default=str)
         t0 = time.monotonic()
         self.history = run_loop(epoch_end_wrapper, c["epochs"], c["steps_per_epoch"], callbacks,
-                                on_epoch_start=epoch_start, message=f"training {self.name}")
+                                on_epoch_start=epoch_start, message=f"training {self.name}",
+                                resumable=Resumable(get_state, set_state, key))
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         self._ref_cache = None
         return self
 
     # hooks with defaults -------------------------------------------------------------
+    def extra_train_state(self) -> dict:
+        """State a subclass changes during training beyond model, optimiser and data RNGs
+        (checkpointed every epoch so a resumed run ends exactly as an uninterrupted one)."""
+        return {}
+
+    def load_extra_train_state(self, state: dict) -> None:
+        pass
+
     def prepare_training(self, normals: np.ndarray, anomalies: np.ndarray, rng: np.random.Generator) -> None:
         """Called once before the loop (DRA picks its reference images here)."""
 

@@ -185,6 +185,12 @@ class SaliencyCut(DRAFamilyDetector):
         self._layout_rng = np.random.default_rng([c["seed"], 1])
         self._draw_layouts(np.random.default_rng([c["seed"], 2]))
 
+    def extra_train_state(self) -> dict:
+        return {"layout_rng": self._layout_rng.bit_generator.state}
+
+    def load_extra_train_state(self, state: dict) -> None:
+        self._layout_rng.bit_generator.state = state["layout_rng"]
+
     def _draw_layouts(self, rng: np.random.Generator) -> None:
         """Fix the test-time layouts of every scale (needs the feature-map sizes)."""
         c = self.config
