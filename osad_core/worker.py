@@ -206,13 +206,14 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
                          cb, with_tsne=True, score_train=True, score_also=unlabeled, require_test=False)
     cb.check_cancel()
     resumed = {"resumed_from_epoch": cb.resumed_from} if cb.resumed_from else {}
-    write_progress("status", message="saving results", fraction=1.0, **resumed)
+    message = "saving results"
+    if res.skipped:  # unreadable images never fail a job; the job says how many were left out
+        message = f"skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}"
+    write_progress("status", message=message, fraction=1.0, **resumed)
     model_path = artefacts.model_path(data_dir(), run_id or job_id)
     res.detector.save(model_path)  # atomic: a kill never leaves half a model under that name
     record_run(res, ds, source="app", run_id=run_id, model_path=model_path, job_id=job_id, worker_id=worker_id)
     ckpt.unlink(missing_ok=True)
-    if res.skipped:  # unreadable images never fail a job; the job says how many were left out
-        write_progress("status", message=f"skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}")
     return "done", None
 
 

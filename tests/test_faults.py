@@ -413,8 +413,7 @@ def test_deleting_a_project_while_its_job_runs_keeps_the_worker_up(db_url, tmp_p
 
 
 def test_disk_full_while_saving_fails_the_job_and_leaves_nothing(db_url, tmp_path, monkeypatch):
-    import torch
-
+    from osad_core import modelfile
     from osad_core.worker import run_job_process
 
     pid = _project(db_url, tmp_path / "parts")
@@ -422,15 +421,23 @@ def test_disk_full_while_saving_fails_the_job_and_leaves_nothing(db_url, tmp_pat
     monkeypatch.setenv("OSAD_DATABASE_URL", db_url)
     with session_scope(db_url) as s:
         q.claim_next_job(s, "w-disk")
-    real_save = torch.save
+    real_fdopen = os.fdopen
 
-    def full_disk(obj, f, *a, **kw):
-        if str(f).endswith(".tmp") and "models" in str(f):  # the model file, not checkpoints
-            Path(f).write_bytes(b"half a model")
+    class FullDisk:  # the model file's bytes stop half-way, as on a full disk
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(obj, f, *a, **kw)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(modelfile.os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
     assert run_job_process(job_id, "w-disk") == 0
     job = _job(db_url, job_id)
     assert job.status == "failed" and "No space left on device" in job.error
