@@ -215,6 +215,18 @@ def _collect_images(paths: list[str]) -> list[ImageRecord]:
     return recs
 
 
+def _threshold(a, operating_point: dict | None) -> float | None:
+    """--threshold when given, else the model's operating point (set from held-out normals)."""
+    if a.threshold is not None:
+        return a.threshold
+    op = (operating_point or {}).get("threshold")
+    if op is not None:
+        print(f"verdicts at the model's operating point {op:.4f} (promised false-reject rate "
+              f"{100 * operating_point['frr']:.2g} % from {operating_point['n_calibration']} held-out normals)",
+              file=sys.stderr)
+    return op
+
+
 def cmd_score(a) -> int:
     from .data import write_csv
     from .methods.base import load_detector
@@ -222,7 +234,7 @@ def cmd_score(a) -> int:
     det = load_detector(a.model, a.device or "auto")
     recs = _collect_images(a.images)
     pred = det.predict(recs)
-    thr = a.threshold
+    thr = _threshold(a, det.config.get("operating_point"))
     rows = []
     for r, s in zip(pred.records, pred.scores):
         row = {"path": r.path, "score": float(s)}
@@ -392,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, help="model file written by `train --out`")
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--csv", help="also write path,score[,verdict] to this CSV file")
-    s.add_argument("--threshold", type=float, help="add a verdict column: anomaly when score >= threshold")
+    s.add_argument("--threshold", type=float,
+                   help="verdict: anomaly when score >= threshold (default: the model's operating point)")
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
     s.set_defaults(func=cmd_score)
 

@@ -24,6 +24,7 @@ ROLE_FILTER = {
     "test": "held out (test)",
     "train_normal": "training normal",
     "train_anomaly": "training anomaly",
+    "calibration": "held-out normal (operating point)",
     "scored": "unlabelled",
 }
 
