@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backbone_names import BACKBONES, WEIGHT_CHOICES, WeightsUnavailable  # noqa: F401 (re-exported)
+from .names import BACKBONES, WEIGHT_CHOICES, WeightsUnavailable  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone_names import BACKBONES, WEIGHT_CHOICES, WeightsUnavailable
+from .names import BACKBONES, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
 from .data import DataError, ImageRecord, load_folder, resolve_dataset
 from .protocol import Protocol
 
@@ -56,8 +56,6 @@ def _add_protocol(p: argparse.ArgumentParser, seeds: bool = False) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser, multi: bool = False) -> None:
-    from .methods.base import PRESETS
-
     g = p.add_argument_group("model")
     if multi:
         g.add_argument("--methods", default="devnet,dra", help="comma-separated methods (see `methods`)")

@@ -46,11 +46,22 @@ class _Graph(nn.Module):
     def __init__(self, det: Detector):
         super().__init__()
         self.det = det
-        # the detector's modules, registered so tracing sees their parameters
-        self.parts = nn.ModuleList(m for m in vars(det).values() if isinstance(m, nn.Module))
+        # the detector's modules (and a wrapped base detector's), registered so tracing
+        # sees their parameters as parameters rather than constants
+        self.parts = nn.ModuleList(_modules(det))
 
     def forward(self, image: torch.Tensor):
         return self.det.export_forward(image)
+
+
+def _modules(det: Detector) -> list[nn.Module]:
+    out = []
+    for v in vars(det).values():
+        if isinstance(v, nn.Module):
+            out.append(v)
+        elif isinstance(v, Detector):
+            out += _modules(v)
+    return out
 
 
 def manifest(det: Detector) -> dict:

@@ -906,7 +906,6 @@ class AHL(Detector):
         return psi(x).cpu().numpy().astype(np.float64)
 
     # -- inference -------------------------------------------------------------------------
-    @torch.no_grad()
     # ONNX export (osad_core.export) ---------------------------------------------------------
     def prepare_export(self) -> None:
         self.base.model.eval()
@@ -919,6 +918,7 @@ class AHL(Detector):
         out = self.headnet(self._features(x), self.ref_feats)
         return self.base.score(out), self.base.anomaly_map(out, self.config["map_size"])
 
+    @torch.no_grad()
     def predict_arrays(self, images: np.ndarray, batch_size: int = 32) -> Prediction:
         if not self.fitted:
             raise RuntimeError("fit or load the detector before predicting")

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from ..data import IMAGE_CACHE, ImageRecord
+from ..names import PRESETS  # noqa: F401 (defined torch-free for the command line)
 from ..train import Callbacks
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-PRESETS = ("quick", "paper", "tiny")
 
 
 @dataclass
