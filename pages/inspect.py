@@ -223,9 +223,34 @@ def export_tab(run) -> None:
                            "application/octet-stream", key="dl_model", icon="🧠", on_click="ignore")
         st.caption("Load it with `osad_core.methods.load_detector(path)` or score folders with "
                    "`python -m osad_core score --model <file> <images>`.")
+        onnx_export(run, path)
     else:
         c2.caption("No saved model for this run.")
     st.caption("Each CSV row names the run, method, preset, protocol, backbone weights and device that produced it.")
+
+
+def onnx_export(run, model_path: Path) -> None:
+    """ONNX for a line PC: the graph and its manifest (preprocessing, operating point)."""
+    out = data_dir() / "exports" / f"run_{run.id}_{run.method}.onnx"
+    if st.button("Export for a line PC (ONNX)", icon="📦", key="onnx_export",
+                 help="Scores with onnxruntime alone, no PyTorch: `python -m osad_core score --model <file>.onnx "
+                      "<images>`. The operating point travels in the manifest, outside the graph."):
+        from osad_core.export import NotExportable, export_onnx
+        from osad_core.methods.base import load_detector
+
+        try:
+            with st.spinner("Tracing the model to ONNX…"):
+                export_onnx(load_detector(model_path, "cpu"), out)
+        except (NotExportable, ValueError, OSError) as exc:
+            common.show_error(exc)
+            return
+    if out.is_file() and Path(str(out) + ".json").is_file():
+        c1, c2 = st.columns(2)
+        c1.download_button(f"{out.name} ({out.stat().st_size / 1e6:.1f} MB)", lambda: out.read_bytes(), out.name,
+                           "application/octet-stream", key="dl_onnx", icon="📦", on_click="ignore")
+        c2.download_button(f"{out.name}.json (manifest, keep it next to the model)",
+                           Path(str(out) + ".json").read_text(), f"{out.name}.json", "application/json",
+                           key="dl_onnx_manifest", icon="🧾", on_click="ignore")
 
 
 def main() -> None:

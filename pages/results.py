@@ -96,7 +96,7 @@ def threshold_tab(run, df: pd.DataFrame, details: dict) -> None:
     if len(calibration):
         stored = OperatingPoint.from_dict((run.config_json or {}).get("operating_point"))
         target = st.number_input(
-            "Target false-reject rate on new good parts (%)", min_value=0.01, max_value=50.0,
+            "Target false-reject rate on new good parts (%)", min_value=0.01, max_value=90.0,
             value=100 * (stored.target_frr if stored else DEFAULT_TARGET_FRR), step=0.5, format="%.2f",
             key=f"target_frr_{run.id}",
             help=f"Moves the operating point, set from the {len(calibration)} training normals held out from "
@@ -105,8 +105,13 @@ def threshold_tab(run, df: pd.DataFrame, details: dict) -> None:
         st.markdown(op.sentence(n_good) + ".")
     default = op.threshold if op is not None else (run.threshold if run.threshold is not None else (lo + hi) / 2)
     default = min(max(default, lo), hi)
+    key = f"thr_{run.id}"
+    if op is not None and st.session_state.get(f"{key}_target") != op.target_frr:
+        # a new target moves the slider to its operating point; moving the slider by hand keeps it
+        st.session_state[f"{key}_target"] = op.target_frr
+        st.session_state[key] = default
     thr = st.slider("Threshold (images scoring at or above it are flagged)", lo, hi, default,
-                    step=max((hi - lo) / 400, 1e-6), format="%.4f", key=f"thr_{run.id}_{default:.6g}")
+                    step=max((hi - lo) / 400, 1e-6), format="%.4f", key=key)
     counts = figures.threshold_counts(ev, thr)
     st.markdown(figures.threshold_sentence(counts))
     c1, c2 = st.columns([2, 3])

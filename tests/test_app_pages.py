@@ -442,7 +442,30 @@ def test_results_headline_curves_threshold_and_tsne(seeded):
     roc = next(c for c in specs if c["layout"].get("title", {}).get("text", "").startswith("ROC"))
     assert "threshold" in roc["data"][1]["hovertemplate"]
     assert "At this threshold **" in cap and "good images" in cap and "missed" in cap
-    assert "optimistic for unseen production images" in cap
+    assert "a check, not a promise" in cap
+    names = [d.get("name") for d in roc["data"]]
+    assert "operating point" in names and "best F1 on test labels (reference)" in names
+
+
+def test_results_threshold_defaults_to_the_operating_point_and_a_target_moves_it(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        run = q.get_run(s, seeded.run_id)
+        op, thr = run.config_json["operating_point"], run.threshold
+        cal = sorted(r["score"] for r in q.run_scores(s, seeded.run_id) if r["role"] == "calibration")
+    assert op["n_calibration"] == len(cal) == 2 and thr == op["threshold"]  # 10 training normals, 20 % held out
+    at = app("results")
+    slider = at.slider(key=f"thr_{seeded.run_id}")
+    assert slider.value == pytest.approx(min(max(thr, slider.min), slider.max))
+    text = texts(at)
+    assert "Expect about" in text and "cannot promise 1 %" in text and "1/3" in text
+    at.number_input(key=f"target_frr_{seeded.run_id}").set_value(70.0).run()
+    # 2 held-out normals, 70 %: k = ceil(3 * 0.3) = 1, just above the smaller calibration score
+    moved = at.slider(key=f"thr_{seeded.run_id}").value
+    assert moved == pytest.approx(min(max(cal[0], slider.min), slider.max), rel=1e-5)
+    assert "promised false-reject rate 67 %" in texts(at)
 
 
 def test_results_headline_compares_ahl_with_its_base_model(seeded):
