@@ -554,3 +554,18 @@ def test_inspect_exports_scores_and_model(seeded):
     labels = [b.proto.label for b in at.get("download_button")]
     assert any(lbl.startswith("Scores of run 1 (CSV") for lbl in labels)
     assert any(lbl.startswith("Model of run 1") for lbl in labels)
+
+
+def test_inspect_exports_the_model_for_a_line_pc(seeded):
+    import json as _json
+
+    from db import data_dir
+
+    at = app("inspect")
+    at.button(key="onnx_export").click().run()
+    ok(at)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(lbl.startswith("run_1_dra.onnx (") for lbl in labels)
+    assert any(lbl.startswith("run_1_dra.onnx.json (manifest") for lbl in labels)
+    man = _json.loads((data_dir() / "exports" / "run_1_dra.onnx.json").read_text())
+    assert man["method"] == "dra" and man["operating_point"]["n_calibration"] == 2
