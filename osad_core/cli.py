@@ -258,7 +258,20 @@ def cmd_score(a) -> int:
     if a.csv:
         write_csv(a.csv, rows)
         print(f"wrote {len(rows)} scores to {a.csv}", file=sys.stderr)
+    _drift(operating_point, scores)
     return 0 if rows else 2
+
+
+def _drift(operating_point: dict | None, scores) -> None:
+    """Compare the scored images with the model's held-out normals (models trained before
+    these were stored carry none)."""
+    from .drift import MIN_SCORES, compare
+
+    ref = (operating_point or {}).get("calibration_scores")
+    if not ref:
+        return
+    d = compare(ref, scores)
+    print(d.sentence() if d else f"drift: fewer than {MIN_SCORES} images scored, not compared", file=sys.stderr)
 
 
 def cmd_export(a) -> int:

@@ -118,7 +118,8 @@ def run_experiment(
     if op is not None:
         log.info("operating point %.4f: promised false-reject rate %.4f from %d held-out normals",
                  op.threshold, op.frr, op.n_calibration)
-        det.config["operating_point"] = op.to_dict()  # travels with the saved model (CLI `score`)
+        # travels with the saved model (CLI `score`, ONNX manifest); the scores serve drift checks
+        det.config["operating_point"] = dict(op.to_dict(), calibration_scores=np.sort(cal_pred.scores).tolist())
         normal = labels == 0
         if normal.any():  # the test normals never set the operating point: an honest check of its promise
             metrics["operating_point_frr_promised"] = op.frr

@@ -102,3 +102,16 @@ def test_run_sets_and_stores_the_operating_point_from_held_out_normals(mvtec_dir
     cal_rows = sorted(r["score"] for r in rows if r["role"] == "calibration")
     np.testing.assert_allclose(cal_rows, np.sort(cal.scores), rtol=1e-6)
     assert sum(r["role"] == "train_normal" for r in rows) == 9
+
+
+def test_drift_warns_on_a_shifted_line_and_not_on_the_same_one():
+    from osad_core.drift import compare, psi
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(0, 1, 226)
+    same = compare(ref, rng.normal(0, 1, 300))
+    assert not same.drifted and same.psi < 0.1 and "No drift" in same.sentence()
+    moved = compare(ref, rng.normal(0.8, 1, 300))
+    assert moved.drifted and moved.psi > 0.25 and moved.sentence().startswith("Drift warning")
+    assert compare(ref, ref[:5]) is None  # too few new scores
+    assert psi(ref, ref) == pytest.approx(0.0, abs=1e-9)
