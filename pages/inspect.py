@@ -184,6 +184,7 @@ def score_tab(run) -> None:
                  column_config={"score": st.column_config.NumberColumn(format="%.4f")})
     st.download_button("Download these scores (CSV)", table.to_csv(index=False), f"run_{run.id}_new_scores.csv",
                        "text/csv", key="dl_new_scores", on_click="ignore")
+    drift_check(run, table["score"].to_numpy())
     vmin, vmax = fmt.display_range(run, (0.0, 1.0))
     pick = st.selectbox("Show", range(len(rows)), format_func=lambda i: rows[i]["file"], key="scored_pick")
     c1, c2 = st.columns([3, 2])
@@ -193,6 +194,26 @@ def score_tab(run) -> None:
                         config={"displayModeBar": False})
     with c2:
         st.markdown(_verdict_html(rows[pick]["score"], run.threshold), unsafe_allow_html=True)
+
+
+def drift_check(run, scores: np.ndarray) -> None:
+    """These scores against the run's held-out normals: has the line drifted?"""
+    from osad_core.drift import MIN_SCORES, compare
+
+    with session_scope() as s:
+        ref = [r["score"] for r in q.run_scores(s, run.id) if r["role"] == "calibration"]
+    if not ref:
+        return
+    d = compare(ref, scores)
+    if d is None:
+        st.caption(f"Drift check: score at least {MIN_SCORES} images to compare them with the run's "
+                   f"{len(ref)} held-out normals.")
+        return
+    (st.warning if d.drifted else st.caption)(d.sentence())
+    both = pd.DataFrame({"score": np.r_[ref, scores], "rel_path": "",
+                         "label_name": ["held-out normals (operating point)"] * len(ref) + ["these images"] * len(scores)})
+    st.plotly_chart(figures.score_histogram(both, threshold=run.threshold, histnorm="probability",
+                                            title="These images against the held-out normals"), key="drift_hist")
 
 
 def export_tab(run) -> None:

@@ -549,6 +549,19 @@ def test_inspect_scores_uploaded_images_and_rejects_non_images(seeded):
     assert list(df["file"]) == ["part.png"] and np.isfinite(df["score"]).all()
 
 
+def test_inspect_checks_scored_images_for_drift(seeded):
+    at = app("inspect")
+    files = (sorted((seeded.parts / "test").rglob("*.png")) + sorted((seeded.parts / "train").rglob("*.png")))[:20]
+    assert len(files) == 20
+    at.file_uploader(key="score_files").set_value([(f"{i}.png", f.read_bytes(), "image/png")
+                                                  for i, f in enumerate(files)])
+    click(at, "Score with run 1")
+    ok(at)
+    text = texts(at)
+    assert "20 new vs 2 held-out normal scores" in text and ("Drift warning" in text or "No drift" in text)
+    assert any(c["layout"]["title"]["text"].startswith("These images against") for c in charts(at))
+
+
 def test_inspect_exports_scores_and_model(seeded):
     at = app("inspect")
     labels = [b.proto.label for b in at.get("download_button")]

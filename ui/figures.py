@@ -149,16 +149,17 @@ def pr_figure(curves: Sequence[tuple[str, dict]], base_rates: Sequence[float] = 
 
 def score_histogram(df: pd.DataFrame, by: str = "label_name", threshold: float | None = None,
                     title: str = "Score distribution of the held-out images",
-                    reference: float | None = None) -> go.Figure:
+                    reference: float | None = None, histnorm: str | None = None) -> go.Figure:
     colors = dict(GROUP_COLORS)
-    fig = px.histogram(df, x="score", color=by, barmode="overlay", opacity=0.65, nbins=40,
+    fig = px.histogram(df, x="score", color=by, barmode="overlay", opacity=0.65, nbins=40, histnorm=histnorm,
                        color_discrete_map=colors, hover_data=["rel_path"] if len(df) < 3000 else None)
     if threshold is not None:
         fig.add_vline(x=threshold, line_dash="dash", line_color="#111", annotation_text="threshold")
     if reference is not None:
         fig.add_vline(x=reference, line_dash="dot", line_color="#888", annotation_text="best F1 (reference)",
                       annotation_position="bottom right")
-    fig.update_layout(title=title, xaxis_title="anomaly score", yaxis_title="images", height=340,
+    fig.update_layout(title=title, xaxis_title="anomaly score",
+                      yaxis_title="share of images" if histnorm else "images", height=340,
                       legend_title_text="", **_LAYOUT)
     return fig
 
