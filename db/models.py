@@ -46,7 +46,8 @@ TERMINAL_STATUSES = ("done", "failed", "cancelled")
 RUN_SOURCES = ("app", "cli", "benchmark")
 WEIGHTS_SOURCES = ("explicit", "torchvision", "efficientnet_lite0_package", "random")
 JOB_KINDS = ("train", "score")
-SCORE_ROLES = ("train_normal", "train_anomaly", "test", "scored")
+# calibration: training normals held out from fitting; they set the operating point
+SCORE_ROLES = ("train_normal", "train_anomaly", "calibration", "test", "scored")
 CURVE_KINDS = ("roc", "pr")
 ROLES = ("admin", "labeller", "viewer")
 

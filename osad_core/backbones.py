@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .names import BACKBONES, WEIGHT_CHOICES, WeightsUnavailable  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,13 +34,6 @@ _TORCHVISION_WEIGHTS = {
 }
 
 _DOWNLOAD_FAILED: set[str] = set()
-
-BACKBONES = ("auto", "resnet18", "wide_resnet50_2", "efficientnet_lite0")
-WEIGHT_CHOICES = ("auto", "imagenet", "random")
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights were demanded but none could be found."""
 
 
 @dataclass

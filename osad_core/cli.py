@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbones import BACKBONES, WEIGHT_CHOICES, WeightsUnavailable
+from .names import BACKBONES, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
 from .data import DataError, ImageRecord, load_folder, resolve_dataset
 from .protocol import Protocol
 
@@ -26,7 +26,9 @@ EPILOG = """examples:
   python -m osad_core train --data elpv --method dra --setting hard --known-class mono
   python -m osad_core evaluate --model dra_headct.osad --data headct --shots 10
   python -m osad_core score --model dra_headct.osad new_images/ --csv scores.csv
-  python -m osad_core export --model old_model.pt --out model.osad
+  python -m osad_core export --model dra_headct.osad --format onnx --out dra_headct.onnx
+  python -m osad_core score --model dra_headct.onnx new_images/ --csv scores.csv   # onnxruntime only
+  python -m osad_core export --model old_model.pt --out model.osad                 # an old .pt as a checked .osad
   python -m osad_core benchmark --data headct --methods devnet,dra --seeds 0 1 2 --json bench.json
 
 --data takes `elpv` (the elpv-dataset package), `headct` (../shared/datasets/headct) or a
@@ -55,8 +57,6 @@ def _add_protocol(p: argparse.ArgumentParser, seeds: bool = False) -> None:
 
 
 def _add_model(p: argparse.ArgumentParser, multi: bool = False) -> None:
-    from .methods.base import PRESETS
-
     g = p.add_argument_group("model")
     if multi:
         g.add_argument("--methods", default="devnet,dra", help="comma-separated methods (see `methods`)")
@@ -234,36 +234,84 @@ def _collect_images(paths: list[str]) -> list[ImageRecord]:
     return recs
 
 
+def _threshold(a, operating_point: dict | None) -> float | None:
+    """--threshold when given, else the model's operating point (set from held-out normals)."""
+    if a.threshold is not None:
+        return a.threshold
+    op = (operating_point or {}).get("threshold")
+    if op is not None:
+        print(f"verdicts at the model's operating point {op:.4f} (promised false-reject rate "
+              f"{100 * operating_point['frr']:.2g} % from {operating_point['n_calibration']} held-out normals)",
+              file=sys.stderr)
+    return op
+
+
 def cmd_score(a) -> int:
     from .data import write_csv
-    from .methods.base import load_detector
 
-    det = load_detector(a.model, a.device or "auto")
     recs = _collect_images(a.images)
-    pred = det.predict(recs)
-    thr = a.threshold
+    if Path(a.model).suffix.lower() == ".onnx":  # onnxruntime only: this path never imports torch
+        from .onnx_model import OnnxModel
+
+        model = OnnxModel(a.model)
+        scores, _, records, skipped = model.predict(recs)
+        operating_point = model.operating_point
+    else:
+        from .methods.base import load_detector
+
+        det = load_detector(a.model, a.device or "auto")
+        pred = det.predict(recs)
+        scores, records, skipped = pred.scores, pred.records, pred.skipped
+        operating_point = det.config.get("operating_point")
+    thr = _threshold(a, operating_point)
     rows = []
-    for r, s in zip(pred.records, pred.scores):
+    for r, s in zip(records, scores):
         row = {"path": r.path, "score": float(s)}
         if thr is not None:
             row["verdict"] = "anomaly" if s >= thr else "normal"
         rows.append(row)
     for row in rows:
         print("\t".join(str(v) if not isinstance(v, float) else f"{v:.4f}" for v in row.values()))
-    for path, why in pred.skipped:
+    for path, why in skipped:
         print(f"skipped: {why}", file=sys.stderr)
     if a.csv:
         write_csv(a.csv, rows)
         print(f"wrote {len(rows)} scores to {a.csv}", file=sys.stderr)
+    _drift(operating_point, scores)
     return 0 if rows else 2
 
 
+def _drift(operating_point: dict | None, scores) -> None:
+    """Compare the scored images with the model's held-out normals (models trained before
+    these were stored carry none)."""
+    from .drift import MIN_SCORES, compare
+
+    ref = (operating_point or {}).get("calibration_scores")
+    if not ref:
+        return
+    d = compare(ref, scores)
+    print(d.sentence() if d else f"drift: fewer than {MIN_SCORES} images scored, not compared", file=sys.stderr)
+
+
 def cmd_export(a) -> int:
+    from .export import NotExportable, export_onnx
     from .methods.base import load_detector
 
-    _check_model_out(a.out)
-    det = load_detector(a.model, "cpu")
-    print(f"{det.describe()} saved to {det.save(a.out)}")
+    fmt = a.format or ("onnx" if a.out.lower().endswith(".onnx") else "osad")
+    if fmt == "osad":  # e.g. an old .pt model rewritten as a checked .osad file
+        _check_model_out(a.out)
+        det = load_detector(a.model, "cpu")
+        print(f"{det.describe()} saved to {det.save(a.out)}")
+        return 0
+    det = load_detector(a.model, "cpu")  # the graph is traced on the CPU; onnxruntime picks its own device
+    try:
+        man = export_onnx(det, a.out)
+    except NotExportable as exc:
+        raise UserError(str(exc)) from None
+    op = man.get("operating_point")
+    print(f"wrote {a.out} and {a.out}.json (sha256 {man['onnx_sha256'][:12]}…); input {man['preprocess']['size']} px "
+          f"RGB, ImageNet mean/std; operating point {op['threshold']:.4f}" if op else
+          f"wrote {a.out} and {a.out}.json; the model has no operating point: pass --threshold when scoring")
     return 0
 
 
@@ -419,16 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("score", help="score new images (files or folders) with a saved model")
-    s.add_argument("--model", required=True, help="model file (.osad) written by `train --out`")
+    s.add_argument("--model", required=True, help="model file (.osad) written by `train --out`, or an exported .onnx")
     s.add_argument("images", nargs="+", help="image files or folders")
     s.add_argument("--csv", help="also write path,score[,verdict] to this CSV file")
-    s.add_argument("--threshold", type=float, help="add a verdict column: anomaly when score >= threshold")
+    s.add_argument("--threshold", type=float,
+                   help="verdict: anomaly when score >= threshold (default: the model's operating point)")
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
     s.set_defaults(func=cmd_score)
 
-    s = sub.add_parser("export", help="write a saved model (also an old .pt one) as a checked .osad file")
-    s.add_argument("--model", required=True, help="model file to read")
-    s.add_argument("--out", required=True, help="the .osad file to write")
+    s = sub.add_parser("export", help="export a saved model: ONNX + manifest for scoring without PyTorch, "
+                                      "or a checked .osad file (also from an old .pt one)")
+    s.add_argument("--model", required=True, help="model file written by `train --out` (.osad, or an old .pt)")
+    s.add_argument("--format", choices=("onnx", "osad"), default=None,
+                   help="onnx or osad (default: from the --out file's extension)")
+    s.add_argument("--out", required=True, help="the .onnx file (its manifest goes to OUT.json) or .osad file to write")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("benchmark", help="run methods over a protocol and several seeds; mean ± std table",
@@ -477,8 +529,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return 2
-    from .train import TrainingCancelled
-
     try:
         return a.func(a)
     except (UserError, DataError, WeightsUnavailable, FileNotFoundError) as exc:
@@ -489,9 +539,14 @@ def main(argv: list[str] | None = None) -> int:
             raise  # with -v, show where a ValueError came from
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except TrainingCancelled:
-        print("cancelled", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # only code that imported the training module can be cancelled; looking it up here
+        # keeps torch out of commands that never need it (ONNX scoring)
+        train = sys.modules.get("osad_core.train")
+        if train is not None and isinstance(exc, train.TrainingCancelled):
+            print("cancelled", file=sys.stderr)
+            return 130
+        raise

@@ -144,6 +144,12 @@ METRIC_DETAILS = {
     "image_auroc_unseen": "ROC AUC of test normals vs test anomalies of defect types never shown in training",
     "base_image_auroc": "ROC AUC, as image_auroc, of the wrapped base model (AHL's stage A) on the same test images",
     "base_image_aupr": "average precision, as image_aupr, of the wrapped base model (AHL's stage A)",
+    "best_f1_threshold": "reference only: the threshold of best F1 on the test labels themselves (optimistic)",
+    "operating_point_frr_promised": "false-reject rate the operating point promises on new good parts "
+                                    "(conformal, from training normals held out from fitting)",
+    "operating_point_frr_test": "false-reject rate measured at the operating point on the test normals, "
+                                "which did not set it",
+    "operating_point_recall_test": "share of test anomalies flagged at the operating point",
     "pixel_auroc": "ROC AUC over all pixels of masked test images at the map resolution",
 }
 

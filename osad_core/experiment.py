@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .data import Dataset
 from .evaluate import METRIC_DETAILS, best_f1_threshold, curves, evaluate_prediction, tsne_2d
 from .methods.base import Detector, Prediction, make_detector
+from .operating_point import (DEFAULT_CALIBRATION_FRACTION, DEFAULT_TARGET_FRR, OperatingPoint,
+                              conformal_threshold, split_calibration)
 from .protocol import Protocol, Split, make_split
 from .train import Callbacks
 
@@ -26,7 +28,7 @@ class RunResult:
     prediction: Prediction  # of split.test (readable images only)
     metrics: dict
     curves: dict
-    threshold: float | None
+    threshold: float | None  # the operating point's when there are calibration normals, else best F1 on test
     tsne: np.ndarray | None  # (len(tsne_records), 2) or None
     tsne_records: list = field(default_factory=list)  # records of train + test embeddings, in tsne order
     tsne_embeddings: np.ndarray | None = None
@@ -35,6 +37,9 @@ class RunResult:
     train_seconds: float = 0.0
     infer_seconds: float = 0.0
     images_per_s: float = 0.0
+    calibration_prediction: Prediction | None = None  # training normals held out from fitting
+    operating_point: OperatingPoint | None = None
+    best_f1_threshold: float | None = None  # reference only: chosen on the test labels
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -60,6 +65,8 @@ class RunResult:
             "infer_seconds": round(self.infer_seconds, 2),
             "images_per_s": round(self.images_per_s, 2),
             "n_train_normal": len(self.split.train_normal),
+            "n_calibration": len(self.calibration_prediction.records) if self.calibration_prediction else 0,
+            "operating_point": self.operating_point.to_dict() if self.operating_point else None,
             "n_train_anomaly": len(self.split.train_anomalies),
             "n_test": len(self.prediction.records),
             "seen_types": self.split.seen_types,
@@ -78,13 +85,19 @@ def run_experiment(
     score_train: bool = True,
     score_also: list | None = None,
     require_test: bool = True,
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
+    target_frr: float = DEFAULT_TARGET_FRR,
 ) -> RunResult:
     """Train ``method`` under ``protocol`` and evaluate it on the protocol's test split.
 
     ``score_also``: further records (e.g. unlabelled images) to score, map and embed.
     ``require_test=False`` trains even without a labelled test set (metrics stay empty).
+    ``calibration_fraction`` of the training normals is held out from fitting and sets the
+    operating point at ``target_frr`` (see :mod:`osad_core.operating_point`).
     """
     split = make_split(dataset, protocol, require_test=require_test)
+    fit_normal, calibration = split_calibration(split.train_normal, calibration_fraction, protocol.seed)
+    split = replace(split, train_normal=fit_normal)
     overrides = dict(overrides or {})
     overrides.setdefault("seed", protocol.seed)
     det = make_detector(method, preset, overrides)
@@ -102,7 +115,29 @@ def run_experiment(
                                   base_scores=pred.extra.get("base_score"))
     labels = np.array([r.label for r in pred.records])
     crv = curves(labels, pred.scores)
-    thr = best_f1_threshold(labels, pred.scores)
+    best_f1 = best_f1_threshold(labels, pred.scores)
+    if best_f1 is not None:
+        metrics["best_f1_threshold"] = best_f1
+
+    cal_pred, op = None, None
+    if calibration:
+        cb.status(f"scoring {len(calibration)} held-out normal images for the operating point")
+        cal_pred = det.predict(calibration, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
+        op = conformal_threshold(cal_pred.scores, target_frr)
+    if op is not None and op.threshold is None:  # no calibration image was readable
+        op = None
+    if op is not None:
+        log.info("operating point %.4f: promised false-reject rate %.4f from %d held-out normals",
+                 op.threshold, op.frr, op.n_calibration)
+        # travels with the saved model (CLI `score`, ONNX manifest); the scores serve drift checks
+        det.config["operating_point"] = dict(op.to_dict(), calibration_scores=np.sort(cal_pred.scores).tolist())
+        normal = labels == 0
+        if normal.any():  # the test normals never set the operating point: an honest check of its promise
+            metrics["operating_point_frr_promised"] = op.frr
+            metrics["operating_point_frr_test"] = float(np.mean(pred.scores[normal] >= op.threshold))
+        if (labels == 1).any():
+            metrics["operating_point_recall_test"] = float(np.mean(pred.scores[labels == 1] >= op.threshold))
+    thr = op.threshold if op is not None and op.threshold is not None else best_f1
 
     train_pred = None
     emb_recs, embs = list(pred.records), pred.embeddings
@@ -112,6 +147,9 @@ def run_experiment(
         train_pred = det.predict(split.train, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
         emb_recs = list(train_pred.records) + emb_recs
         embs = np.concatenate([train_pred.embeddings, pred.embeddings]) if len(train_pred.records) else embs
+        if cal_pred is not None and len(cal_pred.records):
+            emb_recs = list(cal_pred.records) + emb_recs
+            embs = np.concatenate([cal_pred.embeddings, embs])
     extra_pred = None
     if score_also:
         cb.status(f"scoring {len(score_also)} unlabelled images")
@@ -123,7 +161,7 @@ def run_experiment(
         cb.status(f"t-SNE of {len(embs)} embeddings")
     coords = tsne_2d(embs, seed=protocol.seed) if with_tsne else None
     return RunResult(det, split, pred, metrics, crv, thr, coords, emb_recs, embs, train_pred, extra_pred,
-                     train_s, infer_s, len(pred.records) / max(infer_s, 1e-9))
+                     train_s, infer_s, len(pred.records) / max(infer_s, 1e-9), cal_pred, op, best_f1)
 
 
 def metric_detail(name: str) -> str:

@@ -128,6 +128,8 @@ def result_rows(res, id_of: dict[str, int]) -> list[dict]:
 
     if res.train_prediction is not None:
         add(res.train_prediction, lambda r: "train_anomaly" if r.path in train_an else "train_normal")
+    if res.calibration_prediction is not None:
+        add(res.calibration_prediction, lambda r: "calibration")
     add(res.prediction, lambda r: "test")
     if res.extra_prediction is not None:
         add(res.extra_prediction, lambda r: "scored")

@@ -23,6 +23,7 @@ ROLE_FILTER = {
     "test": "held out (test)",
     "train_normal": "training normal",
     "train_anomaly": "training anomaly",
+    "calibration": "held-out normal (operating point)",
     "scored": "unlabelled",
 }
 
@@ -178,6 +179,7 @@ def score_tab(run) -> None:
                  column_config={"score": st.column_config.NumberColumn(format="%.4f")})
     st.download_button("Download these scores (CSV)", table.to_csv(index=False), f"run_{run.id}_new_scores.csv",
                        "text/csv", key="dl_new_scores", on_click="ignore")
+    drift_check(run, table["score"].to_numpy())
     vmin, vmax = fmt.display_range(run, (0.0, 1.0))
     pick = st.selectbox("Show", range(len(rows)), format_func=lambda i: rows[i]["file"], key="scored_pick")
     c1, c2 = st.columns([3, 2])
@@ -186,6 +188,26 @@ def score_tab(run) -> None:
                         config={"displayModeBar": False})
     with c2:
         st.markdown(_verdict_html(rows[pick]["score"], run.threshold), unsafe_allow_html=True)
+
+
+def drift_check(run, scores: np.ndarray) -> None:
+    """These scores against the run's held-out normals: has the line drifted?"""
+    from osad_core.drift import MIN_SCORES, compare
+
+    with session_scope() as s:
+        ref = [r["score"] for r in q.run_scores(s, run.id) if r["role"] == "calibration"]
+    if not ref:
+        return
+    d = compare(ref, scores)
+    if d is None:
+        st.caption(f"Drift check: score at least {MIN_SCORES} images to compare them with the run's "
+                   f"{len(ref)} held-out normals.")
+        return
+    (st.warning if d.drifted else st.caption)(d.sentence())
+    both = pd.DataFrame({"score": np.r_[ref, scores], "rel_path": "",
+                         "label_name": ["held-out normals (operating point)"] * len(ref) + ["these images"] * len(scores)})
+    st.plotly_chart(figures.score_histogram(both, threshold=run.threshold, histnorm="probability",
+                                            title="These images against the held-out normals"), key="drift_hist")
 
 
 def export_tab(run) -> None:
@@ -216,9 +238,34 @@ def export_tab(run) -> None:
                            "application/octet-stream", key="dl_model", icon="🧠", on_click="ignore")
         st.caption("Load it with `osad_core.methods.load_detector(path)` or score folders with "
                    "`python -m osad_core score --model <file> <images>`.")
+        onnx_export(run, path)
     else:
         c2.caption("No saved model for this run.")
     st.caption("Each CSV row names the run, method, preset, protocol, backbone weights and device that produced it.")
+
+
+def onnx_export(run, model_path: Path) -> None:
+    """ONNX for a line PC: the graph and its manifest (preprocessing, operating point)."""
+    out = data_dir() / "exports" / f"run_{run.id}_{run.method}.onnx"
+    if st.button("Export for a line PC (ONNX)", icon="📦", key="onnx_export",
+                 help="Scores with onnxruntime alone, no PyTorch: `python -m osad_core score --model <file>.onnx "
+                      "<images>`. The operating point travels in the manifest, outside the graph."):
+        from osad_core.export import NotExportable, export_onnx
+        from osad_core.methods.base import load_detector
+
+        try:
+            with st.spinner("Tracing the model to ONNX…"):
+                export_onnx(load_detector(model_path, "cpu"), out)
+        except (NotExportable, ValueError, OSError) as exc:
+            common.show_error(exc)
+            return
+    if out.is_file() and Path(str(out) + ".json").is_file():
+        c1, c2 = st.columns(2)
+        c1.download_button(f"{out.name} ({out.stat().st_size / 1e6:.1f} MB)", lambda: out.read_bytes(), out.name,
+                           "application/octet-stream", key="dl_onnx", icon="📦", on_click="ignore")
+        c2.download_button(f"{out.name}.json (manifest, keep it next to the model)",
+                           Path(str(out) + ".json").read_text(), f"{out.name}.json", "application/json",
+                           key="dl_onnx_manifest", icon="🧾", on_click="ignore")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import streamlit as st
 from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
+from osad_core.operating_point import DEFAULT_TARGET_FRR, OperatingPoint, conformal_threshold
 from ui import auth, common, figures, fmt, thumbs, training
 
 HEADLINE = ("image_auroc", "image_aupr", "image_auroc_seen", "image_auroc_unseen")
@@ -62,7 +63,7 @@ def headline(run, details: dict) -> None:
                    "“Unseen” = every other held-out defect type — the open-set question.")
 
 
-def curves_tab(run, df: pd.DataFrame) -> None:
+def curves_tab(run, df: pd.DataFrame, details: dict) -> None:
     with session_scope() as s:
         curves = q.run_curves(s, run.id)
     if not curves:
@@ -72,21 +73,45 @@ def curves_tab(run, df: pd.DataFrame) -> None:
     base = [float((ev["label_at_run"] == "anomaly").mean())] if len(ev) else []
     c1, c2 = st.columns(2)
     if "roc" in curves:
-        c1.plotly_chart(figures.roc_figure([(f"run {run.id}", curves["roc"])], run.threshold), key="roc")
+        # a run without an operating point (older runs) stored best F1 as its threshold
+        has_op = bool((run.config_json or {}).get("operating_point"))
+        ref = details.get("best_f1_threshold", (run.threshold if not has_op else None, None))[0]
+        c1.plotly_chart(figures.roc_figure([(f"run {run.id}", curves["roc"])], run.threshold if has_op else None,
+                                           ref if ref == ref else None), key="roc")
     if "pr" in curves:
         c2.plotly_chart(figures.pr_figure([(f"run {run.id}", curves["pr"])], base), key="pr")
 
 
-def threshold_tab(run, df: pd.DataFrame) -> None:
+def threshold_tab(run, df: pd.DataFrame, details: dict) -> None:
     ev = figures.evaluation_frame(df)
     if ev.empty or ev["label_at_run"].nunique() < 2:
         st.info("No held-out images of both labels in this run, so there is nothing to threshold.")
         return
     lo, hi = float(ev["score"].min()), float(ev["score"].max())
-    default = run.threshold if run.threshold is not None else (lo + hi) / 2
+    best_f1 = details.get("best_f1_threshold", (None, None))[0]
+    best_f1 = best_f1 if best_f1 is not None and best_f1 == best_f1 else None
+    calibration = df.loc[df["role"] == "calibration", "score"].to_numpy() if not df.empty else []
+    n_good = int((ev["label_at_run"] == "normal").sum())
+    op = None
+    if len(calibration):
+        stored = OperatingPoint.from_dict((run.config_json or {}).get("operating_point"))
+        target = st.number_input(
+            "Target false-reject rate on new good parts (%)", min_value=0.01, max_value=90.0,
+            value=100 * (stored.target_frr if stored else DEFAULT_TARGET_FRR), step=0.5, format="%.2f",
+            key=f"target_frr_{run.id}",
+            help=f"Moves the operating point, set from the {len(calibration)} training normals held out from "
+                 "fitting (never from these test labels). Inspect and the command line use the run's stored one.")
+        op = conformal_threshold(calibration, target / 100)
+        st.markdown(op.sentence(n_good) + ".")
+    default = op.threshold if op is not None else (run.threshold if run.threshold is not None else (lo + hi) / 2)
     default = min(max(default, lo), hi)
+    key = f"thr_{run.id}"
+    if op is not None and st.session_state.get(f"{key}_target") != op.target_frr:
+        # a new target moves the slider to its operating point; moving the slider by hand keeps it
+        st.session_state[f"{key}_target"] = op.target_frr
+        st.session_state[key] = default
     thr = st.slider("Threshold (images scoring at or above it are flagged)", lo, hi, default,
-                    step=max((hi - lo) / 400, 1e-6), format="%.4f", key=f"thr_{run.id}")
+                    step=max((hi - lo) / 400, 1e-6), format="%.4f", key=key)
     counts = figures.threshold_counts(ev, thr)
     st.markdown(figures.threshold_sentence(counts))
     c1, c2 = st.columns([2, 3])
@@ -101,12 +126,17 @@ def threshold_tab(run, df: pd.DataFrame) -> None:
                 rows.append({"defect type": g, "seen in training": "yes" if seen is True else "no",
                              "held out": len(part), "missed": miss, "caught": len(part) - miss})
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        st.caption(f"The run's own threshold is {fmt.num(run.threshold, 4)} (best F1 on these images).")
-    st.info("Rates measured on these held-out images are optimistic for unseen production images: the threshold "
-            "was chosen on them, and production brings lighting, parts and defect types this project has not "
-            "seen. Keep checking flagged and passed images.", icon="ℹ️")
+        if op is not None:
+            st.caption(f"Operating point {fmt.num(op.threshold, 4)}; for reference only, the best-F1 threshold "
+                       f"chosen on these test labels is {fmt.num(best_f1, 4)} (optimistic).")
+        else:
+            st.caption(f"The run's own threshold is {fmt.num(run.threshold, 4)} (best F1 on these images): this run "
+                       "held out no training normals, so it has no operating point. Retrain to get one.")
+    st.info("Counts measured on these held-out images are a check, not a promise: production brings lighting, "
+            "parts and defect types this project has not seen. Keep checking flagged and passed images.", icon="ℹ️")
     by = st.radio("Histogram by", ["label", "defect type"], horizontal=True, key=f"hist_by_{run.id}")
-    st.plotly_chart(figures.score_histogram(ev, "label_name" if by == "label" else "defect", thr), key="hist")
+    st.plotly_chart(figures.score_histogram(ev, "label_name" if by == "label" else "defect", thr,
+                                            reference=best_f1 if op is not None else None), key="hist")
 
 
 def show_image_with_heatmap(run, image_id: int, where: str) -> None:
@@ -250,9 +280,9 @@ def main() -> None:
     df = _scores(run.id)
     tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Details"])
     with tabs[0]:
-        curves_tab(run, df)
+        curves_tab(run, df, details)
     with tabs[1]:
-        threshold_tab(run, df)
+        threshold_tab(run, df, details)
     with tabs[2]:
         tsne_tab(run, df)
     with tabs[3]:

@@ -484,7 +484,30 @@ def test_results_headline_curves_threshold_and_tsne(seeded):
     roc = next(c for c in specs if c["layout"].get("title", {}).get("text", "").startswith("ROC"))
     assert "threshold" in roc["data"][1]["hovertemplate"]
     assert "At this threshold **" in cap and "good images" in cap and "missed" in cap
-    assert "optimistic for unseen production images" in cap
+    assert "a check, not a promise" in cap
+    names = [d.get("name") for d in roc["data"]]
+    assert "operating point" in names and "best F1 on test labels (reference)" in names
+
+
+def test_results_threshold_defaults_to_the_operating_point_and_a_target_moves_it(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        run = q.get_run(s, seeded.run_id)
+        op, thr = run.config_json["operating_point"], run.threshold
+        cal = sorted(r["score"] for r in q.run_scores(s, seeded.run_id) if r["role"] == "calibration")
+    assert op["n_calibration"] == len(cal) == 2 and thr == op["threshold"]  # 10 training normals, 20 % held out
+    at = app("results")
+    slider = at.slider(key=f"thr_{seeded.run_id}")
+    assert slider.value == pytest.approx(min(max(thr, slider.min), slider.max))
+    text = texts(at)
+    assert "Expect about" in text and "cannot promise 1 %" in text and "1/3" in text
+    at.number_input(key=f"target_frr_{seeded.run_id}").set_value(70.0).run()
+    # 2 held-out normals, 70 %: k = ceil(3 * 0.3) = 1, just above the smaller calibration score
+    moved = at.slider(key=f"thr_{seeded.run_id}").value
+    assert moved == pytest.approx(min(max(cal[0], slider.min), slider.max), rel=1e-5)
+    assert "promised false-reject rate 67 %" in texts(at)
 
 
 def test_results_headline_compares_ahl_with_its_base_model(seeded):
@@ -568,8 +591,36 @@ def test_inspect_scores_uploaded_images_and_rejects_non_images(seeded):
     assert list(df["file"]) == ["part.png"] and np.isfinite(df["score"]).all()
 
 
+def test_inspect_checks_scored_images_for_drift(seeded):
+    at = app("inspect")
+    files = (sorted((seeded.parts / "test").rglob("*.png")) + sorted((seeded.parts / "train").rglob("*.png")))[:20]
+    assert len(files) == 20
+    at.file_uploader(key="score_files").set_value([(f"{i}.png", f.read_bytes(), "image/png")
+                                                  for i, f in enumerate(files)])
+    click(at, "Score with run 1")
+    ok(at)
+    text = texts(at)
+    assert "20 new vs 2 held-out normal scores" in text and ("Drift warning" in text or "No drift" in text)
+    assert any(c["layout"]["title"]["text"].startswith("These images against") for c in charts(at))
+
+
 def test_inspect_exports_scores_and_model(seeded):
     at = app("inspect")
     labels = [b.proto.label for b in at.get("download_button")]
     assert any(lbl.startswith("Scores of run 1 (CSV") for lbl in labels)
     assert any(lbl.startswith("Model of run 1") for lbl in labels)
+
+
+def test_inspect_exports_the_model_for_a_line_pc(seeded):
+    import json as _json
+
+    from db import data_dir
+
+    at = app("inspect")
+    at.button(key="onnx_export").click().run()
+    ok(at)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(lbl.startswith("run_1_dra.onnx (") for lbl in labels)
+    assert any(lbl.startswith("run_1_dra.onnx.json (manifest") for lbl in labels)
+    man = _json.loads((data_dir() / "exports" / "run_1_dra.onnx.json").read_text())
+    assert man["method"] == "dra" and man["operating_point"]["n_calibration"] == 2

@@ -51,7 +51,7 @@ def test_worker_trains_a_project_and_stores_everything(mvtec_dir):
         m = q.run_metrics(s, run_id)
         assert {"image_auroc", "image_auroc_seen", "image_auroc_unseen"} <= set(m)
         roles = {r["role"] for r in q.run_scores(s, run_id)}
-        assert roles == {"train_normal", "train_anomaly", "test", "scored"}
+        assert roles == {"train_normal", "train_anomaly", "calibration", "test", "scored"}
         assert all(r["tsne_x"] is not None for r in q.run_scores(s, run_id))
         assert job.progress_json.get("fraction") == 1.0
         assert len(q.train_log(s, run_id)) >= 2

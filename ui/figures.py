@@ -33,12 +33,14 @@ GROUP_COLORS = {
 ROLE_NAMES = {
     "train_normal": "training (normal)",
     "train_anomaly": "training (labelled anomaly)",
+    "calibration": "held-out normal (operating point)",
     "test": "held out (test)",
     "scored": "unlabelled (scored)",
 }
 ROLE_SYMBOLS = {
     "training (normal)": "circle-open",
     "training (labelled anomaly)": "diamond",
+    "held-out normal (operating point)": "square-open",
     "held out (test)": "circle",
     "unlabelled (scored)": "x-thin-open",
 }
@@ -92,8 +94,12 @@ def _unit_square(fig: go.Figure, legend_right: bool, y_max: float) -> go.Figure:
     return fig
 
 
-def roc_figure(curves: Sequence[tuple[str, dict]], threshold: float | None = None) -> go.Figure:
-    """ROC curves (one per ``(name, curve)``); hover shows threshold, TPR and FPR."""
+def roc_figure(curves: Sequence[tuple[str, dict]], threshold: float | None = None,
+               reference: float | None = None) -> go.Figure:
+    """ROC curves (one per ``(name, curve)``); hover shows threshold, TPR and FPR.
+
+    With one curve: a star at the run's operating point ``threshold`` and an open circle at
+    ``reference`` (the best-F1 point, chosen on these very test labels)."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dash", color="#bbb"),
                              name="chance", hoverinfo="skip"))
@@ -104,15 +110,18 @@ def roc_figure(curves: Sequence[tuple[str, dict]], threshold: float | None = Non
             customdata=thr, line=dict(shape="hv"),
             hovertemplate="threshold %{customdata:.4f}<br>TPR %{y:.3f}<br>FPR %{x:.3f}<extra>%{fullData.name}</extra>",
         ))
-        if threshold is not None and len(curves) == 1 and thr:
-            arr = np.asarray(thr, dtype=float)
-            ok = np.where(np.isfinite(arr) & (arr >= threshold))[0]
+        if len(curves) != 1 or not thr:
+            continue
+        arr = np.asarray(thr, dtype=float)
+        for label, t, symbol in (("operating point", threshold, "star"),
+                                 ("best F1 on test labels (reference)", reference, "circle-open")):
+            ok = np.where(np.isfinite(arr) & (arr >= t))[0] if t is not None else []
             if len(ok):
                 i = int(ok[np.argmin(arr[ok])])
-                fig.add_trace(go.Scatter(x=[c["x"][i]], y=[c["y"][i]], mode="markers", name="run threshold",
-                                         marker=dict(size=12, symbol="star", color="#111"),
-                                         hovertemplate="run threshold %{customdata:.4f}<extra></extra>",
-                                         customdata=[arr[i]]))
+                fig.add_trace(go.Scatter(x=[c["x"][i]], y=[c["y"][i]], mode="markers", name=label,
+                                         marker=dict(size=12, symbol=symbol, color="#111"),
+                                         hovertemplate=f"{label} %{{customdata:.4f}}<extra></extra>",
+                                         customdata=[t]))
     fig.update_layout(title="ROC curve (held-out labelled images)",
                       xaxis_title="false positive rate (good images rejected)",
                       yaxis_title="true positive rate (defects caught)", height=400, **_LAYOUT)
@@ -139,13 +148,18 @@ def pr_figure(curves: Sequence[tuple[str, dict]], base_rates: Sequence[float] = 
 
 
 def score_histogram(df: pd.DataFrame, by: str = "label_name", threshold: float | None = None,
-                    title: str = "Score distribution of the held-out images") -> go.Figure:
+                    title: str = "Score distribution of the held-out images",
+                    reference: float | None = None, histnorm: str | None = None) -> go.Figure:
     colors = dict(GROUP_COLORS)
-    fig = px.histogram(df, x="score", color=by, barmode="overlay", opacity=0.65, nbins=40,
+    fig = px.histogram(df, x="score", color=by, barmode="overlay", opacity=0.65, nbins=40, histnorm=histnorm,
                        color_discrete_map=colors, hover_data=["rel_path"] if len(df) < 3000 else None)
     if threshold is not None:
         fig.add_vline(x=threshold, line_dash="dash", line_color="#111", annotation_text="threshold")
-    fig.update_layout(title=title, xaxis_title="anomaly score", yaxis_title="images", height=340,
+    if reference is not None:
+        fig.add_vline(x=reference, line_dash="dot", line_color="#888", annotation_text="best F1 (reference)",
+                      annotation_position="bottom right")
+    fig.update_layout(title=title, xaxis_title="anomaly score",
+                      yaxis_title="share of images" if histnorm else "images", height=340,
                       legend_title_text="", **_LAYOUT)
     return fig
 

@@ -911,6 +911,18 @@ class AHL(Detector):
         return psi(x).cpu().numpy().astype(np.float64)
 
     # -- inference -------------------------------------------------------------------------
+    # ONNX export (osad_core.export) ---------------------------------------------------------
+    def prepare_export(self) -> None:
+        self.base.model.eval()
+        self.headnet.eval()
+        if getattr(self, "ref_feats", None) is None and self.config["base"] == "dra":
+            self.ref_feats = self._reference_features()
+
+    def export_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images -> (scores, maps), as :meth:`predict_arrays` computes them."""
+        out = self.headnet(self._features(x), self.ref_feats)
+        return self.base.score(out), self.base.anomaly_map(out, self.config["map_size"])
+
     @torch.no_grad()
     def predict_arrays(self, images: np.ndarray, batch_size: int = 32) -> Prediction:
         if not self.fitted:

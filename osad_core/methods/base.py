@@ -17,11 +17,11 @@ from typing import ClassVar
 import numpy as np
 
 from ..data import IMAGE_CACHE, ImageRecord
+from ..names import PRESETS  # noqa: F401 (defined torch-free for the command line)
 from ..train import Callbacks
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("quick", "paper", "tiny")
 
 
 @dataclass

@@ -224,7 +224,9 @@ class BGAD(Detector):
         return self._pos_cache[key]
 
     def _features(self, images: np.ndarray) -> list[torch.Tensor]:
-        x = augment.test_transform(images).to(self.device)
+        return self._tensor_features(augment.test_transform(images).to(self.device))
+
+    def _tensor_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.extractor(x)
         if self.feat_stats is not None:
             feats = [(f - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1) for f, (m, s) in zip(feats, self.feat_stats)]
@@ -499,6 +501,16 @@ class BGAD(Detector):
             p = torch.exp(ll - m)[:, None]
             total = total + F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
         return len(lls) - total
+
+    # ONNX export (osad_core.export) ---------------------------------------------------------
+    def prepare_export(self) -> None:
+        self.extractor.eval()
+        self.flows.eval()
+
+    def export_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images -> (scores, maps), as :meth:`predict_arrays` computes them."""
+        a = self.anomaly_map(self._loglik_from_features(self._tensor_features(x)), self.config["map_size"])
+        return a.flatten(1).max(1).values, a
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 16) -> Prediction:
         if not self.fitted:

@@ -193,6 +193,7 @@ def topk_pixel_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
 @register
 class CKAAD(Detector):
     name = "ckaad"
+    not_exportable_reason = "its anomaly map is smoothed with SciPy after the network, outside any traced graph"
     description = "CKAAD — feature reconstruction with an energy discriminator; smooth pixel maps from image labels"
     defaults = dict(
         image_size=256,

@@ -317,6 +317,21 @@ class DRAFamilyDetector(Detector):
             extra={k: torch.cat(v).numpy() for k, v in extra.items()},
         )
 
+    # ONNX export (osad_core.export) ---------------------------------------------------------
+    @torch.no_grad()
+    def prepare_export(self) -> None:
+        """Eval mode and the reference features computed once: a constant of the graph."""
+        self.model.eval()
+        self._ref_cache = None
+        ref = self.reference_batch()
+        if ref is not None:
+            self._ref_cache = [f.mean(0, keepdim=True) for f in self.model.features(self._to_device(ref))]
+
+    def export_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images -> (scores, maps), exactly as :meth:`predict_arrays` computes them."""
+        out = self.forward(x, train=False)
+        return self.score(out), self.anomaly_map(out, self.config["map_size"])
+
     def anomaly_map(self, out: dict, size: int) -> torch.Tensor:
         """Sum of the map heads' |score maps|, each scale upsampled to ``size``, scales averaged."""
         total = None

@@ -1,0 +1,98 @@
+"""ONNX export: parity with PyTorch on real HeadCT images, scoring without torch, clear refusals."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from osad_core.cli import main
+from osad_core.data import load_folder
+from osad_core.methods import load_detector, make_detector
+from osad_core.operating_point import conformal_threshold
+from osad_core.protocol import Protocol, make_split
+
+pytest.importorskip("onnxruntime")
+TINY = {"weights": "random", "backbone": "resnet18", "image_size": 64, "epochs": 1, "steps_per_epoch": 1,
+        "device": "cpu"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit(method, headct_dir, tmp_path):
+    sp = make_split(load_folder(headct_dir), Protocol("general", 2, seed=0))
+    det = make_detector(method, "tiny", TINY).fit(sp.train_normal[:10], sp.train_anomalies)
+    cal = det.predict(sp.train_normal[10:30])
+    det.config["operating_point"] = dict(conformal_threshold(cal.scores, 0.05).to_dict(),
+                                         calibration_scores=sorted(cal.scores.tolist()))
+    return load_detector(det.save(tmp_path / f"{method}.pt"), "cpu"), sp.test[:4] + sp.test[-4:]
+
+
+@pytest.mark.parametrize("method", ["dra", "devnet", "saliencycut", "ahl", "bgad"])
+def test_onnx_scores_and_maps_match_pytorch_on_headct(method, headct_dir, tmp_path):
+    from osad_core.export import export_onnx
+    from osad_core.onnx_model import OnnxModel
+
+    det, recs = _fit(method, headct_dir, tmp_path)
+    man = export_onnx(det, tmp_path / f"{method}.onnx")
+    ref = det.predict(recs)
+    model = OnnxModel(tmp_path / f"{method}.onnx")
+    scores, maps, ok, skipped = model.predict(recs)
+    assert [r.path for r in ok] == [r.path for r in ref.records] and not skipped
+    np.testing.assert_allclose(scores, ref.scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(maps, ref.maps, rtol=1e-3, atol=1e-3)
+    assert man["operating_point"]["threshold"] == det.config["operating_point"]["threshold"]
+    assert man["preprocess"]["size"] == 64 and man["preprocess"]["channel_order"] == "RGB"
+
+
+def test_cli_exports_and_scores_with_onnxruntime_alone(headct_dir, tmp_path):
+    det, recs = _fit("dra", headct_dir, tmp_path)
+    onnx_path = tmp_path / "dra.onnx"
+    assert main(["export", "--model", str(tmp_path / "dra.pt"), "--format", "onnx", "--out", str(onnx_path)]) == 0
+    man = json.loads(Path(str(onnx_path) + ".json").read_text())
+    assert len(man["onnx_sha256"]) == 64
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for r in recs:
+        (folder / Path(r.path).name).write_bytes(Path(r.path).read_bytes())
+    out = tmp_path / "scores.csv"
+    # torch poisoned, as on a line PC without it: any import of it on this path fails
+    code = ("import sys\n"
+            "class NoTorch:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch': raise ImportError('torch is not installed here')\n"
+            "sys.meta_path.insert(0, NoTorch())\n"
+            "from osad_core.cli import main\n"
+            f"rc = main(['score', '--model', {str(onnx_path)!r}, {str(folder)!r}, '--csv', {str(out)!r}])\n"
+            "assert 'torch' not in sys.modules\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "operating point" in proc.stderr
+    assert "drift: fewer than 20 images scored" in proc.stderr  # the manifest carries the held-out scores
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["path", "score", "verdict"] and len(rows) == len(recs)
+    ref = det.predict([r["path"] for r in rows])
+    np.testing.assert_allclose([float(r["score"]) for r in rows], ref.scores, rtol=1e-4)
+    thr = man["operating_point"]["threshold"]
+    assert [r["verdict"] for r in rows] == ["anomaly" if s >= thr else "normal" for s in ref.scores]
+
+
+def test_a_changed_onnx_file_is_refused(headct_dir, tmp_path, capsys):
+    _fit("devnet", headct_dir, tmp_path)
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(tmp_path / "devnet.pt"), "--out", str(onnx_path)]) == 0
+    onnx_path.write_bytes(onnx_path.read_bytes() + b"\0")
+    assert main(["score", "--model", str(onnx_path), str(headct_dir / "test" / "good")]) == 2
+    assert "does not match the sha256" in capsys.readouterr().err
+
+
+def test_a_method_that_cannot_export_says_so(mvtec_dir, tmp_path, capsys):
+    sp = make_split(load_folder(mvtec_dir), Protocol("general", 2, seed=0))
+    det = make_detector("ckaad", "tiny", {"device": "cpu", "epochs": 1, "steps_per_epoch": 1})
+    det.fit(sp.train_normal, sp.train_anomalies).save(tmp_path / "c.pt")
+    assert main(["export", "--model", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ckaad models cannot be exported to ONNX") and "Traceback" not in err
+    assert not (tmp_path / "c.onnx").exists()
