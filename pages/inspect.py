@@ -73,9 +73,9 @@ def browse_tab(run) -> None:
     pos = min(max(int(st.session_state.get("inspect_pos", 0)), 0), n - 1)
     c3.metric("Images", f"{n:,}")
     with st.container(horizontal=True, vertical_alignment="center"):
-        st.button("Previous", icon="⬅️", key="ins_prev", shortcut="Left", on_click=_set_pos, args=(max(0, pos - 1),),
+        st.button("Previous", icon=":material/arrow_back:", key="ins_prev", shortcut="Left", on_click=_set_pos, args=(max(0, pos - 1),),
                   disabled=pos == 0)
-        st.button("Next", icon="➡️", key="ins_next", shortcut="Right", on_click=_set_pos,
+        st.button("Next", icon=":material/arrow_forward:", key="ins_next", shortcut="Right", on_click=_set_pos,
                   args=(min(n - 1, pos + 1),), disabled=pos >= n - 1)
         st.markdown(f"Rank **{pos + 1:,}** of {n:,} by score")
         # no key: the box follows the image shown; typing a rank jumps there
@@ -208,12 +208,12 @@ def export_tab(run) -> None:
     df.to_csv(buf, index=False)
     c1, c2 = st.columns(2)
     c1.download_button(f"Scores of run {run.id} (CSV, {len(df):,} images)", buf.getvalue(),
-                       f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon="📄", on_click="ignore")
+                       f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon=":material/description:", on_click="ignore")
     if run.model_path and Path(run.model_path).is_file():
         path = Path(run.model_path)
         c2.download_button(f"Model of run {run.id} ({path.stat().st_size / 1e6:.1f} MB)",
                            lambda: path.read_bytes(), f"osad_run_{run.id}_{run.method}{path.suffix}",
-                           "application/octet-stream", key="dl_model", icon="🧠", on_click="ignore")
+                           "application/octet-stream", key="dl_model", icon=":material/model_training:", on_click="ignore")
         st.caption("Load it with `osad_core.methods.load_detector(path)` or score folders with "
                    "`python -m osad_core score --model <file> <images>`.")
     else:
@@ -230,7 +230,7 @@ def main() -> None:
         done = [r.run for r in q.list_runs(s, project.id) if r.run.status == "done"]
     if not done:
         st.info("No finished run yet: heatmaps and scores appear after the first training run.")
-        st.page_link(common.PAGES["train"], label="Go to Train", icon="🧠")
+        st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/model_training:")
         return
     ids = [r.id for r in done]
     by_id = {r.id: r for r in done}
@@ -241,7 +241,7 @@ def main() -> None:
     st.caption(fmt.provenance(run))
     warn = fmt.weights_warning(run)
     if warn:
-        st.error(warn, icon="🚨")
+        st.error(warn, icon=":material/error:")
     tabs = {"Images by score": browse_tab, "Score new images": score_tab, "Export": export_tab}
     if not auth.can("score"):
         tabs.pop("Score new images")

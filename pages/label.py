@@ -19,7 +19,7 @@ from ui import auth, common, figures, fmt, thumbs
 
 PAGE_SIZE = 48
 COLUMNS = 6
-NEW_TYPE = "➕ new type…"
+NEW_TYPE = "+ new type…"
 LABEL_NAMES = {"normal": "normal", "anomaly": "anomaly", "unlabeled": "unlabelled"}
 SPLIT_NAMES = {"train": "training", "test": "held out"}
 SORTS = {
@@ -42,7 +42,7 @@ def _reset_page() -> None:
     st.session_state.pop("focus_idx", None)
 
 
-def _notify(text: str, icon: str = "✅") -> None:
+def _notify(text: str, icon: str = ":material/check_circle:") -> None:
     st.session_state.setdefault("label_toasts", []).append((text, icon))
 
 
@@ -121,9 +121,9 @@ def _undo(project_id: int) -> None:
     with session_scope() as s:
         n = q.undo_last(s, project_id, author=user)
     if n:
-        _notify(f"Undone: {n} image{'s' if n != 1 else ''} restored", "↩️")
+        _notify(f"Undone: {n} image{'s' if n != 1 else ''} restored", ":material/undo:")
     else:
-        _notify("Nothing of yours to undo", "ℹ️")
+        _notify("Nothing of yours to undo", ":material/info:")
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -210,14 +210,14 @@ def bulk_toolbar(project_id: int, page_ids: list[int], types: list[str], keyboar
         st.button("Select page", key="select_page", on_click=_select_ids, args=(page_ids,))
         st.button("Clear", key="select_clear", on_click=_clear_selection, disabled=not sel)
         st.button("Normal", key="bulk_normal", on_click=_apply, args=(None, "normal"), disabled=not sel,
-                  shortcut="1" if keyboard else None, icon="🟢")
+                  shortcut="1" if keyboard else None, icon=":material/check_circle:")
         type_picker(types)
         st.button(f"Anomaly: {_anomaly_type() or '…'}", key="bulk_anomaly", on_click=_apply, args=(None, "anomaly"),
-                  disabled=not sel, shortcut="2" if keyboard else None, icon="🔴")
+                  disabled=not sel, shortcut="2" if keyboard else None, icon=":material/report:")
         st.button("Unlabelled", key="bulk_unlabeled", on_click=_apply, args=(None, "unlabeled"), disabled=not sel)
         st.button("Hold out for testing", key="bulk_test", on_click=_apply, args=(None, "test"), disabled=not sel)
         st.button("Use for training", key="bulk_train", on_click=_apply, args=(None, "train"), disabled=not sel)
-        st.button("Undo", key="undo", on_click=_undo, args=(project_id,), shortcut="U", icon="↩️",
+        st.button("Undo", key="undo", on_click=_undo, args=(project_id,), shortcut="U", icon=":material/undo:",
                   help="Undo your last label change (U)")
 
 
@@ -260,16 +260,16 @@ def large_view(project_id: int, flt: dict, total: int, run) -> None:
                 with session_scope() as s:
                     heat = q.run_heatmap(s, run.id, im.id)
             with st.container(horizontal=True):
-                st.button("Previous", key="kb_prev", icon="⬅️", on_click=_move_focus, args=(-1, total),
+                st.button("Previous", key="kb_prev", icon=":material/arrow_back:", on_click=_move_focus, args=(-1, total),
                           shortcut="Left", disabled=idx == 0)
-                st.button("Next", key="kb_next", icon="➡️", on_click=_move_focus, args=(1, total),
+                st.button("Next", key="kb_next", icon=":material/arrow_forward:", on_click=_move_focus, args=(1, total),
                           shortcut="Right", disabled=idx >= total - 1)
                 st.button("Close", key="kb_close", on_click=_close_focus, shortcut="Esc")
             if auth.can("label"):
                 with st.container(horizontal=True):
-                    st.button("Normal", key="kb_normal", icon="🟢", shortcut="1", on_click=_apply,
+                    st.button("Normal", key="kb_normal", icon=":material/check_circle:", shortcut="1", on_click=_apply,
                               args=([im.id], "normal", idx))
-                    st.button(f"Anomaly: {_anomaly_type() or '…'}", key="kb_anomaly", icon="🔴", shortcut="2",
+                    st.button(f"Anomaly: {_anomaly_type() or '…'}", key="kb_anomaly", icon=":material/report:", shortcut="2",
                               on_click=_apply, args=([im.id], "anomaly", idx))
                     st.button("Unlabelled", key="kb_unlabeled", on_click=_apply, args=([im.id], "unlabeled", idx))
                     other = "train" if im.split == "test" else "test"
@@ -313,7 +313,7 @@ def card(im, score, idx: int, rng: tuple[float, float] | None, threshold: float 
     with st.container(key=key):
         path = thumbs.thumbnail(im.path, im.content_hash)
         if path is None:
-            st.error("unreadable image", icon="⚠️")
+            st.error("unreadable image", icon=":material/warning:")
         else:
             st.image(str(path), width="stretch")
         bar = ""
@@ -337,7 +337,7 @@ def card(im, score, idx: int, rng: tuple[float, float] | None, threshold: float 
             c1.checkbox(name, key=ck, on_change=_toggle, args=(im.id,))
         else:
             c1.caption(name)
-        c2.button("🔍", key=f"zoom_{im.id}", on_click=_open, args=(idx,), help="Large view", type="tertiary")
+        c2.button("", icon=":material/zoom_in:", key=f"zoom_{im.id}", on_click=_open, args=(idx,), help="Large view", type="tertiary")
 
 
 def _set_page(p: int) -> None:
@@ -346,11 +346,11 @@ def _set_page(p: int) -> None:
 
 def pager(page: int, pages: int, total: int, where: str) -> None:
     with st.container(horizontal=True, vertical_alignment="center", key=f"pager_{where}"):
-        st.button("◀ Previous page", key=f"pg_prev_{where}", on_click=_set_page, args=(max(0, page - 1),),
+        st.button("Previous page", icon=":material/chevron_left:", key=f"pg_prev_{where}", on_click=_set_page, args=(max(0, page - 1),),
                   disabled=page == 0)
         st.markdown(f"Page **{page + 1}** of {pages:,} · images {page * PAGE_SIZE + 1 if total else 0:,}–"
                     f"{min(total, (page + 1) * PAGE_SIZE):,} of {total:,}")
-        st.button("Next page ▶", key=f"pg_next_{where}", on_click=_set_page, args=(min(pages - 1, page + 1),),
+        st.button("Next page", icon=":material/chevron_right:", key=f"pg_next_{where}", on_click=_set_page, args=(min(pages - 1, page + 1),),
                   disabled=page >= pages - 1)
         if where == "bottom" and pages > 2:
             # no key: the box follows the page shown; typing a number jumps there
@@ -410,7 +410,7 @@ def main() -> None:
                + (f" · scores from run {run.id} ({run.method})" if run is not None else ""))
     err = st.session_state.pop("label_error", None)
     if err:
-        st.error(err, icon="⚠️")
+        st.error(err, icon=":material/warning:")
     if counts["images"] == 0:
         st.info("This project has no images.")
         return
@@ -449,7 +449,7 @@ def main() -> None:
     if labelling:
         bulk_toolbar(pid, [r.image.id for r in rows], types, keyboard=not focus)
         st.caption("Keyboard: **1** normal · **2** anomaly (type above) · **U** undo"
-                   + (" · **←/→** previous/next · **Esc** close" if focus else " · 🔍 opens the large view"))
+                   + (" · **←/→** previous/next · **Esc** close" if focus else " · :material/zoom_in: opens the large view"))
     else:
         st.caption("Read only: your role can look at images, labels and scores but not change them.")
     if focus:

@@ -41,9 +41,9 @@ def headline(run, details: dict) -> None:
     st.caption("Every number below: " + fmt.provenance(run))
     warn = fmt.weights_warning(run)
     if warn:
-        st.error(warn, icon="🚨")
+        st.error(warn, icon=":material/error:")
     elif run.weights_source == "efficientnet_lite0_package":
-        st.caption("ℹ️ Backbone: the offline ImageNet EfficientNet-Lite0 (the papers use ImageNet ResNets).")
+        st.caption(":material/info: Backbone: the offline ImageNet EfficientNet-Lite0 (the papers use ImageNet ResNets).")
     cols = st.columns(len(HEADLINE) + (1 if "pixel_auroc" in details else 0))
     keys = list(HEADLINE) + (["pixel_auroc"] if "pixel_auroc" in details else [])
     base_auroc = details.get("base_image_auroc", (math.nan, None))[0]
@@ -104,7 +104,7 @@ def threshold_tab(run, df: pd.DataFrame) -> None:
         st.caption(f"The run's own threshold is {fmt.num(run.threshold, 4)} (best F1 on these images).")
     st.info("Rates measured on these held-out images are optimistic for unseen production images: the threshold "
             "was chosen on them, and production brings lighting, parts and defect types this project has not "
-            "seen. Keep checking flagged and passed images.", icon="ℹ️")
+            "seen. Keep checking flagged and passed images.", icon=":material/info:")
     by = st.radio("Histogram by", ["label", "defect type"], horizontal=True, key=f"hist_by_{run.id}")
     st.plotly_chart(figures.score_histogram(ev, "label_name" if by == "label" else "defect", thr), key="hist")
 
@@ -159,7 +159,7 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
         if run.threshold is not None:
             verdict = "flagged" if row["score"] >= run.threshold else "passed"
         st.markdown(f"Score **{row['score']:.4f}** ({verdict}) · {row['defect']} · {row['role_name']}")
-        if st.button("Open in Inspect", key="tsne_inspect", icon="🔬"):
+        if st.button("Open in Inspect", key="tsne_inspect", icon=":material/biotech:"):
             st.session_state["inspect_run"] = run.id
             st.session_state["inspect_image_id"] = int(image_id)
             st.switch_page(common.PAGES["inspect"])
@@ -224,7 +224,7 @@ def main() -> None:
     if not done:
         pending = [r for r in runs if r.run.status in ("queued", "running")]
         st.info("No finished run yet." + (" A run is in progress — follow it on the Train page." if pending else ""))
-        st.page_link(common.PAGES["train"], label="Go to Train", icon="🧠")
+        st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/model_training:")
         return
     ids = [r.run.id for r in done]
     by_id = {r.run.id: r.run for r in done}
@@ -234,7 +234,7 @@ def main() -> None:
     run_id = c1.selectbox("Run", ids, key="results_pick",
                           format_func=lambda i: f"{fmt.run_title(by_id[i])} · {fmt.ago(by_id[i].finished_at)}")
     run = by_id[run_id]
-    if auth.can("train") and c2.button("Retrain", icon="🔁", key="results_retrain",
+    if auth.can("train") and c2.button("Retrain", icon=":material/replay:", key="results_retrain",
                                        help="Repeat this run's configuration on today's labels"):
         try:
             new_run, job_id = training.retrain(run.id, auth.actor())

@@ -278,7 +278,7 @@ def test_label_grid_tags_with_a_new_type_undoes_and_keeps_history(seeded):
     first.check().run()
     at.checkbox(key=second.key).check().run()
     assert "**2 selected**" in texts(at)
-    at.selectbox(key="type_pick").select("➕ new type…").run()
+    at.selectbox(key="type_pick").select("+ new type…").run()
     at.text_input(key="type_new").input("crack").run()
     at.button(key="bulk_anomaly").click().run()
     ok(at)
@@ -334,7 +334,7 @@ def test_label_error_needs_a_type_for_a_new_anomaly(seeded):
     at = app("label")
     boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
     boxes[0].check().run()
-    at.selectbox(key="type_pick").select("➕ new type…").run()
+    at.selectbox(key="type_pick").select("+ new type…").run()
     at.button(key="bulk_anomaly").click().run()
     assert any("defect type" in e.value for e in at.error)
     iid = int(boxes[0].key[4:])
