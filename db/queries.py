@@ -469,6 +469,7 @@ def image_page(
     threshold: float | None = None,
     offset: int = 0,
     limit: int = 48,
+    image_ids: Iterable[int] | None = None,
 ) -> tuple[list[ImageRow], int]:
     """One page of a project's images and the total number matching the filters.
 
@@ -476,7 +477,8 @@ def image_page(
     ``score_run_id`` every row carries that run's score (None for images the run did
     not score, which sort last); ``score_min``/``score_max`` keep scored images only.
     ``sort="uncertain"`` orders by ``|score - threshold|`` with ``threshold`` defaulting
-    to the run's stored threshold.
+    to the run's stored threshold. ``image_ids`` keeps only those images (a "label
+    next" queue).
     """
     _check(sort, IMAGE_SORTS, "sort")
     needs_scores = sort != "name" or score_min is not None or score_max is not None
@@ -493,6 +495,8 @@ def image_page(
         values = _as_list(value)
         if values is not None:
             conds.append(column.in_(values))
+    if image_ids is not None:
+        conds.append(Image.id.in_([int(i) for i in image_ids]))
     if score_min is not None:
         conds.append(ImageScore.score >= float(score_min))
     if score_max is not None:

@@ -15,13 +15,16 @@ import streamlit as st
 
 from db import session_scope
 from db import queries as q
-from ui import auth, common, figures, fmt, thumbs
+from osad_core import active
+from osad_core.data import DataError
+from ui import auth, common, figures, fmt, label_next, thumbs, training
 
 PAGE_SIZE = 48
 COLUMNS = 6
 NEW_TYPE = "+ new type…"
 LABEL_NAMES = {"normal": "normal", "anomaly": "anomaly", "unlabeled": "unlabelled"}
 SPLIT_NAMES = {"train": "training", "test": "held out"}
+MODES = {"all": "All images", "next": "Label next"}
 SORTS = {
     "name": "name",
     "score_desc": "anomaly score, high → low",
@@ -126,6 +129,30 @@ def _undo(project_id: int) -> None:
         _notify("Nothing of yours to undo", ":material/info:")
 
 
+def _new_queue(run, n: int, strategy: str) -> bool:
+    """Choose the images to label next; opens the first in the large view."""
+    try:
+        ids = label_next.make_queue(run, int(n), strategy)
+    except ValueError as exc:
+        _fail(exc)
+        st.session_state.pop("next_queue", None)
+        return False
+    st.session_state["next_queue"] = {"run": run.id, "strategy": strategy, "n": int(n), "ids": ids}
+    _reset_page()
+    st.session_state["focus_idx"] = 0
+    return True
+
+
+def _retrain(run_id: int) -> None:
+    try:
+        new_run, job_id = training.retrain(run_id, auth.actor())
+    except (DataError, ValueError) as exc:
+        _fail(exc)
+        return
+    st.session_state.setdefault("watched_jobs", {})[job_id] = new_run
+    _notify(f"Run {new_run} queued: run {run_id}'s configuration on today's labels", ":material/rocket_launch:")
+
+
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -219,6 +246,42 @@ def bulk_toolbar(project_id: int, page_ids: list[int], types: list[str], keyboar
         st.button("Use for training", key="bulk_train", on_click=_apply, args=(None, "train"), disabled=not sel)
         st.button("Undo", key="undo", on_click=_undo, args=(project_id,), shortcut="U", icon=":material/undo:",
                   help="Undo your last label change (U)")
+
+
+# --- label next ----------------------------------------------------------------------------
+
+
+def next_panel(project_id: int, run) -> dict | None:
+    """The “Label next” queue of the latest run; returns the filter that shows it, or None."""
+    if run is None:
+        st.info("“Label next” appears after the first finished training run: train on the Train page.")
+        return None
+    opts = label_next.strategies(run)
+    if st.session_state.get("next_strategy") not in opts:
+        st.session_state["next_strategy"] = next(iter(opts))
+    with st.container(horizontal=True, vertical_alignment="bottom", key="next_bar"):
+        strategy = st.selectbox("Choose by", list(opts), format_func=opts.get, key="next_strategy", width=330,
+                                help="Every strategy then spreads the queue over the run's embedding space, so "
+                                     "it does not hold near-copies of one image.")
+        n = st.number_input("Images", 1, 200, active.DEFAULT_N, key="next_n", width=110)
+        queue = st.session_state.get("next_queue")
+        if queue is None or (queue["run"], queue["strategy"], queue["n"]) != (run.id, strategy, n):
+            if not _new_queue(run, n, strategy):
+                st.error(st.session_state.pop("label_error"), icon=":material/warning:")
+                return None
+            queue = st.session_state["next_queue"]
+        st.button("New queue", key="next_new", on_click=_new_queue, args=(run, n, strategy),
+                  icon=":material/refresh:", help="Choose again among the images that are still unlabelled")
+        ids = queue["ids"]
+        with session_scope() as s:
+            done = sum(im.label != "unlabeled" for im in q.get_images(s, project_id, ids))
+        if auth.can("train"):
+            st.button("Retrain with these", key="next_retrain", on_click=_retrain, args=(run.id,),
+                      type="primary" if done else "secondary", icon=":material/model_training:", disabled=not done,
+                      help=f"Queue run {run.id}'s configuration again, on today's labels")
+    st.progress(done / len(ids), text=f"{done} of {len(ids)} labelled · chosen from the images run {run.id} "
+                                      f"scored that were unlabelled, {opts[strategy]}")
+    return dict(image_ids=ids, score_run_id=run.id, sort=label_next.QUEUE_SORTS[strategy])
 
 
 # --- large view ------------------------------------------------------------------------------
@@ -415,7 +478,12 @@ def main() -> None:
         st.info("This project has no images.")
         return
 
-    flt = _filters(run, types)
+    mode = st.radio("View", list(MODES), format_func=MODES.get, horizontal=True, key="label_mode",
+                    on_change=_reset_page, label_visibility="collapsed")
+    flt = next_panel(pid, run) if mode == "next" else _filters(run, types)
+    if flt is None:
+        history(pid)
+        return
     try:
         page = int(st.session_state.get("label_page", 0))
         rows, total = _query(pid, flt, page * PAGE_SIZE, PAGE_SIZE)

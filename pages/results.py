@@ -15,7 +15,7 @@ import streamlit as st
 from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
-from ui import auth, common, figures, fmt, thumbs, training
+from ui import auth, common, figures, fmt, label_next, thumbs, training
 
 HEADLINE = ("image_auroc", "image_aupr", "image_auroc_seen", "image_auroc_unseen")
 MISSING_HELP = {
@@ -199,6 +199,30 @@ def compare_tab(done: list, current_id: int) -> None:
         c2.plotly_chart(figures.roc_figure(curves), key="compare_roc")
 
 
+def rounds_tab(done, run) -> None:
+    """Did the last round of labels help? One point per run of this configuration."""
+    rows = label_next.rounds(done, run)
+    if len(rows) < 2:
+        st.info("One round so far. Label the images the Label page's “Label next” view suggests, then "
+                "“Retrain with these”: each retrain of this configuration is a round.")
+    if not rows:
+        return
+    if rows[0]["n_test"] == 0:
+        st.caption("The rounds have no held-out image in common: hold the same images out for testing to "
+                   "compare them.")
+    st.plotly_chart(figures.rounds_figure(rows), key="rounds_fig")
+    st.caption(f"Runs of {run.method} · {run.preset} · {fmt.protocol_text(run.protocol_json)} in the order they "
+               f"finished; every AUROC is recomputed from the stored scores on the {rows[0]['n_test']} held-out "
+               "images all rounds share, with today's labels. Seen = defect types that round was trained on.")
+    table = pd.DataFrame([{"round": r["round"], "run": f"run {r['id']}", "labelled images": r["labelled"],
+                           "labelled anomalies": r["anomalies"], fmt.METRIC_NAMES["image_auroc"]: r["image_auroc"],
+                           fmt.METRIC_NAMES["image_auroc_seen"]: r["image_auroc_seen"],
+                           fmt.METRIC_NAMES["image_auroc_unseen"]: r["image_auroc_unseen"]} for r in rows])
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={fmt.METRIC_NAMES[k]: st.column_config.NumberColumn(format="%.3f")
+                                for k in ("image_auroc", "image_auroc_seen", "image_auroc_unseen")})
+
+
 def details_tab(run, details: dict) -> None:
     st.dataframe(pd.DataFrame([{"metric": fmt.METRIC_NAMES.get(k, k), "value": v, "how it was obtained": d}
                                for k, (v, d) in sorted(details.items())]),
@@ -248,7 +272,8 @@ def main() -> None:
         details = q.run_metric_details(s, run.id)
     headline(run, details)
     df = _scores(run.id)
-    tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Details"])
+    tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Labelling rounds",
+                    "Details"])
     with tabs[0]:
         curves_tab(run, df)
     with tabs[1]:
@@ -258,6 +283,8 @@ def main() -> None:
     with tabs[3]:
         compare_tab(done, run.id)
     with tabs[4]:
+        rounds_tab(done, run)
+    with tabs[5]:
         details_tab(run, details)
 
 

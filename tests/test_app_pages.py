@@ -341,6 +341,106 @@ def test_label_error_needs_a_type_for_a_new_anomaly(seeded):
     assert _label_state([iid])[iid][0] == "normal"
 
 
+def _unlabel_test_images(n: int) -> list[int]:
+    """New parts: ``n`` held-out images the seeded run scored become unlabelled."""
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        ids = [im.id for im in q.get_images(s, 1) if im.split == "test"][:n]
+        q.set_labels(s, ids, "unlabeled", None, author="seed")
+    return ids
+
+
+def test_label_next_queue_labels_with_keys_and_retrains(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    unl = _unlabel_test_images(8)
+    at = app("label", user_name="dana")
+    at.radio(key="label_mode").set_value("next").run()
+    ok(at)
+    # the run has a threshold: uncertainty is the default; the queue holds every unlabelled image (8 < 24)
+    assert at.selectbox(key="next_strategy").value == "uncertain"
+    cards = sorted(int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_"))
+    assert cards == sorted(unl)
+    assert "0 of 8 labelled" in at.get("progress")[0].proto.text
+    # the large view opens on the first image of the queue; 1 labels it normal and steps on
+    first = next(m.value for m in at.markdown if m.value.startswith("**test/"))
+    assert "Image 1 of 8" in texts(at)
+    at.button(key="kb_normal").click().run()
+    ok(at)
+    assert "Image 2 of 8" in texts(at)
+    assert next(m.value for m in at.markdown if m.value.startswith("**test/")) != first
+    assert "1 of 8 labelled" in at.get("progress")[0].proto.text
+    with session_scope() as s:
+        labels = sorted(im.label for im in q.get_images(s, 1, unl))
+    assert labels == ["normal"] + ["unlabeled"] * 7
+    # a smaller queue by another strategy: still among the unlabelled images
+    at.selectbox(key="next_strategy").select("anomalous").run()
+    at.number_input(key="next_n").set_value(3).run()
+    ok(at)
+    cards = [int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_")]
+    assert len(cards) == 3 and set(cards) <= set(unl)
+    assert "0 of 3 labelled" in at.get("progress")[0].proto.text  # the new queue leaves labelled images out
+    assert at.button(key="next_retrain").disabled  # nothing new to learn from yet
+    at.button(key="kb_anomaly").click().run()
+    assert "1 of 3 labelled" in at.get("progress")[0].proto.text
+    at.button(key="next_retrain").click().run()
+    ok(at)
+    with session_scope() as s:
+        (job,) = q.list_jobs(s, "queued")
+    assert job.payload_json["method"] == "dra" and job.payload_json["protocol"]["shots"] == 2
+
+
+def test_label_next_without_unlabelled_images_says_so(seeded):
+    at = app("label")
+    at.radio(key="label_mode").set_value("next").run()
+    ok(at)
+    assert any("scored no image that is unlabelled now" in e.value for e in at.error)
+
+
+def test_label_next_viewer_sees_the_queue_but_cannot_retrain(seeded, monkeypatch):
+    _unlabel_test_images(4)
+    from ui import auth
+
+    monkeypatch.setattr(auth, "can", lambda action: action == "view")
+    at = app("label")
+    at.radio(key="label_mode").set_value("next").run()
+    ok(at)
+    assert not [b for b in at.button if b.key in ("next_retrain", "kb_normal")]
+
+
+def test_results_rounds_measure_every_round_on_the_same_held_out_images(seeded):
+    from datetime import timedelta
+
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:  # a second round of the same configuration, one held-out image fewer
+        first = q.get_run(s, seeded.run_id)
+        rows = [r for r in q.run_scores(s, seeded.run_id) if r["role"] == "test"]
+        run2 = q.create_run(s, 1, first.method, first.preset, {}, dict(first.protocol_json), "app", status="done")
+        q.update_run(s, run2.id, finished_at=first.finished_at + timedelta(minutes=5), n_train_normal=30,
+                     n_train_anomaly=4, seen_defect_types=["hole", "scratch"])
+        # perfect scores: anomalies above every normal
+        q.store_run_results(s, run2.id, image_results=[
+            {"image_id": r["image_id"], "role": "test", "label_at_run": r["label"],
+             "score": 1.0 + r["image_id"] * 1e-3 if r["label"] == "anomaly" else r["image_id"] * 1e-3}
+            for r in rows[1:]])
+        # another configuration is not a round
+        q.create_run(s, 1, "devnet", "tiny", {}, dict(first.protocol_json), "app", status="done")
+    at = app("results")
+    at.selectbox(key="results_pick").select(run2.id).run()
+    ok(at)
+    fig = next(c for c in charts(at) if c["layout"].get("title", {}).get("text", "").startswith("AUROC per labelling"))
+    overall = next(d for d in fig["data"] if d["name"] == "AUROC")
+    assert overall["x"] == [1, 2] and overall["y"][1] == 1.0 and overall["y"][0] < 1.0
+    seen = next(d for d in fig["data"] if d["name"] == "AUROC seen types")
+    assert seen["y"][1] == 1.0
+    assert f"the {len(rows) - 1} held-out images all rounds share" in texts(at)
+
+
 # --- train --------------------------------------------------------------------------------------
 
 
