@@ -76,6 +76,7 @@ __all__ = [
     "delete_project",
     "add_images",
     "get_images",
+    "image_by_hash",
     "image_page",
     "defect_types",
     "set_labels",
@@ -454,6 +455,12 @@ def get_images(s: Session, project_id: int, ids: Iterable[int] | None = None) ->
             s.scalars(select(Image).where(Image.project_id == project_id, Image.id.in_(chunk)))
         )
     return sorted(found, key=lambda im: (im.rel_path, im.id))
+
+
+def image_by_hash(s: Session, project_id: int, content_hash: str) -> Image | None:
+    """An image of the project with this content hash (the first one), or None."""
+    return s.scalars(select(Image).where(Image.project_id == project_id, Image.content_hash == content_hash)
+                     .order_by(Image.id).limit(1)).first()
 
 
 def image_page(

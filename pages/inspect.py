@@ -127,8 +127,9 @@ def score_tab(run) -> None:
     if not run.model_path or not Path(run.model_path).is_file():
         st.info(f"Run {run.id} has no saved model to score new images with (runs started from the app save one).")
         return
-    st.caption(f"Score up to {MAX_UPLOAD_SCORE} new images with run {run.id}'s model. They are not added to the "
-               "project.")
+    st.caption(f"Score up to {MAX_UPLOAD_SCORE} new images with run {run.id}'s model. They join the project only "
+               "when you add one with its label, below the result.")
+    keep = auth.can("label")
     with st.form("score_form", border=False):
         files = st.file_uploader("Images to score", accept_multiple_files=True, key="score_files")
         go = st.form_submit_button(f"Score with run {run.id}", type="primary")
@@ -153,12 +154,18 @@ def score_tab(run) -> None:
                     det = _detector(run.model_path, Path(run.model_path).stat().st_mtime)
                     pred = det.predict(paths)
                     views = [thumbs.view_image(r.path) for r in pred.records]
+                # the scoring folder goes when this block ends: a labeller may add what was
+                # scored to the project, so each file is kept (checked, by content hash) first
+                kept = [ingest.keep_scored(r.path, run.project_id) for r in pred.records] if keep else []
+            if keep:
+                ingest.sweep_inspected(run.project_id)
         except (ValueError, FileNotFoundError) as exc:
             common.show_error(exc)
             return
         st.session_state["scored"] = {
             "run_id": run.id,
             "rows": [{"file": Path(r.path).name, "score": float(sc)} for r, sc in zip(pred.records, pred.scores)],
+            "kept": kept,
             "maps": [np.asarray(m, np.float32) for m in pred.maps],
             "views": views,
             "skipped": [why for _, why in pred.skipped] + notes,
@@ -186,6 +193,42 @@ def score_tab(run) -> None:
                         config={"displayModeBar": False})
     with c2:
         st.markdown(_verdict_html(rows[pick]["score"], run.threshold), unsafe_allow_html=True)
+        if res.get("kept") and auth.can("label"):
+            add_box(run.project_id, rows[pick]["file"], *res["kept"][pick])
+
+
+def _add(project_id: int, name: str, path: str, digest: str, label: str) -> None:
+    try:
+        user = auth.require("label").username
+        dt = st.session_state.get("add_type") if label == "anomaly" else None
+        msg = ingest.add_scored(project_id, path, digest, name, label, dt, user)
+    except (ValueError, FileNotFoundError) as exc:
+        st.session_state["add_msg"] = ("error", common.sentence(exc))
+        return
+    st.session_state["add_msg"] = ("success", msg)
+
+
+def add_box(project_id: int, name: str, path: str, digest: str) -> None:
+    """One click adds the scored image to the project with its label (once per content)."""
+    with session_scope() as s:
+        types = q.defect_types(s, project_id)
+        same = q.image_by_hash(s, project_id, digest)
+    st.markdown("**Add to the project**")
+    kind, msg = st.session_state.pop("add_msg", (None, None))
+    if kind == "error":
+        st.error(msg, icon=":material/warning:")
+    elif kind:
+        st.success(msg, icon=":material/check_circle:")
+    if same is not None:
+        st.caption(f"Already in the project as `{same.rel_path}` ({same.label}).")
+        return
+    st.selectbox("Defect type (for an anomaly)", types, index=0 if types else None, accept_new_options=True,
+                 placeholder="type a defect type", key="add_type")
+    with st.container(horizontal=True):
+        st.button("Add as normal", key="add_normal", icon=":material/check_circle:", on_click=_add,
+                  args=(project_id, name, path, digest, "normal"))
+        st.button("Add as anomaly", key="add_anomaly", icon=":material/report:", on_click=_add,
+                  args=(project_id, name, path, digest, "anomaly"))
 
 
 def export_tab(run) -> None:

@@ -97,6 +97,45 @@ def test_delete_removes_uploads_and_models_but_never_server_images(tmp_path):
     assert sorted(parts.rglob("*")) == files
 
 
+def test_scored_image_is_kept_checked_added_once_and_deleted_with_the_project(tmp_path):
+    from db import session_scope
+    from db import queries as q
+    from ui import ingest
+
+    c = ingest.create_from_uploads([("a.png", png())], "up")
+    with ingest.scoring_folder() as folder:
+        good, bad = folder / "new.png", folder / "fake.png"
+        good.write_bytes(png(30))
+        bad.write_bytes(b"\x89PNG not really")
+        kept, digest = ingest.keep_scored(str(good), c.project_id)
+        assert ingest.keep_scored(str(good), c.project_id) == (kept, digest)  # one copy per content
+        with pytest.raises(ValueError, match="not a readable image"):
+            ingest.keep_scored(str(bad), c.project_id)
+    assert Path(kept).is_file() and Path(kept).parent == ingest.inspected_dir(c.project_id)
+    assert [p.name for p in ingest.inspected_dir(c.project_id).iterdir()] == [Path(kept).name]
+    with pytest.raises(ValueError, match="defect type"):
+        ingest.add_scored(c.project_id, kept, digest, "new.png", "anomaly", " ", "dana")
+    with pytest.raises(ValueError, match="no longer kept"):  # only the project's own kept files
+        ingest.add_scored(c.project_id, str(tmp_path / "x.png"), digest, "x.png", "normal", None, "dana")
+    assert "as normal" in ingest.add_scored(c.project_id, kept, digest, "new.png", "normal", None, "dana")
+    assert "already holds this image" in ingest.add_scored(c.project_id, kept, digest, "n.png", "normal", None, "x")
+    # the same content as an image the project had from the start is not added either
+    with session_scope() as s:
+        first = q.get_images(s, c.project_id)[0]
+        assert q.label_counts(s, c.project_id)["images"] == 2
+    msg = ingest.add_scored(c.project_id, kept, first.content_hash, "a.png", "normal", None, "x")
+    assert "`a.png` already holds this image" in msg
+    # a kept copy that never joined is swept once old; added ones stay
+    with ingest.scoring_folder() as folder:
+        (folder / "other.png").write_bytes(png(60))
+        stale, _ = ingest.keep_scored(str(folder / "other.png"), c.project_id)
+    os.utime(stale, (0, 0))
+    os.utime(kept, (0, 0))
+    assert ingest.sweep_inspected(c.project_id) == 1 and Path(kept).exists() and not Path(stale).exists()
+    ingest.delete_project(c.project_id)
+    assert not ingest.inspected_dir(c.project_id).exists()
+
+
 # --- thumbnails -----------------------------------------------------------------------------
 
 

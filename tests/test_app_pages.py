@@ -6,6 +6,7 @@ with no normal images) must show one clear sentence and change nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -627,6 +628,49 @@ def test_inspect_scores_uploaded_images_and_rejects_non_images(seeded):
     assert not [e for e in at.error if "randomly initialised" not in e.value], [e.value for e in at.error]
     df = next(d.value for d in at.dataframe if "score" in d.value.columns and "file" in d.value.columns)
     assert list(df["file"]) == ["part.png"] and np.isfinite(df["score"]).all()
+
+
+def test_inspect_adds_a_scored_upload_to_the_project_once(seeded):
+    from db import data_dir, session_scope
+    from db import queries as q
+    from osad_core.data import file_sha1
+
+    at = app("inspect", user_name="dana")
+    known = seeded.parts / "test" / "scratch" / "000.png"  # already in the project
+    at.file_uploader(key="score_files").set_value([("new.png", png(200, 48), "image/png"),
+                                                   ("again.png", known.read_bytes(), "image/png")])
+    click(at, "Score with run 1")
+    # the scoring folder is gone; the project kept one checked copy of each, by content hash
+    assert not any((data_dir() / "uploads" / "scoring").iterdir())
+    kept = sorted(p.name for p in (data_dir() / "uploads" / "inspect-1").iterdir())
+    assert kept == sorted([file_sha1(known) + ".png", hashlib.sha1(png(200, 48)).hexdigest() + ".png"])
+    at.selectbox(key="scored_pick").select(1).run()
+    assert any("Already in the project as `test/scratch/000.png`" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.key == "add_anomaly"]
+    at.selectbox(key="scored_pick").select(0).run()
+    at.selectbox(key="add_type").select("hole").run()
+    at.button(key="add_anomaly").click().run()
+    ok(at)
+    assert any("Added `new.png` to the project as anomaly (hole)" in m.value for m in at.success)
+    with session_scope() as s:
+        im = q.image_by_hash(s, 1, hashlib.sha1(png(200, 48)).hexdigest())
+        assert (im.label, im.defect_type, im.split, im.rel_path) == ("anomaly", "hole", "train", "inspect/new.png")
+        assert q.label_history(s, image_id=im.id)[0]["author"] == "dana"
+    # once added, the same content is not offered again
+    assert any("Already in the project as `inspect/new.png`" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.key in ("add_normal", "add_anomaly")]
+
+
+def test_inspect_add_is_for_labellers_only(seeded, monkeypatch):
+    from db import data_dir
+    from ui import auth
+
+    monkeypatch.setattr(auth, "can", lambda action: action in ("view", "score"))
+    at = app("inspect")
+    at.file_uploader(key="score_files").set_value(("new.png", png(200, 48), "image/png"))
+    click(at, "Score with run 1")
+    assert not [b for b in at.button if b.key in ("add_normal", "add_anomaly")]
+    assert not (data_dir() / "uploads" / "inspect-1").exists()  # nothing kept for a scorer who cannot add
 
 
 def test_inspect_exports_scores_and_model(seeded):
