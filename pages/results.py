@@ -232,6 +232,11 @@ def details_tab(run, details: dict) -> None:
         log = q.train_log(s, run.id)
     if len(log) >= 2:
         st.plotly_chart(figures.loss_sparkline(log, height=200), key="loss_curve")
+    ms = (run.config_json or {}).get("mask_sources")
+    if ms:
+        st.markdown(f"**Defect masks in training** — {ms.get('ground_truth', 0)} labelled anomal"
+                    f"{'y' if ms.get('ground_truth', 0) == 1 else 'ies'} with a mask (drawn or imported), "
+                    f"{ms.get('image_level', 0)} with the image label only (used as {ms.get('image_level_as')}).")
     st.markdown(f"**Timing** — training {fmt.duration(run.train_seconds)}, scoring the held-out images "
                 f"{fmt.duration(run.infer_seconds)} · started {fmt.ago(run.started_at)} · source {run.source}")
     with st.expander("Configuration (as trained)"):

@@ -13,6 +13,7 @@ from osad_core.methods.ckaad import (
     cosine_reconstruction_loss,
     discriminator_loss,
     fake_hinge,
+    masked_fake_hinge,
     real_energy,
     topk_pixel_mean,
 )
@@ -35,6 +36,21 @@ def test_energy_terms_on_known_values():
     # T(F+) + (1 - γ) Fk(F-) + γ Fk(G): 1 + 0.5 * 3 + 0.5 * 1
     assert discriminator_loss(pos, neg, rec, 5.0, 0.5).item() == pytest.approx(3.0)
     assert discriminator_loss(pos, neg, rec, 5.0, 0.0).item() == pytest.approx(4.0)
+
+
+def test_masked_anomaly_term_covers_the_defect_positions_only():
+    e = [torch.tensor([[[1.0, 4.0], [2.0, 6.0]]])]  # one image, one 2×2 level
+    ones = torch.ones(1, 1, 4, 4)
+    assert masked_fake_hinge(e, ones, 5.0).item() == pytest.approx(fake_hinge(e, 5.0).item())  # label only
+    m = torch.zeros(1, 1, 4, 4)
+    m[0, 0, 0, 0] = 1  # one defect pixel in the top-left cell: only that cell's hinge (5 - 1)
+    assert masked_fake_hinge(e, m, 5.0).item() == pytest.approx(4.0)
+    m[0, 0, 3, 3] = 1  # and the bottom-right (6 ≥ 5: free) -> (4 + 0) / 2
+    assert masked_fake_hinge(e, m, 5.0).item() == pytest.approx(2.0)
+    pos, rec = [torch.tensor([[[1.0]]])], [torch.tensor([[[4.0]]])]
+    neg = [torch.tensor([[[2.0, 9.0]]])]
+    mask = torch.tensor([[[[1.0, 0.0]]]])  # the 9 lies outside the defect: it no longer lowers the term
+    assert discriminator_loss(pos, neg, rec, 5.0, 0.5, anomaly_masks=mask).item() == pytest.approx(1 + 1.5 + 0.5)
 
 
 def test_cosine_reconstruction_loss_and_map():
@@ -164,6 +180,24 @@ def test_ckaad_discriminator_learns_only_with_anomalies(parts_split):
     elastic = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, [])  # auto: elastic copies
     assert elastic.anomaly_source == "none + elastic copies"
     assert any(not torch.equal(a, b) for a, b in zip(elastic.discs.parameters(), fresh.discs.parameters()))
+
+
+def test_ckaad_trains_on_masks_where_they_exist(parts_split):
+    from dataclasses import replace
+
+    sp = parts_split
+    fast = dict(TINY, epochs=1, steps_per_epoch=2, device="cpu")
+    with_masks = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies)
+    assert with_masks.mask_sources == {"ground_truth": 2, "image_level": 0, "image_level_as": "coarse"}
+    labels_only = make_detector("ckaad", "tiny", dict(fast, use_gt_masks=False)).fit(sp.train_normal,
+                                                                                     sp.train_anomalies)
+    assert labels_only.mask_sources["ground_truth"] == 0
+    no_files = [replace(r, mask_path=None) for r in sp.train_anomalies]
+    same = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, no_files)
+    # no mask anywhere: the paper's loss, bit for bit the same as switching masks off
+    for a, b in zip(same.discs.parameters(), labels_only.discs.parameters()):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(with_masks.discs.parameters(), labels_only.discs.parameters()))
 
 
 def test_ckaad_cpu_training_is_repeatable(parts_split):
