@@ -13,11 +13,12 @@ import math
 import pandas as pd
 import streamlit as st
 
+from db import masks as mq
 from db import session_scope
 from db import queries as q
 from osad_core import active
 from osad_core.data import DataError
-from ui import auth, common, figures, fmt, label_next, thumbs, training
+from ui import auth, common, figures, fmt, label_next, masks, thumbs, training
 
 PAGE_SIZE = 48
 COLUMNS = 6
@@ -284,6 +285,77 @@ def next_panel(project_id: int, run) -> dict | None:
     return dict(image_ids=ids, score_run_id=run.id, sort=label_next.QUEUE_SORTS[strategy])
 
 
+# --- defect masks ---------------------------------------------------------------------------
+
+
+MASK_STEPS = {"undo": ("Mask change undone", ":material/undo:"), "redo": ("Mask change redone", ":material/redo:"),
+              "clear": ("Mask cleared", ":material/delete:")}
+
+
+def _mask_step(image_id: int, how: str) -> None:
+    """Undo, redo or clear an image's mask: each is one more entry in its mask history."""
+    try:
+        user = auth.require("label").username
+    except ValueError as exc:
+        _fail(exc)
+        return
+    with session_scope() as s:
+        if how == "undo":
+            ev = mq.undo_mask(s, image_id, user)
+        elif how == "redo":
+            ev = mq.redo_mask(s, image_id, user)
+        else:
+            ev = mq.set_mask(s, image_id, None, user)
+    if ev is None:
+        _notify(f"Nothing to {how} for this mask", ":material/info:")
+    else:
+        _notify(*MASK_STEPS[how])
+
+
+def mask_editor(project_id: int, im, arr) -> None:
+    """Paint, erase and save the defect mask of an anomaly over the image."""
+    from streamlit_drawable_canvas import st_canvas
+
+    try:
+        current = masks.load(im.mask_path, arr.shape[:2])
+    except DataError as exc:
+        common.show_error(exc)
+        current = masks.load(None, arr.shape[:2])
+    h, w = arr.shape[:2]
+    disp_w = 480 if w < 480 else min(w, 560)  # small images are enlarged to draw on
+    disp_h = max(1, round(h * disp_w / w))
+    with st.container(horizontal=True, vertical_alignment="bottom", key="mask_tools"):
+        tool = st.radio("Brush", ["paint", "erase"], horizontal=True, key="mask_tool")
+        shape = st.radio("Shape", ["freedraw", "rect"], horizontal=True, key="mask_shape",
+                         format_func={"freedraw": "free", "rect": "box"}.get)
+        size = st.slider("Brush size", 2, 80, 20, key="mask_brush", width=180)
+    r, g, b = masks.PAINT if tool == "paint" else masks.ERASE
+    color = f"rgba({r}, {g}, {b}, 0.75)"
+    version = abs(hash(im.mask_path)) % 10**8  # a saved change starts a fresh canvas
+    res = st_canvas(fill_color=color, stroke_color=color, stroke_width=size,
+                    background_image=masks.overlay(arr, current).resize((disp_w, disp_h)),
+                    height=disp_h, width=disp_w, drawing_mode=shape, return_image_data=True,
+                    key=f"mask_canvas_{im.id}_{version}")
+    st.caption(f"Red = the mask now ({100 * current.mean():.1f} % of the image). Paint adds, erase removes; "
+               "**Save mask** keeps the result as a new version.")
+    with st.container(horizontal=True):
+        if st.button("Save mask", key="mask_save", type="primary", icon=":material/save:"):
+            try:
+                user = auth.require("label").username
+                new = masks.apply_strokes(current, res.image_data)
+                with session_scope() as s:
+                    mq.set_mask(s, im.id, masks.save(project_id, im.id, new) if new.any() else None, user)
+            except ValueError as exc:
+                common.show_error(exc)
+            else:
+                _notify(f"Mask saved ({100 * new.mean():.1f} % of the image)")
+                st.rerun()
+        st.button("Clear mask", key="mask_clear", on_click=_mask_step, args=(im.id, "clear"),
+                  icon=":material/delete:", disabled=im.mask_path is None)
+        st.button("Undo mask", key="mask_undo", on_click=_mask_step, args=(im.id, "undo"), icon=":material/undo:")
+        st.button("Redo mask", key="mask_redo", on_click=_mask_step, args=(im.id, "redo"), icon=":material/redo:")
+
+
 # --- large view ------------------------------------------------------------------------------
 
 
@@ -338,8 +410,15 @@ def large_view(project_id: int, flt: dict, total: int, run) -> None:
                     other = "train" if im.split == "test" else "test"
                     st.button("Use for training" if other == "train" else "Hold out for testing", key="kb_split",
                               on_click=_apply, args=([im.id], other, idx))
+            editing = False
+            if im.label == "anomaly" and auth.can("label"):
+                editing = st.toggle("Draw the defect mask", key="lv_mask",
+                                    help="BGAD and CKAAD train on the masks of labelled anomalies where they exist; "
+                                         "pixel metrics use the masks of held-out ones.")
+            elif im.mask_path:
+                st.caption("This image has a defect mask.")
             show_heat = False
-            if heat is not None:
+            if heat is not None and not editing:
                 show_heat = st.toggle(f"Heatmap of run {run.id}", key="lv_heat", value=True)
                 opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.45, 0.05, key="lv_opacity")
             with session_scope() as s:
@@ -354,7 +433,9 @@ def large_view(project_id: int, flt: dict, total: int, run) -> None:
             except Exception as exc:  # unreadable file: say so, keep labelling possible
                 common.show_error(exc)
                 return
-            if show_heat:
+            if editing:
+                mask_editor(project_id, im, arr)
+            elif show_heat:
                 vmin, vmax = fmt.display_range(run, (float(heat.min()), float(heat.max()) + 1e-6))
                 fig = figures.overlay_figure(arr, heat, vmin, vmax, opacity)
                 st.plotly_chart(fig, key="lv_fig", config={"displayModeBar": False})

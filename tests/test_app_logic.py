@@ -132,8 +132,11 @@ def test_scored_image_is_kept_checked_added_once_and_deleted_with_the_project(tm
     os.utime(stale, (0, 0))
     os.utime(kept, (0, 0))
     assert ingest.sweep_inspected(c.project_id) == 1 and Path(kept).exists() and not Path(stale).exists()
+    from ui import masks
+
+    drawn = masks.save(c.project_id, first.id, np.ones((4, 4), bool))
     ingest.delete_project(c.project_id)
-    assert not ingest.inspected_dir(c.project_id).exists()
+    assert not ingest.inspected_dir(c.project_id).exists() and not Path(drawn).exists()
 
 
 # --- thumbnails -----------------------------------------------------------------------------
@@ -274,3 +277,32 @@ def test_set_split_is_one_undoable_batch_that_keeps_labels(tmp_path):
         assert {im.split for im in q.get_images(s, c.project_id, mixed)} == {"test"}
     with session_scope() as s, pytest.raises(ValueError, match="no images selected"):
         q.set_split(s, [], "test")
+
+
+# --- defect masks ---------------------------------------------------------------------------
+
+
+def test_canvas_strokes_paint_and_erase_a_mask_at_image_size(tmp_path):
+    from ui import masks
+
+    mask = np.zeros((20, 40), bool)
+    mask[:, :5] = True  # an imported mask: the left edge
+    canvas = np.zeros((100, 200, 4), np.uint8)  # drawn at 5× the image size
+    canvas[50:, 100:] = (*masks.PAINT, 190)  # bottom-right quarter painted
+    canvas[:, :10] = (*masks.ERASE, 190)  # the first 2 image columns erased
+    out = masks.apply_strokes(mask, canvas)
+    assert out.shape == (20, 40)
+    assert out[10:, 20:].all() and not out[:10, 20:].any()
+    assert not out[:, :2].any() and out[:, 2:5].all()
+    assert (masks.apply_strokes(mask, None) == mask).all()
+    path = masks.save(3, 7, out)
+    assert Path(path).parent == masks.masks_dir(3) and Path(path).name.startswith("7-")
+    assert (masks.load(path, (20, 40)) == out).all()
+    half = masks.load(path, (10, 20))  # scaled to another size: nearest, still 0/1
+    assert half.shape == (10, 20) and abs(half.mean() - out.mean()) < 0.05
+    assert not masks.load(None, (4, 4)).any()
+    tinted = np.asarray(masks.overlay(np.full((20, 40, 3), 100, np.uint8), out))
+    assert tinted[15, 30, 0] > 100 and tinted[0, 30, 0] == 100
+    with pytest.raises(ValueError, match="not a readable image"):
+        (tmp_path / "bad.png").write_bytes(b"nope")
+        masks.load(str(tmp_path / "bad.png"), (4, 4))

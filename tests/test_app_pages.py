@@ -331,6 +331,43 @@ def test_label_large_view_steps_and_labels_one_image(seeded):
     assert not [b for b in at.button if b.key == "kb_next"]
 
 
+def test_label_mask_editor_clears_undoes_to_the_imported_mask_and_redoes(seeded):
+    from db import masks, session_scope
+    from db import queries as q
+
+    at = app("label", user_name="dana")
+    at.multiselect(key="f_label").select("anomaly").run()
+    zoom = [b for b in at.button if b.key and b.key.startswith("zoom_")]
+    zoom[0].click().run()
+    iid = int(zoom[0].key[5:])
+    with session_scope() as s:
+        imported = q.get_images(s, 1, [iid])[0].mask_path
+    assert imported and "ground_truth" in imported
+    at.toggle(key="lv_mask").set_value(True).run()
+    ok(at)
+    assert at.button(key="mask_save") is not None and at.radio(key="mask_tool").value == "paint"
+    assert any("Red = the mask now" in c.value for c in at.caption)
+    at.button(key="mask_clear").click().run()
+    ok(at)
+    with session_scope() as s:
+        assert q.get_images(s, 1, [iid])[0].mask_path is None
+    at.button(key="mask_undo").click().run()
+    with session_scope() as s:
+        assert q.get_images(s, 1, [iid])[0].mask_path == imported
+    at.button(key="mask_redo").click().run()
+    with session_scope() as s:
+        assert q.get_images(s, 1, [iid])[0].mask_path is None
+        assert [h["author"] for h in masks.mask_history(s, iid)] == ["dana"] * 3
+    # saving with no strokes keeps the mask as it is now (none): a new version, nothing drawn
+    at.button(key="mask_save").click().run()
+    ok(at)
+    # normal images have no mask editor
+    at.button(key="kb_close").click().run()
+    at.multiselect(key="f_label").set_value(["normal"]).run()
+    [b for b in at.button if b.key and b.key.startswith("zoom_")][0].click().run()
+    assert not [t_ for t_ in at.toggle if t_.key == "lv_mask"]
+
+
 def test_label_error_needs_a_type_for_a_new_anomaly(seeded):
     at = app("label")
     boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]

@@ -397,6 +397,7 @@ def delete_project(project_id: int) -> str:
     if owned is not None:
         shutil.rmtree(owned, ignore_errors=True)
     shutil.rmtree(inspected_dir(project_id), ignore_errors=True)
+    shutil.rmtree(data_dir() / "masks" / str(int(project_id)), ignore_errors=True)  # masks drawn in the app
     return name
 
 
