@@ -81,6 +81,7 @@ __all__ = [
     "defect_types",
     "set_labels",
     "undo_last",
+    "redo_last",
     "label_history",
     "create_run",
     "update_run",
@@ -695,6 +696,38 @@ def undo_last(s: Session, project_id: int, author: str | None = None) -> int:
                 .values(label=lb, defect_type=dt, split=sp, updated_at=now)
             )
     return len(rows)
+
+
+def redo_last(s: Session, project_id: int, author: str | None = None) -> int:
+    """Re-apply the batch that the newest undo took back; returns images changed.
+
+    Only when that undo is still the newest label change (of ``author``, if given):
+    any other change since makes the redo meaningless, and 0 is returned. The redo is
+    appended as a new ordinary batch, so it can be undone again.
+    """
+    q = (
+        select(LabelEvent.reverts_batch_id)
+        .where(LabelEvent.project_id == project_id, LabelEvent.previous_label.is_not(None))
+        .order_by(LabelEvent.id.desc())
+        .limit(1)
+    )
+    if author is not None:
+        q = q.where(LabelEvent.author == author)
+    reverted = s.scalar(q)
+    if reverted is None:
+        return 0
+    events = s.scalars(select(LabelEvent).where(LabelEvent.batch_id == reverted).order_by(LabelEvent.id)).all()
+    groups: dict[tuple[str, str | None, str], list[int]] = defaultdict(list)
+    for e in events:
+        groups[(e.label, e.defect_type, e.split)].append(e.image_id)
+    batch = str(uuid.uuid4())
+    n = 0
+    for (lb, dt, sp), ids in groups.items():
+        # one history batch for the whole redo, whatever states it restores
+        new = _change_images(s, ids, author, {"label": lb, "defect_type": dt, "split": sp})
+        s.execute(update(LabelEvent).where(LabelEvent.batch_id == new).values(batch_id=batch))
+        n += len(ids)
+    return n
 
 
 def label_history(

@@ -154,6 +154,20 @@ def _retrain(run_id: int) -> None:
     _notify(f"Run {new_run} queued: run {run_id}'s configuration on today's labels", ":material/rocket_launch:")
 
 
+def _redo(project_id: int) -> None:
+    try:
+        user = auth.require("label").username
+    except ValueError as exc:
+        _fail(exc)
+        return
+    with session_scope() as s:
+        n = q.redo_last(s, project_id, author=user)
+    if n:
+        _notify(f"Redone: {n} image{'s' if n != 1 else ''} labelled again", ":material/redo:")
+    else:
+        _notify("Nothing of yours to redo: only your last undo can be redone", ":material/info:")
+
+
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -247,6 +261,8 @@ def bulk_toolbar(project_id: int, page_ids: list[int], types: list[str], keyboar
         st.button("Use for training", key="bulk_train", on_click=_apply, args=(None, "train"), disabled=not sel)
         st.button("Undo", key="undo", on_click=_undo, args=(project_id,), shortcut="U", icon=":material/undo:",
                   help="Undo your last label change (U)")
+        st.button("Redo", key="redo", on_click=_redo, args=(project_id,), shortcut="Shift+U", icon=":material/redo:",
+                  help="Redo what your last undo took back (Shift+U)")
 
 
 # --- label next ----------------------------------------------------------------------------
@@ -597,7 +613,7 @@ def main() -> None:
     labelling = auth.can("label")
     if labelling:
         bulk_toolbar(pid, [r.image.id for r in rows], types, keyboard=not focus)
-        st.caption("Keyboard: **1** normal · **2** anomaly (type above) · **U** undo"
+        st.caption("Keyboard: **1** normal · **2** anomaly (type above) · **U** undo · **Shift+U** redo"
                    + (" · **←/→** previous/next · **Esc** close" if focus else " · :material/zoom_in: opens the large view"))
     else:
         st.caption("Read only: your role can look at images, labels and scores but not change them.")

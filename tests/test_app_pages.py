@@ -293,6 +293,10 @@ def test_label_grid_tags_with_a_new_type_undoes_and_keeps_history(seeded):
     assert {v[0] for v in _label_state(ids).values()} == {"normal"}
     with session_scope() as s:
         assert q.label_history(s, project_id=1, limit=1)[0]["reverts_batch_id"] is not None  # appended, not erased
+    at.button(key="redo").click().run()
+    assert set(_label_state(ids).values()) == {("anomaly", "crack", "test")}
+    at.button(key="redo").click().run()  # only the last undo can be redone
+    assert set(_label_state(ids).values()) == {("anomaly", "crack", "test")}
 
 
 def test_label_select_page_hold_out_and_filters(seeded):

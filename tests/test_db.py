@@ -719,3 +719,22 @@ def test_mask_history_undo_back_to_the_imported_mask_and_redo(url):
         q.delete_project(s, p.id)
     with db.session_scope(url) as s:
         assert s.scalar(select(func.count()).select_from(db.MaskEvent)) == 0
+
+
+def test_redo_reapplies_the_last_undo_as_one_new_batch(url):
+    pid, ids = _project_with_images(url, 4)
+    with db.session_scope(url) as s:
+        q.set_labels(s, ids[:2], "anomaly", "crack", author="dana")
+        q.set_split(s, ids[2:], "test", author="dana")
+        assert q.redo_last(s, pid, author="dana") == 0  # nothing undone yet
+        assert q.undo_last(s, pid, author="dana") == 2  # the split
+        assert q.undo_last(s, pid, author="dana") == 2  # the labels
+        assert q.redo_last(s, pid, author="lea") == 0  # someone else's undo is not mine to redo
+        assert q.redo_last(s, pid, author="dana") == 2  # the labels again
+        assert q.redo_last(s, pid, author="dana") == 0  # one step: the redo is the newest change now
+        state = {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, pid)}
+        assert [state[i] for i in ids] == [("anomaly", "crack", "train")] * 2 + [("normal", None, "train")] * 2
+        redo = q.label_history(s, project_id=pid, limit=2)
+        assert len({h["batch_id"] for h in redo}) == 1 and redo[0]["reverts_batch_id"] is None
+        assert q.undo_last(s, pid, author="dana") == 2  # and a redo can be undone
+        assert {q.get_images(s, pid, [i])[0].label for i in ids[:2]} == {"normal"}
