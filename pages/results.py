@@ -193,10 +193,13 @@ def compare_tab(done: list, current_id: int) -> None:
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.metric_bars(rows), key="compare_bars")
     with session_scope() as s:
-        curves = [(f"run {i}", q.run_curves(s, i).get("roc")) for i in chosen]
-    curves = [(n, c) for n, c in curves if c]
-    if curves:
-        c2.plotly_chart(figures.roc_figure(curves), key="compare_roc")
+        stored = [(f"run {i}", q.run_curves(s, i)) for i in chosen]
+    roc = [(n, c["roc"]) for n, c in stored if c.get("roc")]
+    if roc:
+        c2.plotly_chart(figures.roc_figure(roc), key="compare_roc")
+    pr = [(n, c["pr"]) for n, c in stored if c.get("pr")]
+    if pr:  # precision-recall: what the share of defects among flagged images would be
+        c1.plotly_chart(figures.pr_figure(pr), key="compare_pr")
 
 
 def rounds_tab(done, run) -> None:

@@ -628,6 +628,9 @@ def test_results_compare_runs_side_by_side(seeded):
     at = app("results")
     assert at.multiselect(key="compare_runs").value == [seeded.run_id]
     assert any(d for d in at.dataframe)
+    titles = [c["layout"].get("title", {}).get("text", "") for c in charts(at)]
+    assert titles.count("Precision–recall curve") == 2  # the run's own and the comparison's
+    assert sum(t_.startswith("ROC curve") for t_ in titles) == 2
 
 
 def test_results_without_runs_points_to_train(tmp_path):
