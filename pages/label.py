@@ -42,6 +42,21 @@ def _selected() -> set[int]:
 
 
 def _reset_page() -> None:
+    # the filters are hidden in "Label next": a change reported for them then is stale
+    # (a leftover element of the other view) and must not close the large view
+    if st.session_state.get("label_mode") == "next":
+        return
+    st.session_state["label_page"] = 0
+    st.session_state.pop("focus_idx", None)
+
+
+def _clear_group() -> None:
+    st.session_state.pop("grid_ids", None)
+    st.session_state["label_page"] = 0
+    st.session_state.pop("focus_idx", None)
+
+
+def _switch_mode() -> None:
     st.session_state["label_page"] = 0
     st.session_state.pop("focus_idx", None)
 
@@ -139,7 +154,7 @@ def _new_queue(run, n: int, strategy: str) -> bool:
         st.session_state.pop("next_queue", None)
         return False
     st.session_state["next_queue"] = {"run": run.id, "strategy": strategy, "n": int(n), "ids": ids}
-    _reset_page()
+    st.session_state["label_page"] = 0
     st.session_state["focus_idx"] = 0
     return True
 
@@ -576,11 +591,18 @@ def main() -> None:
         return
 
     mode = st.radio("View", list(MODES), format_func=MODES.get, horizontal=True, key="label_mode",
-                    on_change=_reset_page, label_visibility="collapsed")
+                    on_change=_switch_mode, label_visibility="collapsed")
     flt = next_panel(pid, run) if mode == "next" else _filters(run, types)
     if flt is None:
         history(pid)
         return
+    group = st.session_state.get("grid_ids")
+    if group and mode == "all":  # images picked elsewhere (a box or lasso on the t-SNE map)
+        flt["image_ids"] = group["ids"]
+        with st.container(horizontal=True, vertical_alignment="center", key="grid_ids_bar"):
+            st.markdown(f"Only the **{len(group['ids'])} images** {group['what']}, with the filters "
+                        "above.", width="content")
+            st.button("Show all", key="grid_ids_clear", icon=":material/close:", on_click=_clear_group)
     try:
         page = int(st.session_state.get("label_page", 0))
         rows, total = _query(pid, flt, page * PAGE_SIZE, PAGE_SIZE)

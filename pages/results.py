@@ -136,22 +136,31 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
     c1, c2 = st.columns([3, 2])
     with c1:
         event = st.plotly_chart(figures.tsne_figure(pts, color_by), key=f"tsne_{run.id}", on_select="rerun",
-                                selection_mode="points")
+                                selection_mode=("points", "box", "lasso"))
     picked = None
     try:
         points = event.selection.points if event is not None else []
     except AttributeError:
         points = []
-    if points:
-        cd = points[0].get("customdata")
-        if cd:
-            picked = int(cd[0])
+    chosen = sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
+    if len(chosen) > 1:  # a box or lasso: take the group to the Label page
+        with c1:
+            if st.button(f"Show these {len(chosen)} images on the Label page", key="tsne_to_label",
+                         icon=":material/label:", help="The Label grid then lists only the selected images"):
+                st.session_state["grid_ids"] = {"ids": chosen, "what": f"selected on run {run.id}'s t-SNE map"}
+                st.session_state["label_mode"] = "all"
+                st.session_state["label_page"] = 0
+                st.session_state.pop("focus_idx", None)
+                st.switch_page(common.PAGES["label"])
+    elif chosen:
+        picked = chosen[0]
     if picked is not None:
         st.session_state["tsne_image_id"] = picked
     with c2:
         image_id = st.session_state.get("tsne_image_id")
         if image_id is None or image_id not in set(pts["image_id"]):
-            st.caption("Click a point to see its image and heatmap here.")
+            st.caption("Click a point to see its image and heatmap here; select a group with the box or lasso "
+                       "tool (top right of the map) to label it on the Label page.")
             return
         row = pts[pts["image_id"] == image_id].iloc[0]
         show_image_with_heatmap(run, int(image_id), "tsne")

@@ -372,6 +372,23 @@ def test_label_mask_editor_clears_undoes_to_the_imported_mask_and_redoes(seeded)
     assert not [t_ for t_ in at.toggle if t_.key == "lv_mask"]
 
 
+def test_label_grid_shows_only_a_group_chosen_on_the_tsne_map(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        group = [im.id for im in q.get_images(s, 1)][3:8]
+    at = app("label", grid_ids={"ids": group, "what": "selected on run 1's t-SNE map"})
+    cards = sorted(int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_"))
+    assert cards == group
+    assert "Only the **5 images** selected on run 1's t-SNE map" in texts(at)
+    at.multiselect(key="f_label").select("anomaly").run()  # the other filters still apply
+    shown = [int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_")]
+    assert set(shown) < set(group) or not shown
+    at.button(key="grid_ids_clear").click().run()
+    assert len([b for b in at.button if b.key and b.key.startswith("zoom_")]) == 10  # all anomalies again
+
+
 def test_label_error_needs_a_type_for_a_new_anomaly(seeded):
     at = app("label")
     boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
