@@ -71,6 +71,7 @@ def _fail(exc: Exception) -> None:
 
 def _clear_selection() -> None:
     _selected().clear()
+    st.session_state.pop("ticks", None)
     for k in [k for k in st.session_state if isinstance(k, str) and k.startswith("sel_") and k[4:].isdigit()]:
         st.session_state[k] = False
 
@@ -85,8 +86,25 @@ def _select_ids(ids: list[int]) -> None:
 def _toggle(image_id: int) -> None:
     if st.session_state.get(f"sel_{image_id}"):
         _selected().add(image_id)
+        ticks = st.session_state.setdefault("ticks", [])
+        ticks[:] = (ticks + [image_id])[-2:]  # the last two ticked images bound a range
     else:
         _selected().discard(image_id)
+
+
+def range_ends(page_ids: list[int]) -> tuple[int, int] | None:
+    """Positions on the page of the last two ticked images, in page order, if both are shown."""
+    ticks = [i for i in st.session_state.get("ticks", []) if i in page_ids]
+    if len(ticks) < 2:
+        return None
+    a, b = sorted(page_ids.index(i) for i in ticks)
+    return (a, b) if b - a > 1 else None
+
+
+def _select_range(page_ids: list[int]) -> None:
+    ends = range_ends(page_ids)
+    if ends is not None:
+        _select_ids(page_ids[ends[0]:ends[1] + 1])
 
 
 def _anomaly_type() -> str:
@@ -265,6 +283,11 @@ def bulk_toolbar(project_id: int, page_ids: list[int], types: list[str], keyboar
     with st.container(horizontal=True, vertical_alignment="center", key="bulk_bar", gap="small"):
         st.markdown(f"**{len(sel)} selected**", width="content")
         st.button("Select page", key="select_page", on_click=_select_ids, args=(page_ids,))
+        ends = range_ends(page_ids)
+        # Streamlit's checkboxes do not report the Shift key: the range is the last two ticks
+        st.button(f"Select range ({ends[1] - ends[0] + 1})" if ends else "Select range", key="select_range",
+                  on_click=_select_range, args=(page_ids,), disabled=ends is None, icon=":material/select_all:",
+                  help="Tick the first and the last image of a run of images, then select all between them")
         st.button("Clear", key="select_clear", on_click=_clear_selection, disabled=not sel)
         st.button("Normal", key="bulk_normal", on_click=_apply, args=(None, "normal"), disabled=not sel,
                   shortcut="1" if keyboard else None, icon=":material/check_circle:")

@@ -389,6 +389,19 @@ def test_label_grid_shows_only_a_group_chosen_on_the_tsne_map(seeded):
     assert len([b for b in at.button if b.key and b.key.startswith("zoom_")]) == 10  # all anomalies again
 
 
+def test_label_select_range_between_two_ticked_images(seeded):
+    at = app("label")
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
+    assert at.button(key="select_range").disabled
+    at.checkbox(key=boxes[7].key).check().run()
+    at.checkbox(key=boxes[2].key).check().run()  # ticked in any order
+    assert at.button(key="select_range").label == "Select range (6)"
+    at.button(key="select_range").click().run()
+    assert "**6 selected**" in texts(at)
+    assert [c.value for c in at.checkbox if c.key and c.key.startswith("sel_")][:9] == [False, False] + [True] * 6 + [
+        False]
+
+
 def test_label_error_needs_a_type_for_a_new_anomaly(seeded):
     at = app("label")
     boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
