@@ -295,6 +295,7 @@ def rounds_figure(rows: Sequence[dict]) -> go.Figure:
             hovertemplate=("round %{x} (run %{customdata[0]})<br>%{y:.3f}<br>trained on %{customdata[1]} labelled "
                            "images, %{customdata[2]} anomalies<br>%{customdata[3]} held-out images"
                            "<extra>%{fullData.name}</extra>")))
-    fig.update_layout(height=360, title="AUROC per labelling round (same held-out images)",
+    fig.update_layout(height=380, title="AUROC per labelling round (same held-out images)",
                       xaxis=dict(title="round", dtick=1), yaxis=dict(title="", range=[0, 1.02]), **_LAYOUT)
+    fig.update_layout(legend=dict(orientation="h", y=-0.22, yanchor="top", x=0))  # clear of the title
     return fig
