@@ -206,3 +206,31 @@ def test_ckaad_cpu_training_is_repeatable(parts_split):
     a = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies).predict(sp.test[:4]).scores
     b = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies).predict(sp.test[:4]).scores
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_records_how_many_anomalies_trained_with_a_mask(parts_split, tmp_path, monkeypatch):
+    """Masks drawn in the app reach training through ``images.mask_path``; the stored run
+    says how many labelled anomalies had one."""
+    import db
+    from db import masks as mq
+    from db import queries as q
+    from osad_core.experiment import run_experiment
+    from osad_core.store import record_run
+    from osad_core.worker import project_dataset
+    from ui import ingest
+
+    root = parts_split.train_normal[0].path.rsplit("/train/", 1)[0]
+    monkeypatch.setenv("OSAD_IMPORT_ROOTS", str(root.rsplit("/", 1)[0]))
+    db.init_db()
+    created = ingest.create_from_folder(root, "parts")
+    with db.session_scope() as s:
+        holes = [im for im in q.get_images(s, created.project_id) if im.defect_type == "hole"][:2]
+        q.set_split(s, [im.id for im in holes], "train", author="t")
+        mq.set_mask(s, holes[1].id, None, author="t")  # one labelled anomaly loses its mask
+        ds = project_dataset(s, created.project_id)
+    assert sum(bool(r.mask_path) for r in ds.records if r.label == 1 and r.split == "train") == 1
+    res = run_experiment(ds, Protocol("general", 2, seed=0), "ckaad", "tiny", dict(TINY, epochs=1, steps_per_epoch=1))
+    run_id = record_run(res, ds)
+    with db.session_scope() as s:
+        ms = q.get_run(s, run_id).config_json["mask_sources"]
+    assert ms == {"ground_truth": 1, "image_level": 1, "image_level_as": "coarse"}
