@@ -370,12 +370,13 @@ def mask_editor(project_id: int, im, arr) -> None:
     """Paint, erase and save the defect mask of an anomaly over the image."""
     from streamlit_drawable_canvas import st_canvas
 
+    h, w = arr.shape[:2]
+    full = (im.height, im.width) if im.width and im.height else (h, w)  # masks keep the file's resolution
     try:
-        current = masks.load(im.mask_path, arr.shape[:2])
+        current = masks.load(im.mask_path, full)
     except DataError as exc:
         common.show_error(exc)
-        current = masks.load(None, arr.shape[:2])
-    h, w = arr.shape[:2]
+        current = masks.load(None, full)
     disp_w = 480 if w < 480 else min(w, 560)  # small images are enlarged to draw on
     disp_h = max(1, round(h * disp_w / w))
     with st.container(horizontal=True, vertical_alignment="bottom", key="mask_tools"):
@@ -387,7 +388,7 @@ def mask_editor(project_id: int, im, arr) -> None:
     color = f"rgba({r}, {g}, {b}, 0.75)"
     version = abs(hash(im.mask_path)) % 10**8  # a saved change starts a fresh canvas
     res = st_canvas(fill_color=color, stroke_color=color, stroke_width=size,
-                    background_image=masks.overlay(arr, current).resize((disp_w, disp_h)),
+                    background_image=masks.overlay(arr, masks.resize(current, (h, w))).resize((disp_w, disp_h)),
                     height=disp_h, width=disp_w, drawing_mode=shape, return_image_data=True,
                     key=f"mask_canvas_{im.id}_{version}")
     st.caption(f"Red = the mask now ({100 * current.mean():.1f} % of the image). Paint adds, erase removes; "

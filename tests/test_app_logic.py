@@ -301,6 +301,7 @@ def test_canvas_strokes_paint_and_erase_a_mask_at_image_size(tmp_path):
     half = masks.load(path, (10, 20))  # scaled to another size: nearest, still 0/1
     assert half.shape == (10, 20) and abs(half.mean() - out.mean()) < 0.05
     assert not masks.load(None, (4, 4)).any()
+    assert masks.resize(out, (40, 80)).shape == (40, 80) and masks.resize(out, (40, 80))[::2, ::2].sum() == out.sum()
     tinted = np.asarray(masks.overlay(np.full((20, 40, 3), 100, np.uint8), out))
     assert tinted[15, 30, 0] > 100 and tinted[0, 30, 0] == 100
     with pytest.raises(ValueError, match="not a readable image"):

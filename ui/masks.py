@@ -1,6 +1,7 @@
 """Defect masks drawn in the app: files, canvas strokes to a mask, and the red overlay.
 
-A mask is a grayscale PNG at the image's resolution (255 = defect), written once under
+A mask is a grayscale PNG at the image's full resolution (255 = defect; drawn on the
+smaller large view, strokes are scaled up), written once under
 ``<data dir>/masks/<project id>/`` and never overwritten: every save is a new file and a
 ``mask_events`` row (:mod:`db.masks`), so undo can go back to any earlier mask, the
 imported ``ground_truth`` one included. Training reads ``images.mask_path`` as before.
@@ -37,6 +38,13 @@ def load(path: str | None, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(m) > 127
 
 
+def resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``mask`` at ``size`` = (height, width), nearest neighbour."""
+    if mask.shape == tuple(size):
+        return mask
+    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 127
+
+
 def save(project_id: int, image_id: int, mask: np.ndarray) -> str:
     """Write a new mask file (atomically) and return its path."""
     folder = masks_dir(project_id)
@@ -70,4 +78,4 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.45) -> Image.I
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
 
 
-__all__ = ["PAINT", "ERASE", "masks_dir", "load", "save", "apply_strokes", "overlay"]
+__all__ = ["PAINT", "ERASE", "masks_dir", "load", "resize", "save", "apply_strokes", "overlay"]
