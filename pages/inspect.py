@@ -73,7 +73,8 @@ def browse_tab(run) -> None:
     pos = min(max(int(st.session_state.get("inspect_pos", 0)), 0), n - 1)
     c3.metric("Images", f"{n:,}")
     with st.container(horizontal=True, vertical_alignment="center"):
-        st.button("Previous", icon=":material/arrow_back:", key="ins_prev", shortcut="Left", on_click=_set_pos, args=(max(0, pos - 1),),
+        st.button("Previous", icon=":material/arrow_back:", key="ins_prev", shortcut="Left", on_click=_set_pos,
+                  args=(max(0, pos - 1),),
                   disabled=pos == 0)
         st.button("Next", icon=":material/arrow_forward:", key="ins_next", shortcut="Right", on_click=_set_pos,
                   args=(min(n - 1, pos + 1),), disabled=pos >= n - 1)
@@ -189,7 +190,8 @@ def score_tab(run) -> None:
     pick = st.selectbox("Show", range(len(rows)), format_func=lambda i: rows[i]["file"], key="scored_pick")
     c1, c2 = st.columns([3, 2])
     with c1:
-        st.plotly_chart(figures.overlay_figure(res["views"][pick], res["maps"][pick], vmin, vmax, 0.45), key="scored_overlay",
+        st.plotly_chart(figures.overlay_figure(res["views"][pick], res["maps"][pick], vmin, vmax, 0.45),
+                        key="scored_overlay",
                         config={"displayModeBar": False})
     with c2:
         st.markdown(_verdict_html(rows[pick]["score"], run.threshold), unsafe_allow_html=True)
@@ -251,12 +253,14 @@ def export_tab(run) -> None:
     df.to_csv(buf, index=False)
     c1, c2 = st.columns(2)
     c1.download_button(f"Scores of run {run.id} (CSV, {len(df):,} images)", buf.getvalue(),
-                       f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon=":material/description:", on_click="ignore")
+                       f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon=":material/description:",
+                       on_click="ignore")
     if run.model_path and Path(run.model_path).is_file():
         path = Path(run.model_path)
         c2.download_button(f"Model of run {run.id} ({path.stat().st_size / 1e6:.1f} MB)",
                            lambda: path.read_bytes(), f"osad_run_{run.id}_{run.method}{path.suffix}",
-                           "application/octet-stream", key="dl_model", icon=":material/model_training:", on_click="ignore")
+                           "application/octet-stream", key="dl_model", icon=":material/model_training:",
+                           on_click="ignore")
         st.caption("Load it with `osad_core.methods.load_detector(path)` or score folders with "
                    "`python -m osad_core score --model <file> <images>`.")
     else:

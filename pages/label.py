@@ -450,7 +450,8 @@ def large_view(project_id: int, flt: dict, total: int, run) -> None:
                 with session_scope() as s:
                     heat = q.run_heatmap(s, run.id, im.id)
             with st.container(horizontal=True):
-                st.button("Previous", key="kb_prev", icon=":material/arrow_back:", on_click=_move_focus, args=(-1, total),
+                st.button("Previous", key="kb_prev", icon=":material/arrow_back:", on_click=_move_focus,
+                          args=(-1, total),
                           shortcut="Left", disabled=idx == 0)
                 st.button("Next", key="kb_next", icon=":material/arrow_forward:", on_click=_move_focus, args=(1, total),
                           shortcut="Right", disabled=idx >= total - 1)
@@ -459,7 +460,8 @@ def large_view(project_id: int, flt: dict, total: int, run) -> None:
                 with st.container(horizontal=True):
                     st.button("Normal", key="kb_normal", icon=":material/check_circle:", shortcut="1", on_click=_apply,
                               args=([im.id], "normal", idx))
-                    st.button(f"Anomaly: {_anomaly_type() or '…'}", key="kb_anomaly", icon=":material/report:", shortcut="2",
+                    st.button(f"Anomaly: {_anomaly_type() or '…'}", key="kb_anomaly", icon=":material/report:",
+                              shortcut="2",
                               on_click=_apply, args=([im.id], "anomaly", idx))
                     st.button("Unlabelled", key="kb_unlabeled", on_click=_apply, args=([im.id], "unlabeled", idx))
                     other = "train" if im.split == "test" else "test"
@@ -536,7 +538,8 @@ def card(im, score, idx: int, rng: tuple[float, float] | None, threshold: float 
             c1.checkbox(name, key=ck, on_change=_toggle, args=(im.id,))
         else:
             c1.caption(name)
-        c2.button("", icon=":material/zoom_in:", key=f"zoom_{im.id}", on_click=_open, args=(idx,), help="Large view", type="tertiary")
+        c2.button("", icon=":material/zoom_in:", key=f"zoom_{im.id}", on_click=_open, args=(idx,), help="Large view",
+                  type="tertiary")
 
 
 def _set_page(p: int) -> None:
@@ -545,11 +548,13 @@ def _set_page(p: int) -> None:
 
 def pager(page: int, pages: int, total: int, where: str) -> None:
     with st.container(horizontal=True, vertical_alignment="center", key=f"pager_{where}"):
-        st.button("Previous page", icon=":material/chevron_left:", key=f"pg_prev_{where}", on_click=_set_page, args=(max(0, page - 1),),
+        st.button("Previous page", icon=":material/chevron_left:", key=f"pg_prev_{where}", on_click=_set_page,
+                  args=(max(0, page - 1),),
                   disabled=page == 0)
         st.markdown(f"Page **{page + 1}** of {pages:,} · images {page * PAGE_SIZE + 1 if total else 0:,}–"
                     f"{min(total, (page + 1) * PAGE_SIZE):,} of {total:,}")
-        st.button("Next page", icon=":material/chevron_right:", key=f"pg_next_{where}", on_click=_set_page, args=(min(pages - 1, page + 1),),
+        st.button("Next page", icon=":material/chevron_right:", key=f"pg_next_{where}", on_click=_set_page,
+                  args=(min(pages - 1, page + 1),),
                   disabled=page >= pages - 1)
         if where == "bottom" and pages > 2:
             # no key: the box follows the page shown; typing a number jumps there
@@ -660,7 +665,8 @@ def main() -> None:
     if labelling:
         bulk_toolbar(pid, [r.image.id for r in rows], types, keyboard=not focus)
         st.caption("Keyboard: **1** normal · **2** anomaly (type above) · **U** undo · **Shift+U** redo"
-                   + (" · **←/→** previous/next · **Esc** close" if focus else " · :material/zoom_in: opens the large view"))
+                   + (" · **←/→** previous/next · **Esc** close" if focus
+                      else " · :material/zoom_in: opens the large view"))
     else:
         st.caption("Read only: your role can look at images, labels and scores but not change them.")
     if focus:

@@ -43,7 +43,8 @@ def headline(run, details: dict) -> None:
     if warn:
         st.error(warn, icon=":material/error:")
     elif run.weights_source == "efficientnet_lite0_package":
-        st.caption(":material/info: Backbone: the offline ImageNet EfficientNet-Lite0 (the papers use ImageNet ResNets).")
+        st.caption(":material/info: Backbone: the offline ImageNet EfficientNet-Lite0 "
+                   "(the papers use ImageNet ResNets).")
     cols = st.columns(len(HEADLINE) + (1 if "pixel_auroc" in details else 0))
     keys = list(HEADLINE) + (["pixel_auroc"] if "pixel_auroc" in details else [])
     base_auroc = details.get("base_image_auroc", (math.nan, None))[0]

@@ -103,7 +103,8 @@ def train_form(project_id: int, av: training.Availability) -> None:
                 st.warning(w, icon=":material/warning:")
         if problem:
             st.error(problem, icon=":material/warning:")
-        if st.button("Train", type="primary", key="train_button", icon=":material/rocket_launch:", disabled=problem is not None):
+        if st.button("Train", type="primary", key="train_button", icon=":material/rocket_launch:",
+                     disabled=problem is not None):
             try:
                 run_id, job_id = training.enqueue(req, auth.actor())
             except (DataError, ValueError) as exc:
@@ -139,7 +140,8 @@ def job_card(j: dict) -> None:
         if j["cancel_requested"]:
             btn.caption("cancelling…")
         elif auth.can("cancel"):
-            btn.button("Cancel", key=f"cancel_{j['job_id']}", on_click=_cancel, args=(j["job_id"],), icon=":material/stop_circle:")
+            btn.button("Cancel", key=f"cancel_{j['job_id']}", on_click=_cancel, args=(j["job_id"],),
+                       icon=":material/stop_circle:")
         if j["status"] != "running":
             return
         frac = float(p.get("fraction") or 0.0)
@@ -233,8 +235,8 @@ def recent_runs(project_id: int) -> None:
                 if c2.button("Results", key=f"res_{run.id}", on_click=_open_results, args=(run.id,)):
                     st.switch_page(common.PAGES["results"])
             if run.status in ("done", "failed", "cancelled") and auth.can("train"):
-                c3.button("Retrain", key=f"retrain_{run.id}", on_click=_retrain, args=(run.id,), icon=":material/replay:",
-                          help="Repeat this configuration on the current labels")
+                c3.button("Retrain", key=f"retrain_{run.id}", on_click=_retrain, args=(run.id,),
+                          icon=":material/replay:", help="Repeat this configuration on the current labels")
 
 
 def main() -> None:

@@ -160,7 +160,8 @@ def gate() -> Account | None:
         # The only page a logged-out visitor gets; registering it as the navigation also
         # keeps Streamlit from listing the files in pages/ in the sidebar.
         view = _login_form if core.accounts_exist() else _first_admin_message
-        st.navigation([st.Page(view, title="Log in", icon=":material/lock:", url_path="login")], position="hidden").run()
+        login = st.Page(view, title="Log in", icon=":material/lock:", url_path="login")
+        st.navigation([login], position="hidden").run()
         st.stop()
     return acc
 

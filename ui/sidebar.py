@@ -60,8 +60,8 @@ def _worker_state() -> tuple[str, str]:
 @st.fragment(run_every=3)
 def worker_status() -> None:
     level, text = _worker_state()
-    icon = {"running": ":material/settings:", "waiting": ":material/hourglass_empty:", "idle": ":material/check_circle:",
-            "off": ":material/radio_button_unchecked:"}[level]
+    icon = {"running": ":material/settings:", "waiting": ":material/hourglass_empty:",
+            "idle": ":material/check_circle:", "off": ":material/radio_button_unchecked:"}[level]
     st.markdown(f"**Worker** &nbsp; {icon} {text}")
 
 
