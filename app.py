@@ -27,14 +27,14 @@ common.inject_css()
 account = auth.gate()  # logged-out visitors get the login form and nothing else
 
 pages = [
-    st.Page(common.PAGES["projects"], title="Projects", icon="📁", url_path="projects", default=True),
-    st.Page(common.PAGES["label"], title="Label", icon="🏷️", url_path="label"),
-    st.Page(common.PAGES["train"], title="Train", icon="🧠", url_path="train"),
-    st.Page(common.PAGES["results"], title="Results", icon="📈", url_path="results"),
-    st.Page(common.PAGES["inspect"], title="Inspect", icon="🔬", url_path="inspect"),
+    st.Page(common.PAGES["projects"], title="Projects", icon=":material/folder:", url_path="projects", default=True),
+    st.Page(common.PAGES["label"], title="Label", icon=":material/label:", url_path="label"),
+    st.Page(common.PAGES["train"], title="Train", icon=":material/model_training:", url_path="train"),
+    st.Page(common.PAGES["results"], title="Results", icon=":material/monitoring:", url_path="results"),
+    st.Page(common.PAGES["inspect"], title="Inspect", icon=":material/biotech:", url_path="inspect"),
 ]
 if account is not None and account.can("manage_users"):
-    pages.append(st.Page(common.PAGES["users"], title="Users", icon="👥", url_path="users"))
+    pages.append(st.Page(common.PAGES["users"], title="Users", icon=":material/group:", url_path="users"))
 page = st.navigation(pages)
 
 with st.sidebar:

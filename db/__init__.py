@@ -4,7 +4,7 @@
 lives in :mod:`db.queries`.
 """
 
-from . import heatmaps, models, queries, users
+from . import heatmaps, masks, models, queries, users
 from .engine import (
     data_dir,
     database_url,
@@ -27,6 +27,7 @@ from .models import (
     Job,
     LabelEvent,
     LoginFailure,
+    MaskEvent,
     Metric,
     Project,
     Run,
@@ -50,6 +51,7 @@ __all__ = [
     "LABELS",
     "LabelEvent",
     "LoginFailure",
+    "MaskEvent",
     "Metric",
     "Project",
     "Run",
@@ -69,6 +71,7 @@ __all__ = [
     "heatmaps",
     "init_db",
     "make_engine",
+    "masks",
     "models",
     "queries",
     "session_scope",

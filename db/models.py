@@ -199,6 +199,30 @@ class LabelEvent(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
 
+class MaskEvent(Base):
+    """Append-only history of an image's defect mask; ``images.mask_path`` caches the latest.
+
+    ``path`` is the PNG drawn in the app (under the data dir) or NULL for "no mask";
+    ``previous_path`` is what the image had before (an imported ``ground_truth`` mask,
+    an earlier drawing or NULL). An undo is itself an event carrying ``reverts_id``.
+    """
+
+    __tablename__ = "mask_events"
+    __table_args__ = (
+        Index("ix_mask_events_image_id_id", "image_id", "id"),
+        Index("ix_mask_events_project_id", "project_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = _fk("projects.id")
+    image_id: Mapped[int] = _fk("images.id")
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    previous_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    author: Mapped[str] = mapped_column(String(200), nullable=False, default="user")
+    reverts_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+
 # --- runs and their artefacts -------------------------------------------------------
 
 

@@ -77,10 +77,12 @@ __all__ = [
     "delete_project",
     "add_images",
     "get_images",
+    "image_by_hash",
     "image_page",
     "defect_types",
     "set_labels",
     "undo_last",
+    "redo_last",
     "label_history",
     "create_run",
     "update_run",
@@ -464,6 +466,12 @@ def get_images(s: Session, project_id: int, ids: Iterable[int] | None = None) ->
     return sorted(found, key=lambda im: (im.rel_path, im.id))
 
 
+def image_by_hash(s: Session, project_id: int, content_hash: str) -> Image | None:
+    """An image of the project with this content hash (the first one), or None."""
+    return s.scalars(select(Image).where(Image.project_id == project_id, Image.content_hash == content_hash)
+                     .order_by(Image.id).limit(1)).first()
+
+
 def image_page(
     s: Session,
     project_id: int,
@@ -477,6 +485,7 @@ def image_page(
     threshold: float | None = None,
     offset: int = 0,
     limit: int = 48,
+    image_ids: Iterable[int] | None = None,
 ) -> tuple[list[ImageRow], int]:
     """One page of a project's images and the total number matching the filters.
 
@@ -484,7 +493,8 @@ def image_page(
     ``score_run_id`` every row carries that run's score (None for images the run did
     not score, which sort last); ``score_min``/``score_max`` keep scored images only.
     ``sort="uncertain"`` orders by ``|score - threshold|`` with ``threshold`` defaulting
-    to the run's stored threshold.
+    to the run's stored threshold. ``image_ids`` keeps only those images (a "label
+    next" queue).
     """
     _check(sort, IMAGE_SORTS, "sort")
     needs_scores = sort != "name" or score_min is not None or score_max is not None
@@ -501,6 +511,8 @@ def image_page(
         values = _as_list(value)
         if values is not None:
             conds.append(column.in_(values))
+    if image_ids is not None:
+        conds.append(Image.id.in_([int(i) for i in image_ids]))
     if score_min is not None:
         conds.append(ImageScore.score >= float(score_min))
     if score_max is not None:
@@ -708,6 +720,38 @@ def undo_last(s: Session, project_id: int, author: str | None = None) -> int:
                 .values(label=lb, defect_type=dt, split=sp, updated_at=now)
             )
     return len(rows)
+
+
+def redo_last(s: Session, project_id: int, author: str | None = None) -> int:
+    """Re-apply the batch that the newest undo took back; returns images changed.
+
+    Only when that undo is still the newest label change (of ``author``, if given):
+    any other change since makes the redo meaningless, and 0 is returned. The redo is
+    appended as a new ordinary batch, so it can be undone again.
+    """
+    q = (
+        select(LabelEvent.reverts_batch_id)
+        .where(LabelEvent.project_id == project_id, LabelEvent.previous_label.is_not(None))
+        .order_by(LabelEvent.id.desc())
+        .limit(1)
+    )
+    if author is not None:
+        q = q.where(LabelEvent.author == author)
+    reverted = s.scalar(q)
+    if reverted is None:
+        return 0
+    events = s.scalars(select(LabelEvent).where(LabelEvent.batch_id == reverted).order_by(LabelEvent.id)).all()
+    groups: dict[tuple[str, str | None, str], list[int]] = defaultdict(list)
+    for e in events:
+        groups[(e.label, e.defect_type, e.split)].append(e.image_id)
+    batch = str(uuid.uuid4())
+    n = 0
+    for (lb, dt, sp), ids in groups.items():
+        # one history batch for the whole redo, whatever states it restores
+        new = _change_images(s, ids, author, {"label": lb, "defect_type": dt, "split": sp})
+        s.execute(update(LabelEvent).where(LabelEvent.batch_id == new).values(batch_id=batch))
+        n += len(ids)
+    return n
 
 
 def label_history(

@@ -181,6 +181,8 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
     config = dict(det.config, display={"heatmap_vmin": lo, "heatmap_vmax": hi,
                                        "note": "colour range fixed per run: median .. 99.9th percentile "
                                                "of normal images' map values"})
+    if getattr(det, "mask_sources", None):  # which labelled anomalies trained with a defect mask
+        config["mask_sources"] = dict(det.mask_sources)
     if res.skipped:  # unreadable images were left out: the run says how many, and why
         config["skipped_images"] = {"count": len(res.skipped), "first": [why for _, why in res.skipped[:5]]}
     run_fields = dict(

@@ -74,9 +74,10 @@ def browse_tab(run) -> None:
     pos = min(max(int(st.session_state.get("inspect_pos", 0)), 0), n - 1)
     c3.metric("Images", f"{n:,}")
     with st.container(horizontal=True, vertical_alignment="center"):
-        st.button("Previous", icon="⬅️", key="ins_prev", shortcut="Left", on_click=_set_pos, args=(max(0, pos - 1),),
+        st.button("Previous", icon=":material/arrow_back:", key="ins_prev", shortcut="Left", on_click=_set_pos,
+                  args=(max(0, pos - 1),),
                   disabled=pos == 0)
-        st.button("Next", icon="➡️", key="ins_next", shortcut="Right", on_click=_set_pos,
+        st.button("Next", icon=":material/arrow_forward:", key="ins_next", shortcut="Right", on_click=_set_pos,
                   args=(min(n - 1, pos + 1),), disabled=pos >= n - 1)
         st.markdown(f"Rank **{pos + 1:,}** of {n:,} by score")
         # no key: the box follows the image shown; typing a rank jumps there
@@ -128,8 +129,9 @@ def score_tab(run) -> None:
     if not run.model_path or not Path(run.model_path).is_file():
         st.info(f"Run {run.id} has no saved model to score new images with (runs started from the app save one).")
         return
-    st.caption(f"Score up to {MAX_UPLOAD_SCORE} new images with run {run.id}'s model. They are not added to the "
-               "project.")
+    st.caption(f"Score up to {MAX_UPLOAD_SCORE} new images with run {run.id}'s model. They join the project only "
+               "when you add one with its label, below the result.")
+    keep = auth.can("label")
     with st.form("score_form", border=False):
         files = st.file_uploader("Images to score", accept_multiple_files=True, key="score_files")
         go = st.form_submit_button(f"Score with run {run.id}", type="primary")
@@ -154,12 +156,18 @@ def score_tab(run) -> None:
                     det = _detector(run.model_path, Path(run.model_path).stat().st_mtime)
                     pred = det.predict(paths)
                     views = [thumbs.view_image(r.path) for r in pred.records]
+                # the scoring folder goes when this block ends: a labeller may add what was
+                # scored to the project, so each file is kept (checked, by content hash) first
+                kept = [ingest.keep_scored(r.path, run.project_id) for r in pred.records] if keep else []
+            if keep:
+                ingest.sweep_inspected(run.project_id)
         except (ValueError, FileNotFoundError) as exc:
             common.show_error(exc)
             return
         st.session_state["scored"] = {
             "run_id": run.id,
             "rows": [{"file": Path(r.path).name, "score": float(sc)} for r, sc in zip(pred.records, pred.scores)],
+            "kept": kept,
             "maps": [np.asarray(m, np.float32) for m in pred.maps],
             "views": views,
             "skipped": [why for _, why in pred.skipped] + notes,
@@ -184,10 +192,47 @@ def score_tab(run) -> None:
     pick = st.selectbox("Show", range(len(rows)), format_func=lambda i: rows[i]["file"], key="scored_pick")
     c1, c2 = st.columns([3, 2])
     with c1:
-        st.plotly_chart(figures.overlay_figure(res["views"][pick], res["maps"][pick], vmin, vmax, 0.45), key="scored_overlay",
+        st.plotly_chart(figures.overlay_figure(res["views"][pick], res["maps"][pick], vmin, vmax, 0.45),
+                        key="scored_overlay",
                         config={"displayModeBar": False})
     with c2:
         st.markdown(_verdict_html(rows[pick]["score"], run.threshold), unsafe_allow_html=True)
+        if res.get("kept") and auth.can("label"):
+            add_box(run.project_id, rows[pick]["file"], *res["kept"][pick])
+
+
+def _add(project_id: int, name: str, path: str, digest: str, label: str) -> None:
+    try:
+        user = auth.require("label").username
+        dt = st.session_state.get("add_type") if label == "anomaly" else None
+        msg = ingest.add_scored(project_id, path, digest, name, label, dt, user)
+    except (ValueError, FileNotFoundError) as exc:
+        st.session_state["add_msg"] = ("error", common.sentence(exc))
+        return
+    st.session_state["add_msg"] = ("success", msg)
+
+
+def add_box(project_id: int, name: str, path: str, digest: str) -> None:
+    """One click adds the scored image to the project with its label (once per content)."""
+    with session_scope() as s:
+        types = q.defect_types(s, project_id)
+        same = q.image_by_hash(s, project_id, digest)
+    st.markdown("**Add to the project**")
+    kind, msg = st.session_state.pop("add_msg", (None, None))
+    if kind == "error":
+        st.error(msg, icon=":material/warning:")
+    elif kind:
+        st.success(msg, icon=":material/check_circle:")
+    if same is not None:
+        st.caption(f"Already in the project as `{same.rel_path}` ({same.label}).")
+        return
+    st.selectbox("Defect type (for an anomaly)", types, index=0 if types else None, accept_new_options=True,
+                 placeholder="type a defect type", key="add_type")
+    with st.container(horizontal=True):
+        st.button("Add as normal", key="add_normal", icon=":material/check_circle:", on_click=_add,
+                  args=(project_id, name, path, digest, "normal"))
+        st.button("Add as anomaly", key="add_anomaly", icon=":material/report:", on_click=_add,
+                  args=(project_id, name, path, digest, "anomaly"))
 
 
 def drift_check(run, scores: np.ndarray) -> None:
@@ -230,12 +275,14 @@ def export_tab(run) -> None:
     df.to_csv(buf, index=False)
     c1, c2 = st.columns(2)
     c1.download_button(f"Scores of run {run.id} (CSV, {len(df):,} images)", buf.getvalue(),
-                       f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon="📄", on_click="ignore")
+                       f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon=":material/description:",
+                       on_click="ignore")
     if run.model_path and Path(run.model_path).is_file():
         path = Path(run.model_path)
         c2.download_button(f"Model of run {run.id} ({path.stat().st_size / 1e6:.1f} MB)",
                            lambda: path.read_bytes(), f"osad_run_{run.id}_{run.method}{path.suffix}",
-                           "application/octet-stream", key="dl_model", icon="🧠", on_click="ignore")
+                           "application/octet-stream", key="dl_model", icon=":material/model_training:",
+                           on_click="ignore")
         st.caption("Load it with `osad_core.methods.load_detector(path)` or score folders with "
                    "`python -m osad_core score --model <file> <images>`.")
         onnx_export(run, path)
@@ -277,7 +324,7 @@ def main() -> None:
         done = [r.run for r in q.list_runs(s, project.id) if r.run.status == "done"]
     if not done:
         st.info("No finished run yet: heatmaps and scores appear after the first training run.")
-        st.page_link(common.PAGES["train"], label="Go to Train", icon="🧠")
+        st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/model_training:")
         return
     ids = [r.id for r in done]
     by_id = {r.id: r for r in done}
@@ -288,7 +335,7 @@ def main() -> None:
     st.caption(fmt.provenance(run))
     warn = fmt.weights_warning(run)
     if warn:
-        st.error(warn, icon="🚨")
+        st.error(warn, icon=":material/error:")
     tabs = {"Images by score": browse_tab, "Score new images": score_tab, "Export": export_tab}
     if not auth.can("score"):
         tabs.pop("Score new images")

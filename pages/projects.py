@@ -14,7 +14,7 @@ from ui import auth, common, fmt, ingest
 def _flash() -> None:
     msg = st.session_state.pop("projects_flash", None)
     if msg:
-        st.success(msg, icon="✅")
+        st.success(msg, icon=":material/check_circle:")
 
 
 def _created(c: ingest.Created) -> None:
@@ -49,7 +49,7 @@ def hero() -> None:
     if not auth.can("create_project"):
         st.caption("No project yet; an admin or a labeller creates one.")
         return
-    if st.button("Open the ELPV solar cells demo", type="primary", icon="☀️", key="elpv_demo"):
+    if st.button("Open the ELPV solar cells demo", type="primary", icon=":material/solar_power:", key="elpv_demo"):
         _create_elpv()
 
 
@@ -109,7 +109,7 @@ def create_section(has_elpv: bool, expanded: bool) -> None:
             "ELPV demo": lambda: _elpv_tab(has_elpv)}
     if not auth.can("import_folder"):  # reading the server's disks is for admins only
         tabs.pop("From a folder on the server")
-    with st.expander("➕ New project", expanded=expanded):
+    with st.expander("New project", icon=":material/add:", expanded=expanded):
         for tab, draw in zip(st.tabs(list(tabs)), tabs.values()):
             with tab:
                 draw()
@@ -120,7 +120,7 @@ def _confirm_delete(p: dict) -> None:
         st.warning(
             f"Delete “{p['name']}”? Its {p['images']:,} image records, all labels and their history, and every run "
             "with its results go with it. Image files on the server are not touched; uploaded files and model "
-            "checkpoints in the data folder are removed.", icon="🗑️")
+            "checkpoints in the data folder are removed.", icon=":material/delete:")
         c1, c2, _ = st.columns([1, 1, 4])
         if c1.button("Yes, delete", type="primary", key=f"del_yes_{p['id']}"):
             try:
@@ -157,7 +157,7 @@ def project_card(p: dict) -> None:
             if auth.can("train") and b2.button("Train", key=f"train_{p['id']}"):
                 common.set_project(p["id"])
                 st.switch_page(common.PAGES["train"])
-            if auth.can("delete_project") and b3.button("Delete", key=f"delete_{p['id']}", icon="🗑️"):
+            if auth.can("delete_project") and b3.button("Delete", key=f"delete_{p['id']}", icon=":material/delete:"):
                 st.session_state["confirm_delete"] = p["id"]
         cols = st.columns(6)
         cols[0].metric("Images", f"{p['images']:,}")

@@ -16,7 +16,7 @@ from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
 from osad_core.operating_point import DEFAULT_TARGET_FRR, OperatingPoint, conformal_threshold
-from ui import auth, common, figures, fmt, thumbs, training
+from ui import auth, common, figures, fmt, label_next, thumbs, training
 
 HEADLINE = ("image_auroc", "image_aupr", "image_auroc_seen", "image_auroc_unseen")
 MISSING_HELP = {
@@ -42,9 +42,10 @@ def headline(run, details: dict) -> None:
     st.caption("Every number below: " + fmt.provenance(run))
     warn = fmt.weights_warning(run)
     if warn:
-        st.error(warn, icon="🚨")
+        st.error(warn, icon=":material/error:")
     elif run.weights_source == "efficientnet_lite0_package":
-        st.caption("ℹ️ Backbone: the offline ImageNet EfficientNet-Lite0 (the papers use ImageNet ResNets).")
+        st.caption(":material/info: Backbone: the offline ImageNet EfficientNet-Lite0 "
+                   "(the papers use ImageNet ResNets).")
     cols = st.columns(len(HEADLINE) + (1 if "pixel_auroc" in details else 0))
     keys = list(HEADLINE) + (["pixel_auroc"] if "pixel_auroc" in details else [])
     base_auroc = details.get("base_image_auroc", (math.nan, None))[0]
@@ -133,7 +134,7 @@ def threshold_tab(run, df: pd.DataFrame, details: dict) -> None:
             st.caption(f"The run's own threshold is {fmt.num(run.threshold, 4)} (best F1 on these images): this run "
                        "held out no training normals, so it has no operating point. Retrain to get one.")
     st.info("Counts measured on these held-out images are a check, not a promise: production brings lighting, "
-            "parts and defect types this project has not seen. Keep checking flagged and passed images.", icon="ℹ️")
+            "parts and defect types this project has not seen. Keep checking flagged and passed images.", icon=":material/info:")
     by = st.radio("Histogram by", ["label", "defect type"], horizontal=True, key=f"hist_by_{run.id}")
     st.plotly_chart(figures.score_histogram(ev, "label_name" if by == "label" else "defect", thr,
                                             reference=best_f1 if op is not None else None), key="hist")
@@ -166,22 +167,31 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
     c1, c2 = st.columns([3, 2])
     with c1:
         event = st.plotly_chart(figures.tsne_figure(pts, color_by), key=f"tsne_{run.id}", on_select="rerun",
-                                selection_mode="points")
+                                selection_mode=("points", "box", "lasso"))
     picked = None
     try:
         points = event.selection.points if event is not None else []
     except AttributeError:
         points = []
-    if points:
-        cd = points[0].get("customdata")
-        if cd:
-            picked = int(cd[0])
+    chosen = sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
+    if len(chosen) > 1:  # a box or lasso: take the group to the Label page
+        with c1:
+            if st.button(f"Show these {len(chosen)} images on the Label page", key="tsne_to_label",
+                         icon=":material/label:", help="The Label grid then lists only the selected images"):
+                st.session_state["grid_ids"] = {"ids": chosen, "what": f"selected on run {run.id}'s t-SNE map"}
+                st.session_state["label_mode"] = "all"
+                st.session_state["label_page"] = 0
+                st.session_state.pop("focus_idx", None)
+                st.switch_page(common.PAGES["label"])
+    elif chosen:
+        picked = chosen[0]
     if picked is not None:
         st.session_state["tsne_image_id"] = picked
     with c2:
         image_id = st.session_state.get("tsne_image_id")
         if image_id is None or image_id not in set(pts["image_id"]):
-            st.caption("Click a point to see its image and heatmap here.")
+            st.caption("Click a point to see its image and heatmap here; select a group with the box or lasso "
+                       "tool (top right of the map) to label it on the Label page.")
             return
         row = pts[pts["image_id"] == image_id].iloc[0]
         show_image_with_heatmap(run, int(image_id), "tsne")
@@ -189,7 +199,7 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
         if run.threshold is not None:
             verdict = "flagged" if row["score"] >= run.threshold else "passed"
         st.markdown(f"Score **{row['score']:.4f}** ({verdict}) · {row['defect']} · {row['role_name']}")
-        if st.button("Open in Inspect", key="tsne_inspect", icon="🔬"):
+        if st.button("Open in Inspect", key="tsne_inspect", icon=":material/biotech:"):
             st.session_state["inspect_run"] = run.id
             st.session_state["inspect_image_id"] = int(image_id)
             st.switch_page(common.PAGES["inspect"])
@@ -223,10 +233,37 @@ def compare_tab(done: list, current_id: int) -> None:
     c1, c2 = st.columns(2)
     c1.plotly_chart(figures.metric_bars(rows), key="compare_bars")
     with session_scope() as s:
-        curves = [(f"run {i}", q.run_curves(s, i).get("roc")) for i in chosen]
-    curves = [(n, c) for n, c in curves if c]
-    if curves:
-        c2.plotly_chart(figures.roc_figure(curves), key="compare_roc")
+        stored = [(f"run {i}", q.run_curves(s, i)) for i in chosen]
+    roc = [(n, c["roc"]) for n, c in stored if c.get("roc")]
+    if roc:
+        c2.plotly_chart(figures.roc_figure(roc), key="compare_roc")
+    pr = [(n, c["pr"]) for n, c in stored if c.get("pr")]
+    if pr:  # precision-recall: what the share of defects among flagged images would be
+        c1.plotly_chart(figures.pr_figure(pr), key="compare_pr")
+
+
+def rounds_tab(done, run) -> None:
+    """Did the last round of labels help? One point per run of this configuration."""
+    rows = label_next.rounds(done, run)
+    if len(rows) < 2:
+        st.info("One round so far. Label the images the Label page's “Label next” view suggests, then "
+                "“Retrain with these”: each retrain of this configuration is a round.")
+    if not rows:
+        return
+    if rows[0]["n_test"] == 0:
+        st.caption("The rounds have no held-out image in common: hold the same images out for testing to "
+                   "compare them.")
+    st.plotly_chart(figures.rounds_figure(rows), key="rounds_fig")
+    st.caption(f"Runs of {run.method} · {run.preset} · {fmt.protocol_text(run.protocol_json)} in the order they "
+               f"finished; every AUROC is recomputed from the stored scores on the {rows[0]['n_test']} held-out "
+               "images all rounds share, with today's labels. Seen = defect types that round was trained on.")
+    table = pd.DataFrame([{"round": r["round"], "run": f"run {r['id']}", "labelled images": r["labelled"],
+                           "labelled anomalies": r["anomalies"], fmt.METRIC_NAMES["image_auroc"]: r["image_auroc"],
+                           fmt.METRIC_NAMES["image_auroc_seen"]: r["image_auroc_seen"],
+                           fmt.METRIC_NAMES["image_auroc_unseen"]: r["image_auroc_unseen"]} for r in rows])
+    st.dataframe(table, hide_index=True, width="stretch",
+                 column_config={fmt.METRIC_NAMES[k]: st.column_config.NumberColumn(format="%.3f")
+                                for k in ("image_auroc", "image_auroc_seen", "image_auroc_unseen")})
 
 
 def details_tab(run, details: dict) -> None:
@@ -238,6 +275,11 @@ def details_tab(run, details: dict) -> None:
         log = q.train_log(s, run.id)
     if len(log) >= 2:
         st.plotly_chart(figures.loss_sparkline(log, height=200), key="loss_curve")
+    ms = (run.config_json or {}).get("mask_sources")
+    if ms:
+        st.markdown(f"**Defect masks in training** — {ms.get('ground_truth', 0)} labelled anomal"
+                    f"{'y' if ms.get('ground_truth', 0) == 1 else 'ies'} with a mask (drawn or imported), "
+                    f"{ms.get('image_level', 0)} with the image label only (used as {ms.get('image_level_as')}).")
     st.markdown(f"**Timing** — training {fmt.duration(run.train_seconds)}, scoring the held-out images "
                 f"{fmt.duration(run.infer_seconds)} · started {fmt.ago(run.started_at)} · source {run.source}")
     with st.expander("Configuration (as trained)"):
@@ -254,7 +296,7 @@ def main() -> None:
     if not done:
         pending = [r for r in runs if r.run.status in ("queued", "running")]
         st.info("No finished run yet." + (" A run is in progress — follow it on the Train page." if pending else ""))
-        st.page_link(common.PAGES["train"], label="Go to Train", icon="🧠")
+        st.page_link(common.PAGES["train"], label="Go to Train", icon=":material/model_training:")
         return
     ids = [r.run.id for r in done]
     by_id = {r.run.id: r.run for r in done}
@@ -264,7 +306,7 @@ def main() -> None:
     run_id = c1.selectbox("Run", ids, key="results_pick",
                           format_func=lambda i: f"{fmt.run_title(by_id[i])} · {fmt.ago(by_id[i].finished_at)}")
     run = by_id[run_id]
-    if auth.can("train") and c2.button("Retrain", icon="🔁", key="results_retrain",
+    if auth.can("train") and c2.button("Retrain", icon=":material/replay:", key="results_retrain",
                                        help="Repeat this run's configuration on today's labels"):
         try:
             new_run, job_id = training.retrain(run.id, auth.actor())
@@ -278,7 +320,8 @@ def main() -> None:
         details = q.run_metric_details(s, run.id)
     headline(run, details)
     df = _scores(run.id)
-    tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Details"])
+    tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Labelling rounds",
+                    "Details"])
     with tabs[0]:
         curves_tab(run, df, details)
     with tabs[1]:
@@ -288,6 +331,8 @@ def main() -> None:
     with tabs[3]:
         compare_tab(done, run.id)
     with tabs[4]:
+        rounds_tab(done, run)
+    with tabs[5]:
         details_tab(run, details)
 
 

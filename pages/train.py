@@ -100,16 +100,17 @@ def train_form(project_id: int, av: training.Availability) -> None:
         else:
             st.markdown(f"**Plan:** {summary}")
             for w in warnings:
-                st.warning(w, icon="⚠️")
+                st.warning(w, icon=":material/warning:")
         if problem:
-            st.error(problem, icon="⚠️")
-        if st.button("Train", type="primary", key="train_button", icon="🚀", disabled=problem is not None):
+            st.error(problem, icon=":material/warning:")
+        if st.button("Train", type="primary", key="train_button", icon=":material/rocket_launch:",
+                     disabled=problem is not None):
             try:
                 run_id, job_id = training.enqueue(req, auth.actor())
             except (DataError, ValueError) as exc:
                 common.show_error(exc)
             else:
-                st.toast(f"Run {run_id} queued — a worker picks it up.", icon="🚀")
+                st.toast(f"Run {run_id} queued — a worker picks it up.", icon=":material/rocket_launch:")
                 st.session_state.setdefault("watched_jobs", {})[job_id] = run_id
 
 
@@ -130,15 +131,17 @@ def job_card(j: dict) -> None:
         proto = fmt.protocol_text(j["protocol"])
         by = f" · by {j['created_by']}" if j.get("created_by") else ""
         if j["status"] == "running":
-            head.markdown(f"⚙️ **Run {j['run_id']}** · {j['method']} · {j['preset']} · {proto} · "
+            head.markdown(f":material/settings: **Run {j['run_id']}** · {j['method']} · {j['preset']} · {proto} · "
                           f"project {j['project']}{by}")
         else:
-            head.markdown(f"⏳ **Run {j['run_id']}** · {j['method']} · {j['preset']} · {proto} · "
+            head.markdown(f":material/hourglass_empty: **Run {j['run_id']}** · {j['method']} · {j['preset']} · "
+                          f"{proto} · "
                           f"project {j['project']}{by} — waiting, position **{j['position']}** in the queue")
         if j["cancel_requested"]:
             btn.caption("cancelling…")
         elif auth.can("cancel"):
-            btn.button("Cancel", key=f"cancel_{j['job_id']}", on_click=_cancel, args=(j["job_id"],), icon="⏹️")
+            btn.button("Cancel", key=f"cancel_{j['job_id']}", on_click=_cancel, args=(j["job_id"],),
+                       icon=":material/stop_circle:")
         if j["status"] != "running":
             return
         frac = float(p.get("fraction") or 0.0)
@@ -224,16 +227,16 @@ def recent_runs(project_id: int) -> None:
                     + f" · {fmt.ago(run.created_at)}" + (f" by {run.created_by}" if run.created_by else ""))
             c1.markdown(text)
             if run.error:
-                c1.caption(f"⚠️ {run.error}")
+                c1.caption(f":material/warning: {run.error}")
             skipped = fmt.skipped_text(run)
             if skipped:
-                c1.caption(f"⚠️ {skipped}")
+                c1.caption(f":material/warning: {skipped}")
             if run.status == "done":
                 if c2.button("Results", key=f"res_{run.id}", on_click=_open_results, args=(run.id,)):
                     st.switch_page(common.PAGES["results"])
             if run.status in ("done", "failed", "cancelled") and auth.can("train"):
-                c3.button("Retrain", key=f"retrain_{run.id}", on_click=_retrain, args=(run.id,), icon="🔁",
-                          help="Repeat this configuration on the current labels")
+                c3.button("Retrain", key=f"retrain_{run.id}", on_click=_retrain, args=(run.id,),
+                          icon=":material/replay:", help="Repeat this configuration on the current labels")
 
 
 def main() -> None:
@@ -243,7 +246,7 @@ def main() -> None:
     st.title(f"Train · {project.name}")
     err = st.session_state.pop("train_error", None)
     if err:
-        st.error(err, icon="⚠️")
+        st.error(err, icon=":material/warning:")
     av = training.availability(project.id)
     availability_panel(av)
     if auth.can("train"):

@@ -19,7 +19,7 @@ ROLE_HELP = ("admin: everything, including users, server-folder imports and dele
 def _flash() -> None:
     msg = st.session_state.pop("users_flash", None)
     if msg:
-        st.success(msg, icon="✅")
+        st.success(msg, icon=":material/check_circle:")
 
 
 def _done(msg: str) -> None:
@@ -78,7 +78,7 @@ def change_form(names: list[str]) -> None:
 def main() -> None:
     st.title("Users")
     if not auth.can("manage_users"):
-        st.error("Only admins manage users.", icon="🔒")
+        st.error("Only admins manage users.", icon=":material/lock:")
         return
     _flash()
     rows = accounts.list_accounts()

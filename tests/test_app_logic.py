@@ -103,6 +103,48 @@ def test_delete_removes_uploads_and_models_but_never_server_images(tmp_path):
     assert sorted(parts.rglob("*")) == files
 
 
+def test_scored_image_is_kept_checked_added_once_and_deleted_with_the_project(tmp_path):
+    from db import session_scope
+    from db import queries as q
+    from ui import ingest
+
+    c = ingest.create_from_uploads([("a.png", png())], "up")
+    with ingest.scoring_folder() as folder:
+        good, bad = folder / "new.png", folder / "fake.png"
+        good.write_bytes(png(30))
+        bad.write_bytes(b"\x89PNG not really")
+        kept, digest = ingest.keep_scored(str(good), c.project_id)
+        assert ingest.keep_scored(str(good), c.project_id) == (kept, digest)  # one copy per content
+        with pytest.raises(ValueError, match="not a readable image"):
+            ingest.keep_scored(str(bad), c.project_id)
+    assert Path(kept).is_file() and Path(kept).parent == ingest.inspected_dir(c.project_id)
+    assert [p.name for p in ingest.inspected_dir(c.project_id).iterdir()] == [Path(kept).name]
+    with pytest.raises(ValueError, match="defect type"):
+        ingest.add_scored(c.project_id, kept, digest, "new.png", "anomaly", " ", "dana")
+    with pytest.raises(ValueError, match="no longer kept"):  # only the project's own kept files
+        ingest.add_scored(c.project_id, str(tmp_path / "x.png"), digest, "x.png", "normal", None, "dana")
+    assert "as normal" in ingest.add_scored(c.project_id, kept, digest, "new.png", "normal", None, "dana")
+    assert "already holds this image" in ingest.add_scored(c.project_id, kept, digest, "n.png", "normal", None, "x")
+    # the same content as an image the project had from the start is not added either
+    with session_scope() as s:
+        first = q.get_images(s, c.project_id)[0]
+        assert q.label_counts(s, c.project_id)["images"] == 2
+    msg = ingest.add_scored(c.project_id, kept, first.content_hash, "a.png", "normal", None, "x")
+    assert "`a.png` already holds this image" in msg
+    # a kept copy that never joined is swept once old; added ones stay
+    with ingest.scoring_folder() as folder:
+        (folder / "other.png").write_bytes(png(60))
+        stale, _ = ingest.keep_scored(str(folder / "other.png"), c.project_id)
+    os.utime(stale, (0, 0))
+    os.utime(kept, (0, 0))
+    assert ingest.sweep_inspected(c.project_id) == 1 and Path(kept).exists() and not Path(stale).exists()
+    from ui import masks
+
+    drawn = masks.save(c.project_id, first.id, np.ones((4, 4), bool))
+    ingest.delete_project(c.project_id)
+    assert not ingest.inspected_dir(c.project_id).exists() and not Path(drawn).exists()
+
+
 # --- thumbnails -----------------------------------------------------------------------------
 
 
@@ -245,3 +287,33 @@ def test_set_split_is_one_undoable_batch_that_keeps_labels(tmp_path):
         assert {im.split for im in q.get_images(s, c.project_id, mixed)} == {"test"}
     with session_scope() as s, pytest.raises(ValueError, match="no images selected"):
         q.set_split(s, [], "test")
+
+
+# --- defect masks ---------------------------------------------------------------------------
+
+
+def test_canvas_strokes_paint_and_erase_a_mask_at_image_size(tmp_path):
+    from ui import masks
+
+    mask = np.zeros((20, 40), bool)
+    mask[:, :5] = True  # an imported mask: the left edge
+    canvas = np.zeros((100, 200, 4), np.uint8)  # drawn at 5× the image size
+    canvas[50:, 100:] = (*masks.PAINT, 190)  # bottom-right quarter painted
+    canvas[:, :10] = (*masks.ERASE, 190)  # the first 2 image columns erased
+    out = masks.apply_strokes(mask, canvas)
+    assert out.shape == (20, 40)
+    assert out[10:, 20:].all() and not out[:10, 20:].any()
+    assert not out[:, :2].any() and out[:, 2:5].all()
+    assert (masks.apply_strokes(mask, None) == mask).all()
+    path = masks.save(3, 7, out)
+    assert Path(path).parent == masks.masks_dir(3) and Path(path).name.startswith("7-")
+    assert (masks.load(path, (20, 40)) == out).all()
+    half = masks.load(path, (10, 20))  # scaled to another size: nearest, still 0/1
+    assert half.shape == (10, 20) and abs(half.mean() - out.mean()) < 0.05
+    assert not masks.load(None, (4, 4)).any()
+    assert masks.resize(out, (40, 80)).shape == (40, 80) and masks.resize(out, (40, 80))[::2, ::2].sum() == out.sum()
+    tinted = np.asarray(masks.overlay(np.full((20, 40, 3), 100, np.uint8), out))
+    assert tinted[15, 30, 0] > 100 and tinted[0, 30, 0] == 100
+    with pytest.raises(ValueError, match="not a readable image"):
+        (tmp_path / "bad.png").write_bytes(b"nope")
+        masks.load(str(tmp_path / "bad.png"), (4, 4))

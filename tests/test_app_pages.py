@@ -6,6 +6,7 @@ with no normal images) must show one clear sentence and change nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -317,7 +318,7 @@ def test_label_grid_tags_with_a_new_type_undoes_and_keeps_history(seeded):
     first.check().run()
     at.checkbox(key=second.key).check().run()
     assert "**2 selected**" in texts(at)
-    at.selectbox(key="type_pick").select("➕ new type…").run()
+    at.selectbox(key="type_pick").select("+ new type…").run()
     at.text_input(key="type_new").input("crack").run()
     at.button(key="bulk_anomaly").click().run()
     ok(at)
@@ -331,6 +332,10 @@ def test_label_grid_tags_with_a_new_type_undoes_and_keeps_history(seeded):
     assert {v[0] for v in _label_state(ids).values()} == {"normal"}
     with session_scope() as s:
         assert q.label_history(s, project_id=1, limit=1)[0]["reverts_batch_id"] is not None  # appended, not erased
+    at.button(key="redo").click().run()
+    assert set(_label_state(ids).values()) == {("anomaly", "crack", "test")}
+    at.button(key="redo").click().run()  # only the last undo can be redone
+    assert set(_label_state(ids).values()) == {("anomaly", "crack", "test")}
 
 
 def test_label_select_page_hold_out_and_filters(seeded):
@@ -369,15 +374,182 @@ def test_label_large_view_steps_and_labels_one_image(seeded):
     assert not [b for b in at.button if b.key == "kb_next"]
 
 
+def test_label_mask_editor_clears_undoes_to_the_imported_mask_and_redoes(seeded):
+    from db import masks, session_scope
+    from db import queries as q
+
+    at = app("label", user_name="dana")
+    at.multiselect(key="f_label").select("anomaly").run()
+    zoom = [b for b in at.button if b.key and b.key.startswith("zoom_")]
+    zoom[0].click().run()
+    iid = int(zoom[0].key[5:])
+    with session_scope() as s:
+        imported = q.get_images(s, 1, [iid])[0].mask_path
+    assert imported and "ground_truth" in imported
+    at.toggle(key="lv_mask").set_value(True).run()
+    ok(at)
+    assert at.button(key="mask_save") is not None and at.radio(key="mask_tool").value == "paint"
+    assert any("Red = the mask now" in c.value for c in at.caption)
+    at.button(key="mask_clear").click().run()
+    ok(at)
+    with session_scope() as s:
+        assert q.get_images(s, 1, [iid])[0].mask_path is None
+    at.button(key="mask_undo").click().run()
+    with session_scope() as s:
+        assert q.get_images(s, 1, [iid])[0].mask_path == imported
+    at.button(key="mask_redo").click().run()
+    with session_scope() as s:
+        assert q.get_images(s, 1, [iid])[0].mask_path is None
+        assert [h["author"] for h in masks.mask_history(s, iid)] == ["dana"] * 3
+    # saving with no strokes keeps the mask as it is now (none): a new version, nothing drawn
+    at.button(key="mask_save").click().run()
+    ok(at)
+    # normal images have no mask editor
+    at.button(key="kb_close").click().run()
+    at.multiselect(key="f_label").set_value(["normal"]).run()
+    [b for b in at.button if b.key and b.key.startswith("zoom_")][0].click().run()
+    assert not [t_ for t_ in at.toggle if t_.key == "lv_mask"]
+
+
+def test_label_grid_shows_only_a_group_chosen_on_the_tsne_map(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        group = [im.id for im in q.get_images(s, 1)][3:8]
+    at = app("label", grid_ids={"ids": group, "what": "selected on run 1's t-SNE map"})
+    cards = sorted(int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_"))
+    assert cards == group
+    assert "Only the **5 images** selected on run 1's t-SNE map" in texts(at)
+    at.multiselect(key="f_label").select("anomaly").run()  # the other filters still apply
+    shown = [int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_")]
+    assert set(shown) < set(group) or not shown
+    at.button(key="grid_ids_clear").click().run()
+    assert len([b for b in at.button if b.key and b.key.startswith("zoom_")]) == 10  # all anomalies again
+
+
+def test_label_select_range_between_two_ticked_images(seeded):
+    at = app("label")
+    boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
+    assert at.button(key="select_range").disabled
+    at.checkbox(key=boxes[7].key).check().run()
+    at.checkbox(key=boxes[2].key).check().run()  # ticked in any order
+    assert at.button(key="select_range").label == "Select range (6)"
+    at.button(key="select_range").click().run()
+    assert "**6 selected**" in texts(at)
+    assert [c.value for c in at.checkbox if c.key and c.key.startswith("sel_")][:9] == [False, False] + [True] * 6 + [
+        False]
+
+
 def test_label_error_needs_a_type_for_a_new_anomaly(seeded):
     at = app("label")
     boxes = [c for c in at.checkbox if c.key and c.key.startswith("sel_")]
     boxes[0].check().run()
-    at.selectbox(key="type_pick").select("➕ new type…").run()
+    at.selectbox(key="type_pick").select("+ new type…").run()
     at.button(key="bulk_anomaly").click().run()
     assert any("defect type" in e.value for e in at.error)
     iid = int(boxes[0].key[4:])
     assert _label_state([iid])[iid][0] == "normal"
+
+
+def _unlabel_test_images(n: int) -> list[int]:
+    """New parts: ``n`` held-out images the seeded run scored become unlabelled."""
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:
+        ids = [im.id for im in q.get_images(s, 1) if im.split == "test"][:n]
+        q.set_labels(s, ids, "unlabeled", None, author="seed")
+    return ids
+
+
+def test_label_next_queue_labels_with_keys_and_retrains(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    unl = _unlabel_test_images(8)
+    at = app("label", user_name="dana")
+    at.radio(key="label_mode").set_value("next").run()
+    ok(at)
+    # the run has a threshold: uncertainty is the default; the queue holds every unlabelled image (8 < 24)
+    assert at.selectbox(key="next_strategy").value == "uncertain"
+    cards = sorted(int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_"))
+    assert cards == sorted(unl)
+    assert "0 of 8 labelled" in at.get("progress")[0].proto.text
+    # the large view opens on the first image of the queue; 1 labels it normal and steps on
+    first = next(m.value for m in at.markdown if m.value.startswith("**test/"))
+    assert "Image 1 of 8" in texts(at)
+    at.button(key="kb_normal").click().run()
+    ok(at)
+    assert "Image 2 of 8" in texts(at)
+    assert next(m.value for m in at.markdown if m.value.startswith("**test/")) != first
+    assert "1 of 8 labelled" in at.get("progress")[0].proto.text
+    with session_scope() as s:
+        labels = sorted(im.label for im in q.get_images(s, 1, unl))
+    assert labels == ["normal"] + ["unlabeled"] * 7
+    # a smaller queue by another strategy: still among the unlabelled images
+    at.selectbox(key="next_strategy").select("anomalous").run()
+    at.number_input(key="next_n").set_value(3).run()
+    ok(at)
+    cards = [int(b.key[5:]) for b in at.button if b.key and b.key.startswith("zoom_")]
+    assert len(cards) == 3 and set(cards) <= set(unl)
+    assert "0 of 3 labelled" in at.get("progress")[0].proto.text  # the new queue leaves labelled images out
+    assert at.button(key="next_retrain").disabled  # nothing new to learn from yet
+    at.button(key="kb_anomaly").click().run()
+    assert "1 of 3 labelled" in at.get("progress")[0].proto.text
+    at.button(key="next_retrain").click().run()
+    ok(at)
+    with session_scope() as s:
+        (job,) = q.list_jobs(s, "queued")
+    assert job.payload_json["method"] == "dra" and job.payload_json["protocol"]["shots"] == 2
+
+
+def test_label_next_without_unlabelled_images_says_so(seeded):
+    at = app("label")
+    at.radio(key="label_mode").set_value("next").run()
+    ok(at)
+    assert any("scored no image that is unlabelled now" in e.value for e in at.error)
+
+
+def test_label_next_viewer_sees_the_queue_but_cannot_retrain(seeded, monkeypatch):
+    _unlabel_test_images(4)
+    from ui import auth
+
+    monkeypatch.setattr(auth, "can", lambda action: action == "view")
+    at = app("label")
+    at.radio(key="label_mode").set_value("next").run()
+    ok(at)
+    assert not [b for b in at.button if b.key in ("next_retrain", "kb_normal")]
+
+
+def test_results_rounds_measure_every_round_on_the_same_held_out_images(seeded):
+    from datetime import timedelta
+
+    from db import session_scope
+    from db import queries as q
+
+    with session_scope() as s:  # a second round of the same configuration, one held-out image fewer
+        first = q.get_run(s, seeded.run_id)
+        rows = [r for r in q.run_scores(s, seeded.run_id) if r["role"] == "test"]
+        run2 = q.create_run(s, 1, first.method, first.preset, {}, dict(first.protocol_json), "app", status="done")
+        q.update_run(s, run2.id, finished_at=first.finished_at + timedelta(minutes=5), n_train_normal=30,
+                     n_train_anomaly=4, seen_defect_types=["hole", "scratch"])
+        # perfect scores: anomalies above every normal
+        q.store_run_results(s, run2.id, image_results=[
+            {"image_id": r["image_id"], "role": "test", "label_at_run": r["label"],
+             "score": 1.0 + r["image_id"] * 1e-3 if r["label"] == "anomaly" else r["image_id"] * 1e-3}
+            for r in rows[1:]])
+        # another configuration is not a round
+        q.create_run(s, 1, "devnet", "tiny", {}, dict(first.protocol_json), "app", status="done")
+    at = app("results")
+    at.selectbox(key="results_pick").select(run2.id).run()
+    ok(at)
+    fig = next(c for c in charts(at) if c["layout"].get("title", {}).get("text", "").startswith("AUROC per labelling"))
+    overall = next(d for d in fig["data"] if d["name"] == "AUROC")
+    assert overall["x"] == [1, 2] and overall["y"][1] == 1.0 and overall["y"][0] < 1.0
+    seen = next(d for d in fig["data"] if d["name"] == "AUROC seen types")
+    assert seen["y"][1] == 1.0
+    assert f"the {len(rows) - 1} held-out images all rounds share" in texts(at)
 
 
 # --- train --------------------------------------------------------------------------------------
@@ -548,6 +720,9 @@ def test_results_compare_runs_side_by_side(seeded):
     at = app("results")
     assert at.multiselect(key="compare_runs").value == [seeded.run_id]
     assert any(d for d in at.dataframe)
+    titles = [c["layout"].get("title", {}).get("text", "") for c in charts(at)]
+    assert titles.count("Precision–recall curve") == 2  # the run's own and the comparison's
+    assert sum(t_.startswith("ROC curve") for t_ in titles) == 2
 
 
 def test_results_without_runs_points_to_train(tmp_path):
@@ -602,6 +777,49 @@ def test_inspect_checks_scored_images_for_drift(seeded):
     text = texts(at)
     assert "20 new vs 2 held-out normal scores" in text and ("Drift warning" in text or "No drift" in text)
     assert any(c["layout"]["title"]["text"].startswith("These images against") for c in charts(at))
+
+
+def test_inspect_adds_a_scored_upload_to_the_project_once(seeded):
+    from db import data_dir, session_scope
+    from db import queries as q
+    from osad_core.data import file_sha1
+
+    at = app("inspect", user_name="dana")
+    known = seeded.parts / "test" / "scratch" / "000.png"  # already in the project
+    at.file_uploader(key="score_files").set_value([("new.png", png(200, 48), "image/png"),
+                                                   ("again.png", known.read_bytes(), "image/png")])
+    click(at, "Score with run 1")
+    # the scoring folder is gone; the project kept one checked copy of each, by content hash
+    assert not any((data_dir() / "uploads" / "scoring").iterdir())
+    kept = sorted(p.name for p in (data_dir() / "uploads" / "inspect-1").iterdir())
+    assert kept == sorted([file_sha1(known) + ".png", hashlib.sha1(png(200, 48)).hexdigest() + ".png"])
+    at.selectbox(key="scored_pick").select(1).run()
+    assert any("Already in the project as `test/scratch/000.png`" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.key == "add_anomaly"]
+    at.selectbox(key="scored_pick").select(0).run()
+    at.selectbox(key="add_type").select("hole").run()
+    at.button(key="add_anomaly").click().run()
+    ok(at)
+    assert any("Added `new.png` to the project as anomaly (hole)" in m.value for m in at.success)
+    with session_scope() as s:
+        im = q.image_by_hash(s, 1, hashlib.sha1(png(200, 48)).hexdigest())
+        assert (im.label, im.defect_type, im.split, im.rel_path) == ("anomaly", "hole", "train", "inspect/new.png")
+        assert q.label_history(s, image_id=im.id)[0]["author"] == "dana"
+    # once added, the same content is not offered again
+    assert any("Already in the project as `inspect/new.png`" in c.value for c in at.caption)
+    assert not [b for b in at.button if b.key in ("add_normal", "add_anomaly")]
+
+
+def test_inspect_add_is_for_labellers_only(seeded, monkeypatch):
+    from db import data_dir
+    from ui import auth
+
+    monkeypatch.setattr(auth, "can", lambda action: action in ("view", "score"))
+    at = app("inspect")
+    at.file_uploader(key="score_files").set_value(("new.png", png(200, 48), "image/png"))
+    click(at, "Score with run 1")
+    assert not [b for b in at.button if b.key in ("add_normal", "add_anomaly")]
+    assert not (data_dir() / "uploads" / "inspect-1").exists()  # nothing kept for a scorer who cannot add
 
 
 def test_inspect_exports_scores_and_model(seeded):

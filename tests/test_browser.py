@@ -234,6 +234,15 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     page.keyboard.press("Escape")
     expect(page.locator(".st-key-large_view")).to_have_count(0)
 
+    # new parts arrive unlabelled: the run will score them for the "label next" round
+    from db import session_scope
+    from db import queries as q
+
+    new_parts = [ids[f"test/good/00{i}.png"] for i in (2, 3, 4, 5)] + [ids["test/scratch/003.png"],
+                                                                       ids["test/scratch/004.png"]]
+    with session_scope() as s:
+        q.set_labels(s, new_parts, "unlabeled", None, author="new parts")
+
     # --- Train: tiny preset, the app's own worker --------------------------------
     nav("Train")
     page.locator(".st-key-t_method").click()  # DRA: fast at the tiny preset, whatever is registered first
@@ -283,6 +292,62 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     expect(overlay.locator(".hm image, .heatmaplayer image").first).to_be_attached()  # the heatmap itself
     expect(page.get_by_text("threshold").first).to_be_visible()
     shot("10_inspect_heatmap")
+
+    # --- Label next: a round of the labelling loop ---------------------------------
+    nav("Label")
+    page.locator(".st-key-label_mode").get_by_text("Label next").click()
+    progress = page.locator('[data-testid="stProgress"]')
+    expect(progress).to_contain_text("0 of 6 labelled")
+    view = page.locator(".st-key-large_view")
+    expect(view).to_contain_text("Image 1 of 6")
+    shot("11_label_next_queue")
+    page.locator("h1").click()
+    page.keyboard.press("1")  # normal, and on to the next image of the queue
+    expect(progress).to_contain_text("1 of 6 labelled")
+    expect(view).to_contain_text("Image 2 of 6")
+    second = view.locator("strong").first.inner_text()
+    page.locator("h1").click()
+    page.keyboard.press("2")  # anomaly of the last type used (hole)
+    expect(progress).to_contain_text("2 of 6 labelled")
+    expect(view).to_contain_text("Image 3 of 6")
+    assert _image(ids[second]).label == "anomaly"
+
+    # --- a defect mask drawn on that anomaly -----------------------------------------
+    page.locator("h1").click()
+    page.keyboard.press("ArrowLeft")
+    expect(view).to_contain_text(second)
+    view.get_by_text("Draw the defect mask").click()
+    canvas = page.locator("canvas.upper-canvas").first
+    expect(canvas).to_be_visible()
+    box = canvas.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+    page.mouse.down()
+    for f in (0.4, 0.5, 0.6):
+        page.mouse.move(box["x"] + box["width"] * f, box["y"] + box["height"] * f, steps=4)
+    page.mouse.up()
+    _settle(page)
+    shot("12_mask_drawn")
+    page.locator(".st-key-mask_save button").click()
+    expect(page.get_by_text("Mask saved")).to_be_visible()
+    drawn = _image(ids[second]).mask_path
+    assert drawn and "masks" in drawn, drawn
+    from PIL import Image as PILImage
+    import numpy as np
+
+    m = np.asarray(PILImage.open(drawn)) > 127
+    assert 0 < m.mean() < 0.5 and m.shape == (48, 48), m.mean()  # the stroke, at the image's size
+    shot("13_mask_saved")
+
+    # --- retrain with these labels; the rounds chart shows both rounds ------------------
+    page.get_by_role("button", name="Retrain with these").first.click()
+    expect(page.get_by_text("Run 2 queued")).to_be_visible()
+    nav("Train")
+    expect(page.locator(".st-key-recent_2")).to_contain_text("done", timeout=240_000)
+    nav("Results")
+    page.get_by_role("tab", name="Labelling rounds").click()
+    rounds = page.locator(".st-key-rounds_fig .js-plotly-plot")
+    expect(rounds).to_contain_text("AUROC per labelling round")
+    shot("14_results_rounds")
 
 
 def test_login_survives_a_reload_and_logout_forgets_it_in_chromium(tmp_path):

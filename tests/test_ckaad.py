@@ -13,6 +13,7 @@ from osad_core.methods.ckaad import (
     cosine_reconstruction_loss,
     discriminator_loss,
     fake_hinge,
+    masked_fake_hinge,
     real_energy,
     topk_pixel_mean,
 )
@@ -35,6 +36,21 @@ def test_energy_terms_on_known_values():
     # T(F+) + (1 - γ) Fk(F-) + γ Fk(G): 1 + 0.5 * 3 + 0.5 * 1
     assert discriminator_loss(pos, neg, rec, 5.0, 0.5).item() == pytest.approx(3.0)
     assert discriminator_loss(pos, neg, rec, 5.0, 0.0).item() == pytest.approx(4.0)
+
+
+def test_masked_anomaly_term_covers_the_defect_positions_only():
+    e = [torch.tensor([[[1.0, 4.0], [2.0, 6.0]]])]  # one image, one 2×2 level
+    ones = torch.ones(1, 1, 4, 4)
+    assert masked_fake_hinge(e, ones, 5.0).item() == pytest.approx(fake_hinge(e, 5.0).item())  # label only
+    m = torch.zeros(1, 1, 4, 4)
+    m[0, 0, 0, 0] = 1  # one defect pixel in the top-left cell: only that cell's hinge (5 - 1)
+    assert masked_fake_hinge(e, m, 5.0).item() == pytest.approx(4.0)
+    m[0, 0, 3, 3] = 1  # and the bottom-right (6 ≥ 5: free) -> (4 + 0) / 2
+    assert masked_fake_hinge(e, m, 5.0).item() == pytest.approx(2.0)
+    pos, rec = [torch.tensor([[[1.0]]])], [torch.tensor([[[4.0]]])]
+    neg = [torch.tensor([[[2.0, 9.0]]])]
+    mask = torch.tensor([[[[1.0, 0.0]]]])  # the 9 lies outside the defect: it no longer lowers the term
+    assert discriminator_loss(pos, neg, rec, 5.0, 0.5, anomaly_masks=mask).item() == pytest.approx(1 + 1.5 + 0.5)
 
 
 def test_cosine_reconstruction_loss_and_map():
@@ -166,9 +182,55 @@ def test_ckaad_discriminator_learns_only_with_anomalies(parts_split):
     assert any(not torch.equal(a, b) for a, b in zip(elastic.discs.parameters(), fresh.discs.parameters()))
 
 
+def test_ckaad_trains_on_masks_where_they_exist(parts_split):
+    from dataclasses import replace
+
+    sp = parts_split
+    fast = dict(TINY, epochs=1, steps_per_epoch=2, device="cpu")
+    with_masks = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies)
+    assert with_masks.mask_sources == {"ground_truth": 2, "image_level": 0, "image_level_as": "coarse"}
+    labels_only = make_detector("ckaad", "tiny", dict(fast, use_gt_masks=False)).fit(sp.train_normal,
+                                                                                     sp.train_anomalies)
+    assert labels_only.mask_sources["ground_truth"] == 0
+    no_files = [replace(r, mask_path=None) for r in sp.train_anomalies]
+    same = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, no_files)
+    # no mask anywhere: the paper's loss, bit for bit the same as switching masks off
+    for a, b in zip(same.discs.parameters(), labels_only.discs.parameters()):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(with_masks.discs.parameters(), labels_only.discs.parameters()))
+
+
 def test_ckaad_cpu_training_is_repeatable(parts_split):
     sp = parts_split
     fast = dict(TINY, epochs=1, steps_per_epoch=2, device="cpu")  # bitwise: a CPU promise
     a = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies).predict(sp.test[:4]).scores
     b = make_detector("ckaad", "tiny", fast).fit(sp.train_normal, sp.train_anomalies).predict(sp.test[:4]).scores
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_records_how_many_anomalies_trained_with_a_mask(parts_split, tmp_path, monkeypatch):
+    """Masks drawn in the app reach training through ``images.mask_path``; the stored run
+    says how many labelled anomalies had one."""
+    import db
+    from db import masks as mq
+    from db import queries as q
+    from osad_core.experiment import run_experiment
+    from osad_core.store import record_run
+    from osad_core.worker import project_dataset
+    from ui import ingest
+
+    root = parts_split.train_normal[0].path.rsplit("/train/", 1)[0]
+    monkeypatch.setenv("OSAD_IMPORT_ROOTS", str(root.rsplit("/", 1)[0]))
+    db.init_db()
+    created = ingest.create_from_folder(root, "parts")
+    with db.session_scope() as s:
+        holes = [im for im in q.get_images(s, created.project_id) if im.defect_type == "hole"][:2]
+        q.set_split(s, [im.id for im in holes], "train", author="t")
+        mq.set_mask(s, holes[1].id, None, author="t")  # one labelled anomaly loses its mask
+        ds = project_dataset(s, created.project_id)
+    assert sum(bool(r.mask_path) for r in ds.records if r.label == 1 and r.split == "train") == 1
+    res = run_experiment(ds, Protocol("general", 2, seed=0), "ckaad", "tiny", dict(TINY, epochs=1, steps_per_epoch=1))
+    run_id = record_run(res, ds)
+    with db.session_scope() as s:
+        ms = q.get_run(s, run_id).config_json["mask_sources"]
+    assert ms == {"ground_truth": 1, "image_level": 1, "image_level_as": "coarse"}

@@ -981,3 +981,57 @@ def test_timestamps_are_timezone_aware_utc(url):
         p = q.get_project(s, p.id)
         assert p.created_at.utcoffset() == timedelta(0)
         assert abs((utcnow() - p.created_at).total_seconds()) < 60
+
+
+# --- defect masks -------------------------------------------------------------------
+
+
+def test_mask_history_undo_back_to_the_imported_mask_and_redo(url):
+    from db import masks
+
+    with db.session_scope(url) as s:
+        p = q.create_project(s, "m", "folder", root_path="/imgs")
+        items = _items(2, label="anomaly", defect_type="crack")
+        items[0]["mask_path"] = "/imgs/ground_truth/crack/img_00000_mask.png"
+        q.add_images(s, p.id, items)
+        a, b = [im.id for im in q.get_images(s, p.id)]
+    with db.session_scope(url) as s:
+        masks.set_mask(s, a, "/data/masks/1/a-1.png", author="dana")
+        masks.set_mask(s, a, "/data/masks/1/a-2.png", author="dana")
+        masks.set_mask(s, b, None, author="lea")  # erasing a mask that was never there is still a change
+    with db.session_scope(url) as s:
+        assert s.get(Image, a).mask_path == "/data/masks/1/a-2.png"
+        assert masks.undo_mask(s, a, "dana").path == "/data/masks/1/a-1.png"
+        assert masks.undo_mask(s, a, "dana").path == "/imgs/ground_truth/crack/img_00000_mask.png"
+        assert masks.undo_mask(s, a, "dana") is None  # nothing older: the import is the start
+        assert s.get(Image, a).mask_path == "/imgs/ground_truth/crack/img_00000_mask.png"
+        assert masks.redo_mask(s, a, "dana").path == "/data/masks/1/a-1.png"
+        assert masks.redo_mask(s, a, "dana") is None  # the redo is a change, not an undo
+        hist = masks.mask_history(s, a)
+        assert [h["path"] for h in hist][:2] == ["/data/masks/1/a-1.png", "/imgs/ground_truth/crack/img_00000_mask.png"]
+        assert len(hist) == 5 and hist[1]["reverts_id"] is not None and hist[0]["author"] == "dana"
+        with pytest.raises(ValueError, match="does not exist"):
+            masks.set_mask(s, 9999, None)
+    with db.session_scope(url) as s:  # the project's deletion takes the history with it
+        q.delete_project(s, p.id)
+    with db.session_scope(url) as s:
+        assert s.scalar(select(func.count()).select_from(db.MaskEvent)) == 0
+
+
+def test_redo_reapplies_the_last_undo_as_one_new_batch(url):
+    pid, ids = _project_with_images(url, 4)
+    with db.session_scope(url) as s:
+        q.set_labels(s, ids[:2], "anomaly", "crack", author="dana")
+        q.set_split(s, ids[2:], "test", author="dana")
+        assert q.redo_last(s, pid, author="dana") == 0  # nothing undone yet
+        assert q.undo_last(s, pid, author="dana") == 2  # the split
+        assert q.undo_last(s, pid, author="dana") == 2  # the labels
+        assert q.redo_last(s, pid, author="lea") == 0  # someone else's undo is not mine to redo
+        assert q.redo_last(s, pid, author="dana") == 2  # the labels again
+        assert q.redo_last(s, pid, author="dana") == 0  # one step: the redo is the newest change now
+        state = {im.id: (im.label, im.defect_type, im.split) for im in q.get_images(s, pid)}
+        assert [state[i] for i in ids] == [("anomaly", "crack", "train")] * 2 + [("normal", None, "train")] * 2
+        redo = q.label_history(s, project_id=pid, limit=2)
+        assert len({h["batch_id"] for h in redo}) == 1 and redo[0]["reverts_batch_id"] is None
+        assert q.undo_last(s, pid, author="dana") == 2  # and a redo can be undone
+        assert {q.get_images(s, pid, [i])[0].label for i in ids[:2]} == {"normal"}

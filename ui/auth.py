@@ -114,7 +114,7 @@ def _first_admin_message() -> None:
     st.title("OSAD Studio")
     why = ("This server listens on the network, so it needs a login" if on_network()
            else "This server requires a login (OSAD_REQUIRE_LOGIN)")
-    st.error(f"{why}, and no account exists yet.", icon="🔒")
+    st.error(f"{why}, and no account exists yet.", icon=":material/lock:")
     st.markdown(
         "Create the first admin on the server, then reload this page:\n\n"
         "```bash\npython -m osad_core users add NAME --role admin\n```\n\n"
@@ -133,7 +133,7 @@ def _login_form() -> None:
         try:
             acc = core.authenticate(username, password, client=_client())
         except core.LoginError as exc:
-            st.error(str(exc), icon="🔒")
+            st.error(str(exc), icon=":material/lock:")
             return
         st.session_state[_USER] = acc.username
         st.session_state.pop("auth_logged_out", None)
@@ -160,7 +160,8 @@ def gate() -> Account | None:
         # The only page a logged-out visitor gets; registering it as the navigation also
         # keeps Streamlit from listing the files in pages/ in the sidebar.
         view = _login_form if core.accounts_exist() else _first_admin_message
-        st.navigation([st.Page(view, title="Log in", icon="🔒", url_path="login")], position="hidden").run()
+        login = st.Page(view, title="Log in", icon=":material/lock:", url_path="login")
+        st.navigation([login], position="hidden").run()
         st.stop()
     return acc
 
@@ -173,7 +174,7 @@ def sidebar_box(acc: Account | None) -> None:
     if token:
         _cookie_script(token, core.SESSION_MAX_AGE_S)
     c1, c2 = st.columns([3, 2], vertical_alignment="center")
-    c1.markdown(f"👤 **{acc.username}** · {acc.role}")
+    c1.markdown(f":material/person: **{acc.username}** · {acc.role}")
     c2.button("Log out", key="logout", on_click=_logout)
 
 

@@ -89,7 +89,7 @@ def require_project():
     project = current_project()
     if project is None:
         st.info("Choose a project in the sidebar, or create one first.")
-        st.page_link(PAGES["projects"], label="Go to Projects", icon="📁")
+        st.page_link(PAGES["projects"], label="Go to Projects", icon=":material/folder:")
     return project
 
 
@@ -163,11 +163,11 @@ def run_page(main) -> None:
     except Exception as exc:  # Streamlit's rerun/stop are BaseExceptions and pass through
         logging.getLogger("osad.app").exception("page failed")
         st.error(f"Something went wrong on this page: {sentence(exc)} The details are in the server log.",
-                 icon="⚠️")
+                 icon=":material/warning:")
 
 
 def show_error(exc: BaseException | str) -> None:
-    st.error(sentence(exc), icon="⚠️")
+    st.error(sentence(exc), icon=":material/warning:")
 
 
 def inject_css() -> None:

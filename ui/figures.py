@@ -291,3 +291,25 @@ def metric_bars(rows: Sequence[dict]) -> go.Figure:
                       title="Runs side by side", **_LAYOUT)
     fig.update_layout(legend=dict(orientation="h", y=-0.12, yanchor="top", x=0))
     return fig
+
+
+def rounds_figure(rows: Sequence[dict]) -> go.Figure:
+    """AUROC per labelling round (overall, seen and unseen defect types)."""
+    names = {"image_auroc": ("AUROC", "#264653"), "image_auroc_seen": ("AUROC seen types", COLORS["seen"]),
+             "image_auroc_unseen": ("AUROC unseen types", COLORS["unseen"])}
+    fig = go.Figure()
+    x = [r["round"] for r in rows]
+    extra = [[r["id"], r["labelled"], r["anomalies"], r["n_test"]] for r in rows]
+    for key, (label, color) in names.items():
+        y = [r.get(key) for r in rows]
+        if all(v is None for v in y):
+            continue
+        fig.add_trace(go.Scatter(
+            x=x, y=y, mode="lines+markers", name=label, line=dict(color=color), customdata=extra,
+            hovertemplate=("round %{x} (run %{customdata[0]})<br>%{y:.3f}<br>trained on %{customdata[1]} labelled "
+                           "images, %{customdata[2]} anomalies<br>%{customdata[3]} held-out images"
+                           "<extra>%{fullData.name}</extra>")))
+    fig.update_layout(height=380, title="AUROC per labelling round (same held-out images)",
+                      xaxis=dict(title="round", dtick=1), yaxis=dict(title="", range=[0, 1.02]), **_LAYOUT)
+    fig.update_layout(legend=dict(orientation="h", y=-0.22, yanchor="top", x=0))  # clear of the title
+    return fig

@@ -22,7 +22,8 @@ PRESET_HINTS = {
     "paper": "paper — the published settings; GPU recommended",
 }
 
-STATUS_ICONS = {"queued": "⏳", "running": "⚙️", "done": "✅", "failed": "❌", "cancelled": "⏹️"}
+STATUS_ICONS = {"queued": ":material/hourglass_empty:", "running": ":material/settings:",
+                "done": ":material/check_circle:", "failed": ":material/cancel:", "cancelled": ":material/stop_circle:"}
 
 
 def num(v: Any, nd: int = 3) -> str:

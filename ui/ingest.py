@@ -25,8 +25,8 @@ from typing import Iterator, Sequence
 
 from db import data_dir, session_scope
 from db import queries as q
-from osad_core.data import IMAGE_EXTENSIONS, DataError, Dataset, import_elpv, load_folder
-from osad_core.safeio import confined_folder, extract_zip, is_image_name
+from osad_core.data import IMAGE_EXTENSIONS, DataError, Dataset, file_sha1, import_elpv, load_folder
+from osad_core.safeio import confined_folder, extract_zip, is_image_name, read_image
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +271,74 @@ def scoring_folder(max_age_s: float = 3600.0) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# --- scored images that join a project ------------------------------------------------------
+
+
+def inspected_dir(project_id: int) -> Path:
+    """The folder a project owns for images scored on Inspect (removed with the project)."""
+    return uploads_dir() / f"inspect-{int(project_id)}"
+
+
+def keep_scored(path: str, project_id: int) -> tuple[str, str]:
+    """Copy a scored upload into the project's folder before its scoring folder is removed.
+
+    The file goes through the guarded reader first and is named by its content hash, so
+    scoring the same image again keeps one copy. Returns (kept path, SHA-1).
+    """
+    read_image(path)  # refuses whatever the guarded reader refuses, before anything is kept
+    digest = file_sha1(path)
+    dest = inspected_dir(project_id) / f"{digest}{Path(path).suffix.lower()}"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{uuid.uuid4().hex}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)  # atomic: a half-copied file never carries the final name
+    return str(dest), digest
+
+
+def sweep_inspected(project_id: int, max_age_s: float = 86400.0) -> int:
+    """Remove kept copies that never joined the project once they are ``max_age_s`` old."""
+    folder = inspected_dir(project_id)
+    if not folder.is_dir():
+        return 0
+    with session_scope() as s:
+        used = {im.path for im in q.get_images(s, project_id)}
+    n = 0
+    for f in folder.iterdir():
+        try:
+            if str(f) not in used and time.time() - f.stat().st_mtime > max_age_s:
+                f.unlink()
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def add_scored(project_id: int, path: str, digest: str, name: str, label: str, defect_type: str | None,
+               author: str) -> str:
+    """Add a kept scored image to the project with a label, unless the same content is
+    already there; returns the sentence to show."""
+    from osad_core.safeio import probe
+
+    if label == "anomaly" and not (defect_type or "").strip():
+        raise IngestError("Type a defect type for the anomaly (e.g. “crack”).")
+    kept = Path(path).resolve()
+    if inspected_dir(project_id).resolve() not in kept.parents or not kept.is_file():
+        raise IngestError("That scored image is no longer kept; score it again.")
+    info = probe(kept)
+    with session_scope() as s:
+        same = q.image_by_hash(s, project_id, digest)
+        if same is not None:
+            return f"`{same.rel_path}` already holds this image (labelled {same.label}); nothing was added."
+        q.add_images(s, project_id, [{
+            "path": str(kept), "rel_path": f"inspect/{_safe_part(name)}", "content_hash": digest,
+            "width": info.width, "height": info.height, "label": label,
+            "defect_type": defect_type.strip() if label == "anomaly" and defect_type else None, "split": "train",
+        }], author=author)
+    what = f"anomaly ({defect_type.strip()})" if label == "anomaly" else label
+    return f"Added `{name}` to the project as {what}, for training."
+
+
 # --- the ELPV demo ------------------------------------------------------------------------
 
 
@@ -328,6 +396,8 @@ def delete_project(project_id: int) -> str:
             p.unlink(missing_ok=True)
     if owned is not None:
         shutil.rmtree(owned, ignore_errors=True)
+    shutil.rmtree(inspected_dir(project_id), ignore_errors=True)
+    shutil.rmtree(data_dir() / "masks" / str(int(project_id)), ignore_errors=True)  # masks drawn in the app
     return name
 
 
@@ -342,6 +412,10 @@ __all__ = [
     "create_from_uploads",
     "save_upload",
     "scoring_folder",
+    "keep_scored",
+    "add_scored",
+    "sweep_inspected",
+    "inspected_dir",
     "import_roots",
     "delete_project",
     "describe_dataset",

@@ -60,7 +60,8 @@ def _worker_state() -> tuple[str, str]:
 @st.fragment(run_every=3)
 def worker_status() -> None:
     level, text = _worker_state()
-    icon = {"running": "⚙️", "waiting": "⏳", "idle": "🟢", "off": "⚪"}[level]
+    icon = {"running": ":material/settings:", "waiting": ":material/hourglass_empty:",
+            "idle": ":material/check_circle:", "off": ":material/radio_button_unchecked:"}[level]
     st.markdown(f"**Worker** &nbsp; {icon} {text}")
 
 
@@ -80,7 +81,7 @@ def render_facts() -> None:
     w = common.weights_info()
     st.markdown(f"**Backbone** &nbsp; {w.name} · {w.weights}")
     if w.weights_source == "random":
-        st.error(f"Random init — results will be weak. {w.warning or ''}", icon="🚨")
+        st.error(f"Random init — results will be weak. {w.warning or ''}", icon=":material/error:")
     elif w.warning:
-        st.warning(w.warning, icon="⚠️")
+        st.warning(w.warning, icon=":material/warning:")
     st.caption(f"Database: `{common.database_location()}`")

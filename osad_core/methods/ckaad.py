@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import augment
 from ..backbones import multiscale_for
-from ..data import IMAGE_CACHE, DataError
+from ..data import IMAGE_CACHE, DataError, read_mask
 from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction, register
 
@@ -165,9 +165,25 @@ def fake_hinge(energies: list[torch.Tensor], margin: float = 5.0) -> torch.Tenso
     return sum(F.relu(margin - e).mean() for e in energies)
 
 
-def discriminator_loss(e_normal, e_anomalous, e_recon, margin: float = 5.0, gamma: float = 0.5) -> torch.Tensor:
-    """L_D = T(F⁺) + (1 − γ)·Fk(F⁻) + γ·Fk(G(F⁺) ∪ G(F⁻)) (reconstructions detached by the caller)."""
-    return (real_energy(e_normal) + (1 - gamma) * fake_hinge(e_anomalous, margin)
+def masked_fake_hinge(energies: list[torch.Tensor], masks: torch.Tensor | None, margin: float = 5.0
+                      ) -> torch.Tensor:
+    """Fk over the positions a defect mask covers (``masks`` (B, 1, S, S), 1 = defect,
+    all ones for an image known only by its label); other positions take no part."""
+    if masks is None:
+        return fake_hinge(energies, margin)
+    total = 0.0
+    for e in energies:
+        w = F.adaptive_max_pool2d(masks, e.shape[-2:])[:, 0]  # a cell counts when any of its pixels is defect
+        total = total + (F.relu(margin - e) * w).sum() / w.sum().clamp_min(1.0)
+    return total
+
+
+def discriminator_loss(e_normal, e_anomalous, e_recon, margin: float = 5.0, gamma: float = 0.5,
+                       anomaly_masks: torch.Tensor | None = None) -> torch.Tensor:
+    """L_D = T(F⁺) + (1 − γ)·Fk(F⁻) + γ·Fk(G(F⁺) ∪ G(F⁻)) (reconstructions detached by the caller).
+
+    With ``anomaly_masks`` the anomalies' term covers their masked positions only."""
+    return (real_energy(e_normal) + (1 - gamma) * masked_fake_hinge(e_anomalous, anomaly_masks, margin)
             + gamma * fake_hinge(e_recon, margin))
 
 
@@ -216,6 +232,7 @@ class CKAAD(Detector):
         gamma=0.5,
         lam=0.02,
         generator_loss="paper",
+        use_gt_masks=True,  # an anomaly with a defect mask: D's anomaly term on the masked positions only
         elastic_anomalies="auto",
         elastic_alpha=200.0,  # at 256 px; scaled with the image size
         elastic_sigma=5.0,
@@ -282,7 +299,7 @@ class CKAAD(Detector):
         seed_everything(c["seed"])
         S = c["image_size"]
         normals, _, bad_n = IMAGE_CACHE.load_many(train_normal, S)
-        anomalies, _, bad_a = IMAGE_CACHE.load_many(train_anomalies, S)
+        anomalies, ok_an, bad_a = IMAGE_CACHE.load_many(train_anomalies, S)
         self.skipped_train = bad_n + bad_a
         if len(normals) == 0:
             raise DataError("no readable normal training images")
@@ -292,6 +309,8 @@ class CKAAD(Detector):
         steps = c["steps_per_epoch"] or max(1, len(normals) // B)
         use_elastic = c["elastic_anomalies"] == "always" or (c["elastic_anomalies"] == "auto" and not len(anomalies))
         self.anomaly_source = ("labelled" if len(anomalies) else "none") + (" + elastic copies" if use_elastic else "")
+        an_masks, n_gt = self._anomaly_masks(ok_an, S)
+        self.mask_sources = {"ground_truth": n_gt, "image_level": len(ok_an) - n_gt, "image_level_as": "coarse"}
         s_norm = InfiniteStream(len(normals), rng)
         s_an = InfiniteStream(max(1, len(anomalies)), rng)
         n_an = min(B, len(anomalies))
@@ -308,11 +327,17 @@ class CKAAD(Detector):
             self.discs.train()
             nb = normals[s_norm.take(B)]
             f_pos = self._features(nb)
-            anom_parts = []
+            anom_parts, mask_parts = [], []
             if n_an:
-                anom_parts.append(self._features(anomalies[s_an.take(n_an)]))
+                idx = s_an.take(n_an)
+                anom_parts.append(self._features(anomalies[idx]))
+                mask_parts.append(an_masks[idx])
             if use_elastic:
                 anom_parts.append(self._features(self._elastic(nb)))
+                mask_parts.append(np.ones((len(nb), S, S), np.float32))
+            m_neg = None
+            if n_gt:  # without any mask the loss is exactly the paper's (every position)
+                m_neg = torch.from_numpy(np.concatenate(mask_parts))[:, None].to(self.device)
             f_neg = [torch.cat(p) for p in zip(*anom_parts)] if anom_parts else None
             f_all = [torch.cat([a, b]) for a, b in zip(f_pos, f_neg)] if f_neg else f_pos
             recs, _ = self.ae(f_all)
@@ -321,7 +346,7 @@ class CKAAD(Detector):
                 for p in self.discs.parameters():
                     p.requires_grad_(True)
                 l_d = discriminator_loss(energies(f_pos), energies(f_neg), energies([r.detach() for r in recs]),
-                                         c["margin"], c["gamma"])
+                                         c["margin"], c["gamma"], anomaly_masks=m_neg)
                 opt_d.zero_grad(set_to_none=True)
                 l_d.backward()
                 if c["d_grad_clip"]:
@@ -345,6 +370,21 @@ class CKAAD(Detector):
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         return self
+
+    def _anomaly_masks(self, records, size: int) -> tuple[np.ndarray, int]:
+        """(N, S, S) float masks of the labelled anomalies (all ones where only the label is
+        known) and how many came from a mask file."""
+        out, n = np.ones((len(records), size, size), np.float32), 0
+        for i, r in enumerate(records):
+            if self.config["use_gt_masks"] and r.mask_path:
+                try:
+                    m = read_mask(r.mask_path, size)
+                except DataError as exc:
+                    log.warning("mask %s unreadable (%s); using the image label only", r.mask_path, exc)
+                    continue
+                if m.any():
+                    out[i], n = m.astype(np.float32), n + 1
+        return out, n
 
     # -- inference -----------------------------------------------------------------------
     def smoothing_sigma(self) -> float:
@@ -381,6 +421,7 @@ class CKAAD(Detector):
             "discs": {k: v.cpu() for k, v in self.discs.state_dict().items()},
             "extractor": {k: v.cpu() for k, v in self.extractor.state_dict().items()},
             "anomaly_source": getattr(self, "anomaly_source", None),
+            "mask_sources": getattr(self, "mask_sources", None),
         }
 
     def load_state(self, state: dict) -> None:
@@ -389,3 +430,4 @@ class CKAAD(Detector):
         self.ae.load_state_dict(state["ae"])
         self.discs.load_state_dict(state["discs"])
         self.anomaly_source = state.get("anomaly_source")
+        self.mask_sources = state.get("mask_sources")
