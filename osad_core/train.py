@@ -156,12 +156,27 @@ def _set_global_rng_state(st: dict) -> None:
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
 
 
+def _plain(obj):
+    """``obj`` with NumPy scalars and arrays as Python numbers and tensors: the restricted
+    loader that reads checkpoints back refuses NumPy's own types (a loss history or a
+    running statistic easily holds one)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, blob: dict) -> None:
     """Write atomically: a crash leaves the previous checkpoint or the new one, never half."""
     from .artefacts import atomic_path
 
     with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+        torch.save(_plain(blob), tmp)
 
 
 def load_checkpoint(path: str | os.PathLike, key: str) -> dict | None:
