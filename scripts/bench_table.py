@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 NAMES = {"dra": "DRA", "devnet": "DevNet", "ahl": "AHL", "saliencycut": "SaliencyCut", "bgad": "BGAD",
-         "ckaad": "CKAAD"}
+         "ckaad": "CKAAD", "fusion": "Fusion"}
 # overrides that describe the machine or the backbone, not a method variant
 NOT_A_VARIANT = {"device", "backbone", "weights", "weights_path", "base"}
 

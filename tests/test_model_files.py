@@ -32,6 +32,7 @@ OVERRIDES = {
     "ahl": dict(R18, base_overrides={"epochs": 1, "steps_per_epoch": 1}, epochs=2, steps_per_epoch=1),
     "bgad": dict(R18, epochs=1),
     "ckaad": {"backbone": "efficientnet_lite0", "image_size": 64, "device": "cpu", "epochs": 1},
+    "fusion": {"backbone": "efficientnet_lite0", "device": "cpu", "head_steps": 2},
 }
 
 

@@ -190,7 +190,7 @@ def load_detector(path: str | Path, device: str = "auto") -> Detector:
 
 # Registration order = the order methods are offered in the app and the CLI.
 # DRA first: the app's default, robust and minutes on a CPU with the quick preset.
-METHOD_MODULES = ("dra", "ahl", "saliencycut", "devnet", "bgad", "ckaad")
+METHOD_MODULES = ("dra", "ahl", "saliencycut", "devnet", "bgad", "ckaad", "fusion")
 
 
 def _import_all() -> None:

@@ -1,0 +1,395 @@
+"""Fusion: a memory of normal patches fused with a head trained on the labelled anomalies.
+
+Two complementary scores on the same frozen patch
+features (pretrained trunk, levels at strides 8 and 16, each averaged over a 3×3
+neighbourhood, the coarser one upsampled to stride 8, concatenated and z-scored per
+channel from the training normals):
+
+- **normal memory** (PatchCore-style): the training normals' patch features, thinned by
+  greedy k-centre coreset selection (on a random projection); a patch's score is its
+  distance to the nearest memory patch, an image's the largest over its patches. It needs
+  no anomaly at all, so it covers defect types nobody labelled (the open set).
+- **anomaly head**: a small per-patch MLP trained with the deviation loss (DevNet's, with
+  a N(0, 1) reference) on the labelled anomalies against the training normals, image
+  score = mean of its top ``head_topk`` patches (multiple-instance: an image-level label
+  says only that *some* patches are anomalous). Features are frozen and cached, so
+  training is seconds.
+
+Fusion: each score is z-normalised against normals the part has not fitted — the head
+against ``calib_fraction`` of the training normals held out from its training, the
+memory against the same normals with every patch of their own image left out of the
+nearest-neighbour search — and the fused score is (1 − w)·z_memory + w·z_head
+(w = ``head_weight``; with no labelled anomaly the memory alone). Maps fuse the same way
+patch by patch (z-scored against the held-out normals' patches), upsampled to
+``map_size`` and Gaussian smoothed: stride-8 maps that say where.
+
+Defaults, and the data behind them. None was tuned on a benchmark cell: they are
+PatchCore's and DevNet's published choices, fixed before the runs of docs/BENCHMARKS.md
+and then measured on HeadCT, ELPV and magnetic tile (quick preset, seeds 0-2):
+levels (2, 3) with a 3×3 neighbourhood and a 10 % greedy coreset (PatchCore: mid-level
+features, stride 8 so that magnetic tile's small defects stay visible); deviation loss
+with margin 5 and a N(0, 1) reference (DevNet); ``head_weight`` 0.5 — equal trust in the
+two parts, since the memory carries unseen types (ELPV hard) and the head the seen ones
+(HeadCT, ELPV general): on the one development run (HeadCT general 10, seed 0, a memory of
+up to 16,384 patches) the memory alone gave 0.903, the head alone 0.960, weights 0.25 /
+0.5 / 0.75 gave 0.951 / 0.958 / 0.960, so 0.5 costs little where the head is strong. The quick preset's memory
+(≤ 4,096 patches from ≤ 50,000) keeps ELPV's ~1,100 normals within the CPU budget.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from torch import nn
+
+from .. import augment
+from ..backbones import multiscale_for
+from ..data import IMAGE_CACHE, DataError
+from ..train import Callbacks, describe_device, resolve_device, run_loop, seed_everything
+from .base import Detector, Prediction, register
+
+log = logging.getLogger(__name__)
+
+
+def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+    """Indices of ``n`` rows of ``x`` chosen by greedy k-centre selection (PatchCore's
+    coreset): each next row is the one farthest from those chosen so far. Distances are
+    taken on a random Gaussian projection to ``proj_dim`` dimensions (Johnson-Lindenstrauss)
+    to keep every step one matrix-vector product."""
+    N = x.shape[0]
+    if n >= N:
+        return torch.arange(N)
+    g = torch.Generator().manual_seed(seed)
+    z = x
+    if proj_dim and x.shape[1] > proj_dim:
+        z = x @ (torch.randn(x.shape[1], proj_dim, generator=g) / math.sqrt(proj_dim)).to(x)
+    z = z.contiguous()
+    sq = (z * z).sum(1)
+    first = int(torch.randint(N, (1,), generator=g))
+    chosen = [first]
+    mind = (sq - 2 * z @ z[first] + sq[first]).clamp_min(0)
+    d = torch.empty_like(mind)
+    for _ in range(n - 1):
+        i = int(torch.argmax(mind))
+        chosen.append(i)
+        torch.mv(z, z[i], out=d)  # in place: the loop allocates nothing per step
+        d.mul_(-2).add_(sq).add_(sq[i])
+        torch.minimum(mind, d, out=mind)
+    return torch.tensor(chosen)
+
+
+def nearest_distance(q: torch.Tensor, memory: torch.Tensor, chunk: int = 1024,
+                     exclude: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Euclidean distance of each row of ``q`` to its nearest row of ``memory``, in chunks.
+    ``exclude`` = (owner of each query row, owner of each memory row): memory rows with the
+    query's owner are skipped (leave-one-image-out)."""
+    out = []
+    m_sq = (memory * memory).sum(1)
+    for i in range(0, q.shape[0], chunk):
+        qi = q[i:i + chunk]
+        # |q|² + min(|m|² − 2 q·m): one fused multiply-add over the chunk, |q|² added after the min
+        d2 = torch.addmm(m_sq[None], qi, memory.T, beta=1, alpha=-2)
+        if exclude is not None:
+            same = exclude[0][i:i + chunk, None] == exclude[1][None]
+            d2 = d2.masked_fill(same, float("inf"))
+        out.append((d2.min(1).values + (qi * qi).sum(1)).clamp_min(0).sqrt())
+    return torch.cat(out)
+
+
+def deviation_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 5.0) -> torch.Tensor:
+    """DevNet's deviation loss with a N(0, 1) reference: normals pulled to 0, anomalies
+    pushed at least ``margin`` reference standard deviations above it."""
+    return torch.where(labels > 0, (margin - scores).clamp_min(0), scores.abs()).mean()
+
+
+def topk_mean(maps: torch.Tensor, frac: float) -> torch.Tensor:
+    """Per image the mean of the largest ``frac`` of its (B, h, w) map values (at least one)."""
+    flat = maps.flatten(1)
+    k = max(1, int(round(frac * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
+class PatchHead(nn.Module):
+    """A per-patch MLP (1×1 convolutions): features (B, C, h, w) -> scores (B, h, w)."""
+
+    def __init__(self, c: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(c, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.net(f)[:, 0]
+
+
+@register
+class Fusion(Detector):
+    name = "fusion"
+    description = ("Fusion — memory of normal patches + a head trained on the labelled anomalies, on frozen "
+                   "features; finds unseen defect types, stride-8 maps, minutes on a CPU")
+    defaults = dict(
+        image_size=320,
+        map_size=80,
+        backbone="auto",
+        weights="auto",
+        weights_path=None,
+        layers=(2, 3),  # strides 8 and 16
+        neighbourhood=3,  # local averaging of each level (PatchCore's aggregation)
+        coreset_ratio=0.1,
+        memory_max=8192,  # patches kept in the normal memory
+        pool_max=80000,  # patches sampled (evenly over the normals) before the coreset
+        projection_dim=64,
+        calib_fraction=0.2,  # normals held out from the head, for the z-normalisation
+        calib_max=64,
+        head_hidden=64,
+        head_steps=300,
+        head_batch=16,  # normals and anomalies each per step
+        head_lr=1e-3,
+        head_weight_decay=1e-4,
+        head_topk=0.05,  # share of patches whose mean is the head's image score
+        head_max_normals=256,  # normals whose features are cached for the head
+        margin=5.0,
+        head_weight=0.5,
+        smooth_sigma=4.0,  # px at a 256-px map; scaled with map_size
+        device="auto",
+        seed=0,
+        test_batch_size=16,
+    )
+    presets = {
+        "paper": dict(image_size=320, map_size=80),  # no paper: the full setting, for a GPU
+        "quick": dict(image_size=256, map_size=64, memory_max=4096, pool_max=50000),
+        "tiny": dict(image_size=64, map_size=32, memory_max=512, pool_max=4000, head_steps=20, head_batch=4,
+                     test_batch_size=8),
+    }
+    preset_notes = {
+        "paper": "320 px (40×40 patches), memory up to 8,192 patches, 300 head steps",
+        "quick": "256 px (32×32 patches), 64 px maps; about a minute on one CPU thread for HeadCT",
+        "tiny": "smoke tests only: 64 px, small memory, 20 head steps",
+    }
+
+    def __init__(self, preset: str = "quick", overrides: dict | None = None):
+        super().__init__(preset, overrides)
+        self.config["layers"] = tuple(int(v) for v in self.config["layers"])
+        if not 0.0 <= float(self.config["head_weight"]) <= 1.0:
+            raise ValueError(f"head_weight must be between 0 and 1, got {self.config['head_weight']!r}")
+
+    # -- model ---------------------------------------------------------------------------
+    def _build(self, fresh: bool) -> None:
+        c = self.config
+        self.extractor, self.backbone_info = multiscale_for(c, self.backbone_info, fresh)
+        self.dim = int(sum(self.backbone_info["layer_channels"]))
+        self.head = PatchHead(self.dim, c["head_hidden"])
+        self.device = resolve_device(c["device"])
+        self.device_name = describe_device(self.device)
+        self.extractor.to(self.device)
+        self.head.to(self.device)
+        self.feat_mean = self.feat_std = None
+        self.memory = None
+        self.has_head = False
+        self.calib: dict = {}
+
+    @torch.no_grad()
+    def _raw_features(self, images: np.ndarray) -> torch.Tensor:
+        """(B, C, h, w) patch features at the shallowest selected level's stride."""
+        p = int(self.config["neighbourhood"])
+        feats = self.extractor(augment.test_transform(images).to(self.device))
+        if p > 1:
+            feats = [F.avg_pool2d(f, p, 1, p // 2, count_include_pad=False) for f in feats]
+        h, w = feats[0].shape[-2:]
+        feats = [f if f.shape[-2:] == (h, w) else F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)
+                 for f in feats]
+        return torch.cat(feats, 1)
+
+    def _features(self, images: np.ndarray) -> torch.Tensor:
+        f = self._raw_features(images)
+        return (f - self.feat_mean.view(1, -1, 1, 1)) / self.feat_std.view(1, -1, 1, 1)
+
+    def _features_all(self, images: np.ndarray) -> torch.Tensor:
+        bs = self.config["test_batch_size"]
+        return torch.cat([self._features(images[i:i + bs]) for i in range(0, len(images), bs)])
+
+    # -- training ------------------------------------------------------------------------
+    def fit(self, train_normal, train_anomalies, callbacks: Callbacks | None = None):
+        c = self.config
+        cb = callbacks or Callbacks()
+        seed_everything(c["seed"])
+        S = c["image_size"]
+        normals, _, bad_n = IMAGE_CACHE.load_many(train_normal, S)
+        anomalies, _, bad_a = IMAGE_CACHE.load_many(train_anomalies, S)
+        self.skipped_train = bad_n + bad_a
+        if len(normals) < 2:
+            raise DataError("fusion needs at least two readable normal training images")
+        t0 = time.monotonic()
+        self._build(fresh=True)
+        rng = np.random.default_rng(c["seed"])
+        n = len(normals)
+
+        # per-channel standardisation from (up to 256 of) the normals
+        cb.status(f"reading features of {n} normal images")
+        sub = np.sort(rng.choice(n, size=min(n, 256), replace=False))
+        s1 = s2 = 0.0
+        cnt = 0
+        bs = c["test_batch_size"]
+        for i in range(0, len(sub), bs):
+            f = self._raw_features(normals[sub[i:i + bs]])
+            s1 = s1 + f.sum((0, 2, 3))
+            s2 = s2 + (f * f).sum((0, 2, 3))
+            cnt += f.numel() // f.shape[1]
+        self.feat_mean = s1 / cnt
+        self.feat_std = (s2 / cnt - self.feat_mean ** 2).clamp_min(1e-8).sqrt().clamp_min(1e-3)
+
+        # held-out normals (for the head and the z-normalisation); the rest train the head
+        n_cal = min(int(c["calib_max"]), max(1, int(round(c["calib_fraction"] * n))))
+        n_cal = min(n_cal, n - 1)
+        perm = rng.permutation(n)
+        cal_idx, fit_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+        head_idx = fit_idx if len(fit_idx) <= c["head_max_normals"] else np.sort(
+            rng.choice(fit_idx, size=int(c["head_max_normals"]), replace=False))
+
+        # one pass over every normal: a few patches each into the pool; cache what the head needs
+        per_img = None
+        pool, owner, head_feats, cal_feats = [], [], {}, {}
+        keep_head, keep_cal = set(head_idx.tolist()), set(cal_idx.tolist())
+        gen = torch.Generator().manual_seed(c["seed"])
+        for i in range(0, n, bs):
+            cb.check_cancel()
+            f = self._features(normals[i:i + bs])
+            B, C, h, w = f.shape
+            if per_img is None:
+                per_img = max(1, min(h * w, int(c["pool_max"]) // n))
+            vec = f.permute(0, 2, 3, 1).reshape(B, h * w, C)
+            for b in range(B):
+                j = i + b
+                sel = torch.randperm(h * w, generator=gen)[:per_img].to(self.device) if per_img < h * w else None
+                pool.append(vec[b] if sel is None else vec[b, sel])
+                owner.append(torch.full((pool[-1].shape[0],), j, dtype=torch.long))
+                if j in keep_head:
+                    head_feats[j] = f[b]
+                if j in keep_cal:
+                    cal_feats[j] = f[b]
+        pool_t, owner_t = torch.cat(pool), torch.cat(owner)
+        m = min(int(c["memory_max"]), max(1, int(math.ceil(c["coreset_ratio"] * pool_t.shape[0]))))
+        cb.status(f"choosing {m} memory patches of {pool_t.shape[0]}")
+        idx = greedy_coreset(pool_t.cpu(), m, int(c["projection_dim"]), int(c["seed"])).to(self.device)
+        self.memory = pool_t[idx].contiguous()
+        mem_owner = owner_t[idx.cpu()].to(self.device)
+        del pool, pool_t
+
+        # the memory's scale on normals it has not seen: leave each image's own patches out
+        cal = torch.stack([cal_feats[j] for j in cal_idx.tolist()])
+        Bc, C, h, w = cal.shape
+        q = cal.permute(0, 2, 3, 1).reshape(-1, C)
+        q_owner = torch.as_tensor(np.repeat(cal_idx, h * w), device=self.device)
+        knn_cal = nearest_distance(q, self.memory, exclude=(q_owner, mem_owner)).view(Bc, h, w)
+        self.calib = {"knn_img": _moments(knn_cal.flatten(1).max(1).values),
+                      "knn_patch": _moments(knn_cal)}
+
+        # the anomaly head (only with labelled anomalies)
+        self.has_head = len(anomalies) > 0
+        self.history = []
+        if self.has_head:
+            self.history = self._fit_head(torch.stack([head_feats[j] for j in head_idx.tolist()]), anomalies,
+                                          rng, cb)
+            self.head.eval()
+            with torch.no_grad():
+                hc = self.head(cal)
+            self.calib.update(head_img=_moments(topk_mean(hc, c["head_topk"])), head_patch=_moments(hc))
+        self.train_seconds = time.monotonic() - t0
+        self.fitted = True
+        return self
+
+    def _fit_head(self, normal_feats: torch.Tensor, anomalies: np.ndarray, rng: np.random.Generator,
+                  cb: Callbacks) -> list[dict]:
+        """Deviation loss, top-k multiple-instance pooling; the anomalies' features cached
+        with their flips (feature maps of flipped images, computed once)."""
+        c = self.config
+        views = [anomalies, anomalies[:, :, ::-1], anomalies[:, ::-1], anomalies[:, ::-1, ::-1]]
+        anom_feats = torch.cat([self._features_all(np.ascontiguousarray(v)) for v in views])
+        opt = torch.optim.AdamW(self.head.parameters(), lr=c["head_lr"], weight_decay=c["head_weight_decay"])
+        B = int(c["head_batch"])
+        labels = torch.cat([torch.zeros(B), torch.ones(B)]).to(self.device)
+        n_n, n_a = normal_feats.shape[0], anom_feats.shape[0]
+        self.head.train()
+
+        def step(epoch: int, it: int) -> float:
+            fb = torch.cat([normal_feats[torch.as_tensor(rng.integers(n_n, size=B))],
+                            anom_feats[torch.as_tensor(rng.integers(n_a, size=B))]])
+            loss = deviation_loss(topk_mean(self.head(fb), c["head_topk"]), labels, c["margin"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        return run_loop(step, 1, int(c["head_steps"]), cb, message=f"training {self.name} head")
+
+    # -- inference -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _parts(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fused image scores (B,), fused patch maps (B, h, w), embeddings (B, C))."""
+        c, cal = self.config, self.calib
+        f = self._features(images)
+        B, C, h, w = f.shape
+        knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), self.memory).view(B, h, w)
+        score = _z(knn.flatten(1).max(1).values, cal["knn_img"])
+        pmap = _z(knn, cal["knn_patch"])
+        if self.has_head:
+            self.head.eval()
+            hm = self.head(f)
+            wgt = float(c["head_weight"])
+            score = (1 - wgt) * score + wgt * _z(topk_mean(hm, c["head_topk"]), cal["head_img"])
+            pmap = (1 - wgt) * pmap + wgt * _z(hm, cal["head_patch"])
+        return score, pmap, f.mean((2, 3))
+
+    def predict_arrays(self, images: np.ndarray, batch_size: int = 16) -> Prediction:
+        if not self.fitted:
+            raise RuntimeError("fit or load the detector before predicting")
+        S = int(self.config["map_size"])
+        sigma = float(self.config["smooth_sigma"]) * S / 256
+        scores, maps, embs = [], [], []
+        for i in range(0, len(images), batch_size):
+            s, pm, e = self._parts(images[i:i + batch_size])
+            up = F.interpolate(pm[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
+            if sigma > 0:
+                up = np.stack([gaussian_filter(m, sigma) for m in up])
+            scores.append(s.cpu().numpy())
+            maps.append(up.astype(np.float32))
+            embs.append(e.float().cpu().numpy())
+        return Prediction(np.concatenate(scores).astype(np.float32), np.concatenate(maps), np.concatenate(embs),
+                          f"per-image mean of the standardised patch features ({self.dim}-d)")
+
+    # -- persistence ---------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "extractor": {k: v.cpu() for k, v in self.extractor.state_dict().items()},
+            "head": {k: v.cpu() for k, v in self.head.state_dict().items()},
+            "memory": self.memory.cpu(),
+            "feat_mean": self.feat_mean.cpu(),
+            "feat_std": self.feat_std.cpu(),
+            "has_head": self.has_head,
+            "calib": self.calib,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self._build(fresh=False)
+        self.extractor.load_state_dict(state["extractor"])
+        self.head.load_state_dict(state["head"])
+        self.memory = state["memory"].to(self.device).float()
+        self.feat_mean = state["feat_mean"].to(self.device).float()
+        self.feat_std = state["feat_std"].to(self.device).float()
+        if self.memory.ndim != 2 or self.memory.shape[1] != self.dim:
+            raise ValueError(f"normal memory has shape {tuple(self.memory.shape)}, expected (M, {self.dim})")
+        self.has_head = bool(state["has_head"])
+        self.calib = {k: [float(v) for v in pair] for k, pair in state["calib"].items()}
+
+
+def _moments(t: torch.Tensor) -> list[float]:
+    """[mean, std] of all values (std floored so a constant part cannot divide by zero)."""
+    t = t.float().flatten()
+    return [float(t.mean()), max(float(t.std()) if t.numel() > 1 else 0.0, 1e-6)]
+
+
+def _z(t: torch.Tensor, moments: list[float]) -> torch.Tensor:
+    return (t - moments[0]) / moments[1]

@@ -1,0 +1,112 @@
+"""Fusion: coreset, nearest-neighbour and loss helpers on known values; tiny runs on synthetic parts."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from osad_core.cli import main
+from osad_core.data import load_folder, read_mask
+from osad_core.evaluate import pixel_auroc
+from osad_core.methods import load_detector, make_detector
+from osad_core.methods.fusion import deviation_loss, greedy_coreset, nearest_distance, topk_mean
+from osad_core.protocol import Protocol, make_split
+
+TINY = {"backbone": "efficientnet_lite0", "device": "cpu"}
+
+
+# -- helpers -------------------------------------------------------------------------------
+def test_greedy_coreset_takes_the_farthest_points_first():
+    # a tight cluster of 50 points near the origin and three far corners: k-centre picks the corners
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50, 4, generator=g) * 0.01,
+                   torch.tensor([[10.0, 0, 0, 0], [0, 10.0, 0, 0], [0, 0, 10.0, 0]])])
+    idx = greedy_coreset(x, 4, proj_dim=0, seed=0).tolist()
+    assert len(set(idx)) == 4 and {50, 51, 52} <= set(idx)
+    assert greedy_coreset(x, 100).tolist() == list(range(53))  # asking for more keeps everything
+
+
+def test_nearest_distance_and_leave_one_image_out():
+    mem = torch.tensor([[0.0, 0.0], [3.0, 4.0], [10.0, 0.0]])
+    q = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
+    torch.testing.assert_close(nearest_distance(q, mem, chunk=1), torch.tensor([0.0, 1.0]))
+    # query 0 belongs to image 7, which owns memory row 0: its nearest other row is (3, 4);
+    # query 1 belongs to image 9, which owns only the far row (10, 0): unchanged
+    owners = (torch.tensor([7, 9]), torch.tensor([7, 8, 9]))
+    torch.testing.assert_close(nearest_distance(q, mem, exclude=owners), torch.tensor([5.0, 1.0]))
+
+
+def test_deviation_loss_and_topk_mean():
+    s = torch.tensor([0.5, -1.0, 2.0, 7.0])
+    y = torch.tensor([0, 0, 1, 1])
+    # normals |s|: 0.5, 1; anomalies max(0, 5 - s): 3, 0
+    assert deviation_loss(s, y, 5.0).item() == pytest.approx((0.5 + 1 + 3 + 0) / 4)
+    m = torch.arange(16.0).view(1, 4, 4)
+    assert topk_mean(m, 0.25).item() == pytest.approx((15 + 14 + 13 + 12) / 4)
+    assert topk_mean(m, 0.0).item() == pytest.approx(15.0)  # at least one patch
+
+
+def test_bad_head_weight_is_one_sentence():
+    with pytest.raises(ValueError, match="head_weight must be between 0 and 1"):
+        make_detector("fusion", "tiny", {"head_weight": 2})
+
+
+# -- tiny runs -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def parts_root(tmp_path_factory):
+    from conftest import make_mvtec
+
+    return make_mvtec(tmp_path_factory.mktemp("fusion") / "parts")
+
+
+@pytest.fixture(scope="module")
+def fitted(parts_root):
+    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
+    det = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
+    return sp, det, det.predict(sp.test)
+
+
+def test_fusion_scores_and_maps_find_the_defects(fitted):
+    sp, det, pred = fitted
+    labels = np.array([r.label for r in pred.records])
+    assert roc_auc_score(labels, pred.scores) > 0.9
+    # 64-px images give an 8×8 patch grid: the 16-px defects cover about 2×2 patches
+    assert pixel_auroc(pred.records, pred.maps) > 0.75
+    inside = [(m[g].mean() > m[~g].mean()) for r, m in zip(pred.records, pred.maps) if r.mask_path
+              for g in [read_mask(r.mask_path, m.shape[-1]).astype(bool)]]
+    assert len(inside) == 10 and np.mean(inside) >= 0.8
+    n = len(sp.test)
+    assert pred.maps.shape == (n, 32, 32) and pred.scores.shape == (n,)
+    assert pred.embeddings.shape == (n, 152)  # EfficientNet-Lite0 levels 2 + 3: 40 + 112 channels
+    assert det.has_head and 0 < det.memory.shape[0] <= det.config["memory_max"]
+
+
+def test_fusion_round_trips_through_a_model_file(fitted, tmp_path):
+    sp, det, pred = fitted
+    back = load_detector(det.save(tmp_path / "fusion.osad"), device="cpu")
+    again = back.predict(sp.test)
+    np.testing.assert_array_equal(pred.scores, again.scores)
+    np.testing.assert_array_equal(pred.maps, again.maps)
+    np.testing.assert_array_equal(pred.embeddings, again.embeddings)
+    assert back.calib == det.calib and back.has_head
+
+
+def test_fusion_finds_an_unseen_defect_type_and_runs_without_anomalies(parts_root):
+    ds = load_folder(parts_root)
+    # hard setting: labelled scratches only; every test anomaly is a hole
+    sp = make_split(ds, Protocol("hard", 2, seed=0, known_class="scratch"))
+    pred = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies).predict(sp.test)
+    labels = np.array([r.label for r in pred.records])
+    assert {r.defect_type for r in pred.records if r.label == 1} == {"hole"}
+    assert roc_auc_score(labels, pred.scores) > 0.9
+    # no labelled anomaly: the normal memory alone
+    sp0 = make_split(ds, Protocol("general", 0, seed=0))
+    det0 = make_detector("fusion", "tiny", TINY).fit(sp0.train_normal, [])
+    pred0 = det0.predict(sp0.test)
+    assert not det0.has_head and "head_img" not in det0.calib
+    assert roc_auc_score([r.label for r in pred0.records], pred0.scores) > 0.9
+
+
+def test_fusion_is_listed_by_the_cli(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "fusion" in out and "unseen defect types" in out
