@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .names import BACKBONES, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
+from .names import BACKBONES, DEFAULT_METHOD, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
 from .data import DataError, ImageRecord, load_folder, resolve_dataset
 from .protocol import Protocol
 
@@ -61,7 +61,8 @@ def _add_model(p: argparse.ArgumentParser, multi: bool = False) -> None:
     if multi:
         g.add_argument("--methods", default="devnet,dra", help="comma-separated methods (see `methods`)")
     else:
-        g.add_argument("--method", default="dra", help="detector to train (see `python -m osad_core methods`)")
+        g.add_argument("--method", default=DEFAULT_METHOD,
+                       help=f"detector to train (default {DEFAULT_METHOD}; see `python -m osad_core methods`)")
     g.add_argument("--preset", choices=PRESETS, default="quick",
                    help="quick: minutes on a CPU (smaller images, fewer steps); paper: the published settings; "
                         "tiny: seconds, for smoke tests")

@@ -5,6 +5,11 @@ from __future__ import annotations
 BACKBONES = ("auto", "resnet18", "wide_resnet50_2", "efficientnet_lite0")
 WEIGHT_CHOICES = ("auto", "imagenet", "random")
 PRESETS = ("quick", "paper", "tiny")
+# The method the Train page and `train`/`benchmark` use unless told otherwise: Fusion has the
+# best image AUROC of the seven in 5 of 6 measured cells (HeadCT 1, ELPV 10 / 1, ELPV hard 10,
+# magnetic tile 10; quick preset, 3 seeds) and trains in seconds; BGAD leads on HeadCT 10
+# (docs/BENCHMARKS.md, "Fusion against the six detectors").
+DEFAULT_METHOD = "fusion"
 
 
 class WeightsUnavailable(RuntimeError):

@@ -401,7 +401,7 @@ def _interrupt(signum, frame):
 
 
 def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: float = 1.0) -> int:
-    from db import init_db, session_scope
+    from db import init_db
     from db import queries as q
     from db.retry import with_retry
 

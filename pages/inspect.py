@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from db import session_scope
+from db import data_dir, session_scope
 from db import queries as q
 from ui import auth, common, figures, fmt, ingest, thumbs
 

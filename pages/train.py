@@ -13,6 +13,7 @@ import streamlit as st
 from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
+from osad_core.names import DEFAULT_METHOD
 from ui import auth, common, figures, fmt, training
 
 PRESET_ORDER = ("quick", "paper", "tiny")
@@ -57,7 +58,8 @@ def train_form(project_id: int, av: training.Availability) -> None:
     with st.container(border=True, key="train_form"):
         c1, c2 = st.columns([3, 2])
         with c1:
-            method = st.selectbox("Method", list(methods), format_func=lambda m: methods[m], key="t_method")
+            method = st.selectbox("Method", list(methods), format_func=lambda m: methods[m], key="t_method",
+                                  index=list(methods).index(DEFAULT_METHOD) if DEFAULT_METHOD in methods else 0)
             presets = _presets(method)
             if st.session_state.get("t_preset") not in presets:
                 st.session_state["t_preset"] = presets[0]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osad_core.data import IMAGE_CACHE, DataError, ImageCache, ImageRecord, import_elpv, import_headct, load_folder
+from osad_core.data import DataError, ImageCache, ImageRecord, import_elpv, import_headct, load_folder
 
 
 def test_mvtec_layout(mvtec_dir):

@@ -187,7 +187,6 @@ def threshold_sentence(c: dict[str, int]) -> str:
 
 
 def confusion_figure(c: dict[str, int]) -> go.Figure:
-    z = [[c["tn"], c["fp"]], [c["fn"], c["tp"]]]
     text = [[f"{c['tn']}<br>good, passed", f"{c['fp']}<br>good, rejected"],
             [f"{c['fn']}<br>defect, missed", f"{c['tp']}<br>defect, caught"]]
     fig = go.Figure(go.Heatmap(
