@@ -88,17 +88,6 @@ def _isolated_data_dir(tmp_path, monkeypatch):
     db.dispose_engines()  # engines are cached per URL; each test has its own file
 
 
-@pytest.fixture
-def db_url(_isolated_data_dir) -> str:
-    """The database URL a test uses (today the SQLite file in its own data dir).
-
-    Tests that touch the database take it from here, so one parametrisation of this
-    fixture runs them against another backend."""
-    from db import database_url
-
-    return database_url()
-
-
 def _texture(rng, size):
     base = rng.normal(120, 12, (size, size, 1)).clip(0, 255)
     return np.repeat(base, 3, axis=2).astype(np.uint8)
