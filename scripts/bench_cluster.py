@@ -11,7 +11,9 @@
    prints images/s of both, start-up included.
 
 Both sides of each comparison run in the same invocation, one after the other, so a
-machine shared with other work affects both alike (run it twice to see the spread).
+machine shared with other work affects both alike (run it twice to see the spread). Ray
+runs its workers at niceness 15 by default; here they run at 0 (``RAY_worker_niceness``),
+as the serial side does, so that other work on a shared machine does not favour one side.
 """
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=5000)
     a = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", OSAD_OFFLINE="1",
-               OSAD_RAY_CPUS_PER_TASK="1")
+               OSAD_RAY_CPUS_PER_TASK="1", RAY_worker_niceness="0")
     workers = os.cpu_count()
     with tempfile.TemporaryDirectory(prefix="osad-bench-cluster-") as tmp:
         tmp = Path(tmp)

@@ -213,3 +213,21 @@ def test_a_killed_ray_worker_leaves_the_job_failed_never_lost(cluster, db_url, t
         run = q.get_run(s, run_id)
         assert run.status == job.status and not q.run_metrics(s, run_id)
     assert not artefacts.model_path(os.environ["OSAD_DATA_DIR"], run_id).exists()
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the Ray worker through /proc")
+def test_a_cancel_the_task_cannot_answer_ends_it_through_ray_cancel(cluster, db_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("OSAD_JOB_CANCEL_GRACE_S", "2")
+    pid = _project(tmp_path / "parts")
+    run_id, job_id = _enqueue(pid, epochs=500)
+    worker = _worker_thread(cluster)
+    _wait(lambda: (_job(job_id).progress_json or {}).get("epoch") is not None, 120)
+    task_pid = _wait(lambda: _ray_job_pids(job_id), 10)[0]
+    os.kill(task_pid, signal.SIGSTOP)  # a hung step: the task never reads the cancel request
+    with session_scope() as s:
+        q.request_cancel(s, job_id)
+    job = _wait(lambda: (j := _job(job_id)).status != "running" and j, 60)
+    assert job.status == "cancelled" and "without reply" in job.error, job.error
+    _wait(lambda: not Path(f"/proc/{task_pid}").exists() or b"zombie" in Path(f"/proc/{task_pid}/status").read_bytes(), 30)
+    worker.join(30)
+    assert not worker.is_alive()
