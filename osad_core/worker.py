@@ -13,6 +13,11 @@ two processes:
 * a **job process** per job (``python -m osad_core worker --job N``) that trains,
   writes progress and checkpoints, and stores the run.
 
+Where the job process runs is the executor's business (:mod:`osad_core.executors`): a
+child process of this worker (default, one job at a time), or a Ray task on a cluster
+(``--ray``/``OSAD_RAY_ADDRESS``: as many jobs as the cluster has room for, each watched
+by a thread of the supervisor). The watch below is the same for both.
+
 Why a subprocess and not a thread or ``multiprocessing``: a hung data loader, a stuck
 device call or a runaway C extension cannot be interrupted from Python inside the same
 process, only killed; a fresh interpreter per job also returns all of its memory
