@@ -122,11 +122,17 @@ class RayJob(JobHandle):
             self.why = f"its Ray worker died: {type(exc).__name__}{': ' + first[:200] if first else ''}"
         return -9
 
-    def kill(self) -> None:
+    def kill(self, settle_s: float = 5.0) -> None:
         ray = _ray()
+        # A task that has just written its final status ends by itself within moments;
+        # cancelling a task while it completes can crash this process (a Ray 2.60
+        # "Tried to complete task that was not pending" check), so cancel only one that
+        # is still running after ``settle_s``.
+        if ray.wait([self.ref], timeout=settle_s)[0]:
+            return
         try:
             ray.cancel(self.ref, force=True)
-        except Exception as exc:  # already finished
+        except Exception as exc:  # finished meanwhile
             log.info("ray.cancel: %s", exc)
         ray.wait([self.ref], timeout=30)
 
