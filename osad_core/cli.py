@@ -87,6 +87,12 @@ def _add_db(p: argparse.ArgumentParser) -> None:
     p.add_argument("--project", help="database project to record into (default: the dataset's name)")
 
 
+def _add_ray(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--ray", metavar="ADDRESS", default=None,
+                   help=f"{what}: HOST:6379 of `ray start --head`, `auto`, or `local` (a cluster in this process); "
+                        "needs requirements-cluster.txt")
+
+
 def _overrides(a) -> dict:
     o = {
         "backbone": a.backbone, "weights": a.weights, "weights_path": a.weights_path, "device": a.device,
@@ -250,6 +256,21 @@ def _threshold(a, operating_point: dict | None) -> float | None:
 def cmd_score(a) -> int:
     from .data import write_csv
 
+    if getattr(a, "ray", None):
+        from .bulk_score import score_paths
+        from .executors import get_executor
+        from .methods.base import load_detector
+
+        if Path(a.model).suffix.lower() == ".onnx":
+            raise UserError("`score --ray` takes an .osad model; score an .onnx file without --ray")
+        thr = _threshold(a, load_detector(a.model, "cpu").config.get("operating_point"))
+        paths = [r.path for r in _collect_images(a.images)]
+        executor = get_executor(a.ray)
+        try:
+            done = score_paths(executor, a.model, paths, a.csv, thr, a.device, a.batch)
+        finally:
+            executor.close()
+        return 0 if done["scored"] else 2
     recs = _collect_images(a.images)
     if Path(a.model).suffix.lower() == ".onnx":  # onnxruntime only: this path never imports torch
         from .onnx_model import OnnxModel
@@ -316,8 +337,28 @@ def cmd_export(a) -> int:
     return 0
 
 
-def cmd_benchmark(a) -> int:
+def benchmark_cell(ds, preset: str, over: dict, record: dict | None, cell: tuple) -> dict:
+    """One (method, protocol) cell of a benchmark; ``record``: record_run's project and
+    author, or None (--no-db). Runs wherever the executor puts it."""
     from .experiment import run_experiment
+
+    method, proto = cell
+    label = f"[{method} {proto.describe()}] "
+    res = run_experiment(ds, proto, method, preset, over, _terminal_callbacks(label),
+                         with_tsne=record is not None, score_train=record is not None)
+    s = res.summary()
+    s["config"] = res.detector.config  # the resolved settings: presets change, the record must not
+    if record is not None:
+        from .store import record_run
+
+        record_run(res, ds, source="benchmark", project_name=record["project"], created_by=record["user"])
+    return {"label": label, "summary": s, "auroc": res.metrics.get("image_auroc", float("nan")),
+            "base_auroc": res.metrics.get("base_image_auroc"),  # AHL: its own base model, same run
+            "base": res.detector.config.get("base"), "train_s": res.train_seconds, "ips": res.images_per_s}
+
+
+def cmd_benchmark(a) -> int:
+    from .executors import get_executor
 
     ds = _dataset(a.data)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
@@ -325,29 +366,32 @@ def cmd_benchmark(a) -> int:
     if a.setting == "hard" and not a.known_class:
         classes = ds.defect_types  # mean over known classes, as the papers report
     over = _overrides(a)
-    rows, runs = [], []
-    for method in methods:
-        for kc in classes:
-            aucs, base_aucs, times, ips = [], [], [], []
-            for seed in a.seeds:
-                proto = Protocol(a.setting, a.shots, seed, kc)
-                label = f"[{method} {proto.describe()}] "
-                res = run_experiment(ds, proto, method, a.preset, over, _terminal_callbacks(label),
-                                     with_tsne=not a.no_db, score_train=not a.no_db)
-                s = res.summary()
-                s["config"] = res.detector.config  # the resolved settings: presets change, the record must not
-                runs.append(s)
-                aucs.append(res.metrics.get("image_auroc", float("nan")))
-                if "base_image_auroc" in res.metrics:  # AHL: its own base model, same run
-                    base_aucs.append(res.metrics["base_image_auroc"])
-                times.append(res.train_seconds)
-                ips.append(res.images_per_s)
-                base = f" (base model {base_aucs[-1]:.4f})" if base_aucs else ""
-                print(f"{label}AUROC {aucs[-1]:.4f}{base}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s", flush=True)
-                if not a.no_db:
-                    from .store import record_run
+    record = None if a.no_db else {"project": a.project, "user": _cli_user()}
+    groups = [(method, kc) for method in methods for kc in classes]
+    cells = [(method, Protocol(a.setting, a.shots, seed, kc)) for method, kc in groups for seed in a.seeds]
+    executor = get_executor(getattr(a, "ray", None))  # local: one cell after the other, in this process
+    gpu = str(over.get("device") or "").startswith("cuda")
+    if executor.name == "ray" and not over.get("device"):
+        from .executors.ray import cluster_has_gpu
 
-                    record_run(res, ds, source="benchmark", project_name=a.project, created_by=_cli_user())
+        gpu = cluster_has_gpu()
+    results = executor.map(benchmark_cell, cells, gpu=gpu, shared=(ds, a.preset, over, record))
+    rows, runs = [], []
+    try:
+        for method, kc in groups:
+            aucs, base_aucs, times, ips = [], [], [], []
+            for _seed in a.seeds:
+                c = next(results)
+                s = c["summary"]
+                runs.append(s)
+                aucs.append(c["auroc"])
+                if c["base_auroc"] is not None:
+                    base_aucs.append(c["base_auroc"])
+                times.append(c["train_s"])
+                ips.append(c["ips"])
+                base = f" (base model {base_aucs[-1]:.4f})" if base_aucs else ""
+                print(f"{c['label']}AUROC {aucs[-1]:.4f}{base}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s",
+                      flush=True)
             rows.append({
                 "method": method, "data": ds.name, "setting": a.setting, "shots": a.shots, "known_class": kc,
                 "preset": a.preset, "auroc_mean": float(np.mean(aucs)), "auroc_std": float(np.std(aucs)),
@@ -356,8 +400,10 @@ def cmd_benchmark(a) -> int:
                 "overrides": over,
             })
             if base_aucs:
-                rows[-1].update(base=res.detector.config.get("base"), base_aurocs=base_aucs, base_auroc_mean=float(np.mean(base_aucs)),
+                rows[-1].update(base=c["base"], base_aurocs=base_aucs, base_auroc_mean=float(np.mean(base_aucs)),
                                 base_auroc_std=float(np.std(base_aucs)))
+    finally:
+        executor.close()
     print()
     print(f"{'method':10s} {'data':8s} {'setting':8s} {'shots':>5s} {'known':6s} {'AUROC mean ± std':18s} "
           f"{'train s':>8s} {'img/s':>6s}")
@@ -430,11 +476,16 @@ def cmd_users(a) -> int:
 
 
 def cmd_worker(a) -> int:
+    from .executors import get_executor, ray_address
     from .worker import run_job_process, run_worker
 
     if a.job is not None:
         return run_job_process(a.job, a.worker_id)
-    return run_worker(once=a.once, idle_exit_s=a.idle_exit)
+    executor = get_executor(ray_address(a.ray))
+    try:
+        return run_worker(once=a.once, idle_exit_s=a.idle_exit, executor=executor)
+    finally:
+        executor.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -474,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float,
                    help="verdict: anomaly when score >= threshold (default: the model's operating point)")
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
+    _add_ray(s, "score batches of images as tasks on this Ray cluster")
+    s.add_argument("--batch", type=int, default=256, help="images per Ray task (with --ray)")
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("export", help="export a saved model: ONNX + manifest for scoring without PyTorch, "
@@ -490,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(s, multi=True)
     s.add_argument("--json", help="write all rows and runs as JSON")
     _add_db(s)
+    _add_ray(s, "run the (method, seed) cells as tasks on this Ray cluster")
     s.set_defaults(func=cmd_benchmark)
 
     from db.models import ROLES
@@ -518,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
     s.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # the worker's job process
     s.add_argument("--worker-id", default="", help=argparse.SUPPRESS)
+    _add_ray(s, "run the jobs as tasks on this Ray cluster (default: $OSAD_RAY_ADDRESS)")
     s.set_defaults(func=cmd_worker)
     return p
 

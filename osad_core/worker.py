@@ -13,6 +13,11 @@ two processes:
 * a **job process** per job (``python -m osad_core worker --job N``) that trains,
   writes progress and checkpoints, and stores the run.
 
+Where the job process runs is the executor's business (:mod:`osad_core.executors`): a
+child process of this worker (default, one job at a time), or a Ray task on a cluster
+(``--ray``/``OSAD_RAY_ADDRESS``: as many jobs as the cluster has room for, each watched
+by a thread of the supervisor). The watch below is the same for both.
+
 Why a subprocess and not a thread or ``multiprocessing``: a hung data loader, a stuck
 device call or a runaway C extension cannot be interrupted from Python inside the same
 process, only killed; a fresh interpreter per job also returns all of its memory
@@ -122,7 +127,7 @@ class _Heartbeat(threading.Thread):
     def __init__(self, worker_id: str):
         super().__init__(daemon=True, name="osad-heartbeat")
         self.worker_id = worker_id
-        self.job_id: int | None = None
+        self.jobs: set[int] = set()  # the jobs this worker runs now (several on a cluster)
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -130,11 +135,11 @@ class _Heartbeat(threading.Thread):
         from db.retry import with_retry
 
         while not self.stop_event.wait(HEARTBEAT_S):
-            job_id = self.job_id
+            jobs = sorted(self.jobs)
 
             def beat(s):
-                q.worker_heartbeat(s, self.worker_id, job_id)
-                if job_id is not None:
+                q.worker_heartbeat(s, self.worker_id, jobs[0] if jobs else None)
+                for job_id in jobs:
                     q.heartbeat_job(s, job_id)
 
             try:  # a busy database must not kill the worker
@@ -267,44 +272,41 @@ def run_job_process(job_id: int, worker_id: str) -> int:
 # --- the supervisor -----------------------------------------------------------------
 
 
-def _start_job_process(job_id: int, worker_id: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see ensure_local_worker
-    verbose = ["-v"] if logging.getLogger().isEnabledFor(logging.INFO) else []
-    return subprocess.Popen(
-        [sys.executable, "-m", "osad_core", *verbose, "worker", "--job", str(job_id), "--worker-id", worker_id],
-        stdin=subprocess.DEVNULL, cwd=str(Path(__file__).resolve().parents[1]), env=env,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
-def supervise(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
-    """Run ``job`` in a job process and watch it; returns the job's final status."""
+def supervise(job, worker_id: str, beat: _Heartbeat | None = None, executor=None,
+              stopping: threading.Event | None = None) -> str:
+    """Run ``job`` on ``executor`` (default: a local job process) and watch it; returns the
+    job's final status. ``stopping`` set: stop the job and leave it for recovery."""
     from db import data_dir, session_scope
     from db import queries as q
     from db.retry import with_retry
 
     from . import artefacts
+    from .executors import LocalExecutor
 
     payload = dict(job.payload_json or {})
     limit, stall, grace = max_run_s(payload), stall_limit_s(), cancel_grace_s()
     if beat:
-        beat.job_id = job.id
+        beat.jobs.add(job.id)
     t_start = time.time()
-    proc = _start_job_process(job.id, worker_id)
+    try:
+        proc = (executor or LocalExecutor()).start_job(job.id, worker_id, payload)
+    except Exception as exc:  # e.g. the cluster went away: say so on the job, take the next one
+        if beat:
+            beat.jobs.discard(job.id)
+        log.error("job %s could not start:\n%s", job.id, traceback.format_exc())
+        try:
+            with_retry(lambda s: q.finish_job(s, job.id, "failed", f"the job could not start: {exc}",
+                                              worker_id=worker_id), deadline_s=600, what="final job status")
+        except q.RowGone:
+            return "deleted"
+        return "failed"
     cancel_seen: float | None = None
     verdict: tuple[str, str] | None = None  # what the supervisor decided, if it had to
     try:
         while True:
-            try:
-                rc = proc.wait(timeout=POLL_S)
-            except subprocess.TimeoutExpired:
-                rc = None
+            rc = proc.wait(POLL_S)
+            if stopping is not None and stopping.is_set():
+                break
             try:
                 with session_scope() as s:
                     row = q.get_job(s, job.id)
@@ -312,17 +314,16 @@ def supervise(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
                 log.info("job watch skipped: %s", exc)
                 continue
             if row is None:  # deleted with its project: stop quietly, take the next job
-                _stop(proc)
+                proc.kill()
                 artefacts.discard_job_files(data_dir(), job.id, job.run_id)
                 log.info("job %s was deleted while it ran", job.id)
                 return "deleted"
             if rc is not None:
                 if row.status == "running" and row.worker_id == worker_id:
-                    how = f"signal {-rc}" if rc < 0 else f"code {rc}"
-                    verdict = ("failed", f"the training process ended unexpectedly ({how}); see worker.log")
+                    verdict = ("failed", f"the training process ended unexpectedly ({proc.ended_how(rc)})")
                 break
             if row.status != "running" or row.worker_id != worker_id:
-                _stop(proc)  # finished or taken over elsewhere
+                proc.kill()  # finished or taken over elsewhere
                 break
             now = time.time()
             progress = row.progress_json or {}
@@ -337,13 +338,12 @@ def supervise(job, worker_id: str, beat: _Heartbeat | None = None) -> str:
             elif now - t_start > limit:
                 verdict = ("failed", f"stopped: the job ran longer than its limit of {_duration(limit)}")
             if verdict:
-                _stop(proc)
+                proc.kill()
                 break
     finally:
-        if proc.poll() is None:  # the supervisor itself is stopping (Ctrl+C)
-            _stop(proc)
+        proc.kill()  # a no-op when it ended; else the supervisor itself is stopping (Ctrl+C)
         if beat:
-            beat.job_id = None
+            beat.jobs.discard(job.id)
     if verdict is not None:
         artefacts.discard_job_files(data_dir(), job.id, job.run_id)
         try:
@@ -400,11 +400,16 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: float = 1.0) -> int:
+def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: float = 1.0, executor=None) -> int:
+    """Claim jobs and run them on ``executor`` (default: local job processes, one at a
+    time; a Ray cluster runs as many as it has room for, each watched by a thread)."""
     from db import init_db
     from db import queries as q
     from db.retry import with_retry
 
+    from .executors import LocalExecutor
+
+    executor = executor or LocalExecutor()
     init_db()
     worker_id = new_worker_id()
     with_retry(lambda s: q.register_worker(s, worker_id, os.getpid(), socket.gethostname()),
@@ -412,7 +417,7 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: flo
     startup_sweep()
     beat = _Heartbeat(worker_id)
     beat.start()
-    log.info("worker %s started", worker_id)
+    log.info("worker %s started (%s executor)", worker_id, executor.name)
     idle_since = time.monotonic()
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a service stop) ends the loop like Ctrl+C, so the job process stops too
@@ -425,21 +430,45 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: flo
             log.warning("re-queued or failed stale jobs %s", recovered)
         return q.claim_next_job(s, worker_id, kinds=["train"])
 
+    stopping = threading.Event()
+    running: dict[int, threading.Thread] = {}
+    claimed = 0
+
+    def watch(job) -> None:
+        try:
+            supervise(job, worker_id, beat, executor, stopping)
+        except Exception:  # the job stays running under this worker: recovery re-queues it
+            log.error("watching job %s failed:\n%s", job.id, traceback.format_exc())
+
     try:
         while True:
+            for job_id in [j for j, t in running.items() if not t.is_alive()]:
+                del running[job_id]
+                idle_since = time.monotonic()
+            if once and claimed:  # the one job: wait for it, then stop
+                if not running:
+                    return 0
+                next(iter(running.values())).join(POLL_S)
+                continue
+            if len(running) >= executor.capacity():
+                time.sleep(POLL_S)
+                continue
             job = with_retry(claim, what="claiming a job", give_up=None)
             if job is None:
-                if once or (idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s):
+                idle = idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s
+                if not running and (once or idle):
                     return 0
                 time.sleep(poll_s)
                 continue
-            supervise(job, worker_id, beat)
-            idle_since = time.monotonic()
-            if once:
-                return 0
+            claimed += 1
+            running[job.id] = threading.Thread(target=watch, args=(job,), name=f"osad-job-{job.id}", daemon=True)
+            running[job.id].start()
     except KeyboardInterrupt:
         return 130
     finally:
+        stopping.set()  # every watcher kills its job and leaves it for recovery
+        for t in running.values():
+            t.join()
         beat.stop_event.set()
         try:
             with_retry(lambda s: q.stop_worker(s, worker_id), deadline_s=10, what="worker stop", give_up=None)

@@ -349,8 +349,14 @@ def test_cancel_in_every_phase_ends_cancelled_quickly(db_url, tmp_path):
 
 
 def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
+    # every thread's: the worker starts each job process from the thread that watches it
+    kids = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(c) for c in path.read_text().split()]
+        except OSError:  # that thread just ended
+            pass
+    return kids
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the job process through /proc")
