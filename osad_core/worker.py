@@ -294,8 +294,9 @@ def supervise(job, worker_id: str, beat: _Heartbeat | None = None, executor=None
         if beat:
             beat.jobs.discard(job.id)
         log.error("job %s could not start:\n%s", job.id, traceback.format_exc())
+        reason = f"the job could not start: {exc}"
         try:
-            with_retry(lambda s: q.finish_job(s, job.id, "failed", f"the job could not start: {exc}",
+            with_retry(lambda s: q.finish_job(s, job.id, "failed", reason,
                                               worker_id=worker_id), deadline_s=600, what="final job status")
         except q.RowGone:
             return "deleted"
