@@ -294,7 +294,7 @@ def export_tab(run) -> None:
 def onnx_export(run, model_path: Path) -> None:
     """ONNX for a line PC: the graph and its manifest (preprocessing, operating point)."""
     out = data_dir() / "exports" / f"run_{run.id}_{run.method}.onnx"
-    if st.button("Export for a line PC (ONNX)", icon="📦", key="onnx_export",
+    if st.button("Export for a line PC (ONNX)", icon=":material/deployed_code:", key="onnx_export",
                  help="Scores with onnxruntime alone, no PyTorch: `python -m osad_core score --model <file>.onnx "
                       "<images>`. The operating point travels in the manifest, outside the graph."):
         from osad_core.export import NotExportable, export_onnx
@@ -309,10 +309,10 @@ def onnx_export(run, model_path: Path) -> None:
     if out.is_file() and Path(str(out) + ".json").is_file():
         c1, c2 = st.columns(2)
         c1.download_button(f"{out.name} ({out.stat().st_size / 1e6:.1f} MB)", lambda: out.read_bytes(), out.name,
-                           "application/octet-stream", key="dl_onnx", icon="📦", on_click="ignore")
+                           "application/octet-stream", key="dl_onnx", icon=":material/download:", on_click="ignore")
         c2.download_button(f"{out.name}.json (manifest, keep it next to the model)",
                            Path(str(out) + ".json").read_text(), f"{out.name}.json", "application/json",
-                           key="dl_onnx_manifest", icon="🧾", on_click="ignore")
+                           key="dl_onnx_manifest", icon=":material/description:", on_click="ignore")
 
 
 def main() -> None:

@@ -103,6 +103,7 @@ def test_delete_removes_uploads_and_models_but_never_server_images(tmp_path):
     assert sorted(parts.rglob("*")) == files
 
 
+@pytest.mark.usefixtures("database")
 def test_scored_image_is_kept_checked_added_once_and_deleted_with_the_project(tmp_path):
     from db import session_scope
     from db import queries as q
