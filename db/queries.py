@@ -76,6 +76,9 @@ __all__ = [
     "list_projects",
     "delete_project",
     "add_images",
+    "known_paths",
+    "image_count",
+    "score_range",
     "get_images",
     "image_by_hash",
     "image_page",
@@ -102,6 +105,8 @@ __all__ = [
     "enqueue_job",
     "get_job",
     "latest_job_for_run",
+    "latest_import_jobs",
+    "last_import_job",
     "claim_next_job",
     "update_job_progress",
     "heartbeat_job",
@@ -395,7 +400,10 @@ def add_images(
     label batch. Returns the number of images added.
     """
     _require_project(s, project_id)
-    existing = set(s.scalars(select(Image.path).where(Image.project_id == project_id)))
+    items = list(items)
+    # only this batch's paths are looked up (the unique (project_id, path) index), so a
+    # 100,000-image import in batches costs the same per batch at its end as at its start
+    existing = known_paths(s, project_id, (str(item["path"]) for item in items))
     now = utcnow()
     rows: list[dict[str, Any]] = []
     for item in items:
@@ -426,14 +434,11 @@ def add_images(
     if not rows:
         return 0
     s.execute(insert(Image), rows)
-    new_paths = {r["path"] for r in rows}
-    ids = {
-        path: image_id
-        for path, image_id in s.execute(
-            select(Image.path, Image.id).where(Image.project_id == project_id)
-        )
-        if path in new_paths
-    }
+    ids: dict[str, int] = {}
+    for chunk in _chunks([r["path"] for r in rows]):
+        ids.update((path, image_id) for path, image_id in s.execute(
+            select(Image.path, Image.id).where(Image.project_id == project_id, Image.path.in_(chunk))
+        ))
     batch_id = str(uuid.uuid4())
     events = [
         {
@@ -450,6 +455,20 @@ def add_images(
     ]
     s.execute(insert(LabelEvent), events)
     return len(rows)
+
+
+def known_paths(s: Session, project_id: int, paths: Iterable[str]) -> set[str]:
+    """The ``paths`` the project already holds (an import that resumes skips them
+    before reading the files again)."""
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    found: set[str] = set()
+    for chunk in _chunks(unique):
+        found.update(s.scalars(select(Image.path).where(Image.project_id == project_id, Image.path.in_(chunk))))
+    return found
+
+
+def image_count(s: Session, project_id: int) -> int:
+    return int(s.scalar(select(func.count(Image.id)).where(Image.project_id == project_id)) or 0)
 
 
 def get_images(s: Session, project_id: int, ids: Iterable[int] | None = None) -> list[Image]:
@@ -1055,6 +1074,15 @@ def run_scores(s: Session, run_id: int) -> list[dict[str, Any]]:
     return [dict(row._mapping) for row in s.execute(q)]
 
 
+def score_range(s: Session, run_id: int) -> tuple[float, float] | None:
+    """(lowest, highest) image score of a run, or None when it scored nothing (one
+    indexed query, however many images the run scored)."""
+    lo, hi = s.execute(
+        select(func.min(ImageScore.score), func.max(ImageScore.score)).where(ImageScore.run_id == run_id)
+    ).one()
+    return None if lo is None else (float(lo), float(hi))
+
+
 def run_heatmap(s: Session, run_id: int, image_id: int) -> np.ndarray | None:
     """The decoded float32 anomaly map of an image under a run, or None."""
     row = s.execute(
@@ -1142,6 +1170,22 @@ def enqueue_job(
 
 def get_job(s: Session, job_id: int) -> Job | None:
     return s.get(Job, job_id, populate_existing=True)
+
+
+def latest_import_jobs(s: Session) -> dict[int, Job]:
+    """The newest ``import`` job of each project that has one, by project id (import
+    jobs are few, one per large folder, so their payloads are read here, not indexed)."""
+    out: dict[int, Job] = {}
+    for job in s.scalars(select(Job).where(Job.kind == "import").order_by(Job.id)
+                         .execution_options(populate_existing=True)):
+        pid = (job.payload_json or {}).get("project_id")
+        if pid is not None:
+            out[int(pid)] = job
+    return out
+
+
+def last_import_job(s: Session, project_id: int) -> Job | None:
+    return latest_import_jobs(s).get(int(project_id))
 
 
 def latest_job_for_run(s: Session, run_id: int) -> Job | None:
