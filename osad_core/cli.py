@@ -1,4 +1,4 @@
-"""Command line: ``python -m osad_core train|evaluate|score|export|benchmark|methods|worker``.
+"""Command line: ``python -m osad_core train|evaluate|score|import|export|benchmark|methods|worker``.
 
 Every command that trains or evaluates records its run in the database (the app shows
 it) unless ``--no-db`` is given. Bad input ends with one clear sentence and exit code 2.
@@ -475,6 +475,33 @@ def cmd_users(a) -> int:
     return 0
 
 
+def cmd_import(a) -> int:
+    """A folder into a project (created on first use), in batches with progress and ETA;
+    run it again after an interruption and it continues where it stopped."""
+    from db import init_db, session_scope
+    from db import queries as q
+
+    from .batch_progress import line_sink
+    from .folder_import import import_dataset
+
+    ds = load_folder(a.folder)
+    for _, why in ds.skipped:
+        print(f"skipped: {why}", file=sys.stderr)
+    init_db()
+    name = a.project or ds.name
+    with session_scope() as s:
+        proj = q.get_project_by_name(s, name)
+        if proj is None:
+            proj = q.create_project(s, name, "cli", root_path=ds.root,
+                                    description=f"imported by the command line from {ds.root}")
+        pid = proj.id
+    res = import_dataset(pid, ds, author=_cli_user(), decode=not a.no_decode, batch=a.batch, sink=line_sink())
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(f"project “{name}” (id {pid}): {res.sentence()}", file=sys.stderr)
+    return 0 if res.added or res.already else 2
+
+
 def cmd_worker(a) -> int:
     from .executors import get_executor, ray_address
     from .worker import run_job_process, run_worker
@@ -526,8 +553,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verdict: anomaly when score >= threshold (default: the model's operating point)")
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
     _add_ray(s, "score batches of images as tasks on this Ray cluster")
-    s.add_argument("--batch", type=int, default=256, help="images per Ray task (with --ray)")
+    s.add_argument("--batch", type=int, default=256,
+                   help="images per batch (a Ray task with --ray); rows are written after each batch")
     s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("import", help="import a folder of images into a project of the app (resumable; "
+                                      "for folders of any size)")
+    s.add_argument("folder", help="an MVTec-layout folder (labels kept) or any folder of images (unlabelled)")
+    s.add_argument("--project", help="project to import into, created when missing (default: the folder's name)")
+    s.add_argument("--batch", type=int, default=500, help="files per database transaction")
+    s.add_argument("--no-decode", action="store_true",
+                   help="check each file's header only, not a full decode (faster; truncated files pass)")
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("export", help="export a saved model: ONNX + manifest for scoring without PyTorch, "
                                       "or a checked .osad file (also from an old .pt one)")

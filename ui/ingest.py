@@ -46,6 +46,12 @@ class Created:
     images: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    job_id: int | None = None  # a large folder goes on importing in this background job
+
+
+# A server folder with more files than this is imported by a background job (batches,
+# progress and ETA, resumable); a smaller one is read while the page waits, as an upload is.
+IN_PAGE_MAX = int(os.environ.get("OSAD_IMPORT_IN_PAGE_MAX", "2000"))
 
 
 def uploads_dir() -> Path:
@@ -128,6 +134,8 @@ def create_from_folder(path: str, name: str = "", author: str = "import") -> Cre
     folder, root = confined_folder(path, import_roots())
     ds = load_folder(folder, confine_to=root)
     name = _check_name_free(name or ds.name)
+    if len(ds.records) > IN_PAGE_MAX:
+        return _import_in_background(ds, name, str(root), author, t0)
     skipped = list(ds.skipped)
     ds, items = _readable(ds, skipped)
     if not items:
@@ -135,6 +143,38 @@ def create_from_folder(path: str, name: str = "", author: str = "import") -> Cre
     summary = describe_dataset(ds)
     pid, n = _store(ds, items, name, "folder", f"from {ds.root}: {summary}", author)
     return Created(pid, name, n, time.perf_counter() - t0, [summary] + ([skipped_note(skipped)] if skipped else []))
+
+
+def _import_in_background(ds: Dataset, name: str, root: str, author: str, t0: float) -> Created:
+    """Create the project now and queue an ``import`` job that stores its images in
+    batches (:mod:`osad_core.folder_import`); the page shows the job's progress."""
+    summary = describe_dataset(ds)  # what the listing found; unreadable files are named by the job
+    with session_scope() as s:
+        try:
+            project = q.create_project(s, name, "folder", root_path=ds.root, description=f"from {ds.root}: {summary}")
+        except ValueError as exc:
+            raise IngestError(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+        job = q.enqueue_job(s, "import", import_payload(project.id, ds.root, root, author), created_by=author)
+        pid, job_id = project.id, job.id
+    return Created(pid, name, 0, time.perf_counter() - t0,
+                   [summary, f"importing {len(ds.records):,} files in the background"], job_id=job_id)
+
+
+def import_payload(project_id: int, folder: str, confine_to: str | None, author: str) -> dict:
+    return {"project_id": int(project_id), "folder": str(folder), "confine_to": confine_to, "author": author}
+
+
+def resume_import(project_id: int, author: str) -> int:
+    """Queue the import of a project whose import job was cancelled or failed; files it
+    already stored are skipped unread. Returns the new job's id."""
+    with session_scope() as s:
+        last = q.last_import_job(s, project_id)
+        if last is None:
+            raise IngestError("This project was not imported from a folder in the background; nothing to resume.")
+        if last.status in ("queued", "running"):
+            return last.id
+        job = q.enqueue_job(s, "import", dict(last.payload_json), created_by=author)
+        return job.id
 
 
 # --- from uploaded files ----------------------------------------------------------------
@@ -301,10 +341,11 @@ def sweep_inspected(project_id: int, max_age_s: float = 86400.0) -> int:
     folder = inspected_dir(project_id)
     if not folder.is_dir():
         return 0
-    with session_scope() as s:
-        used = {im.path for im in q.get_images(s, project_id)}
+    files = list(folder.iterdir())
+    with session_scope() as s:  # only these files' rows, not the whole project's
+        used = q.known_paths(s, project_id, [str(f) for f in files])
     n = 0
-    for f in folder.iterdir():
+    for f in files:
         try:
             if str(f) not in used and time.time() - f.stat().st_mtime > max_age_s:
                 f.unlink()
@@ -417,6 +458,9 @@ __all__ = [
     "sweep_inspected",
     "inspected_dir",
     "import_roots",
+    "import_payload",
+    "resume_import",
+    "IN_PAGE_MAX",
     "delete_project",
     "describe_dataset",
 ]
