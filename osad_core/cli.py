@@ -254,53 +254,26 @@ def _threshold(a, operating_point: dict | None) -> float | None:
 
 
 def cmd_score(a) -> int:
-    from .data import write_csv
+    """Score files and folders in batches (:mod:`osad_core.bulk_score`): rows are written
+    as each batch comes back and memory stays flat however many images there are."""
+    from .bulk_score import load_model, score_paths
+    from .executors import get_executor
 
-    if getattr(a, "ray", None):
-        from .bulk_score import score_paths
-        from .executors import get_executor
-        from .methods.base import load_detector
-
-        if Path(a.model).suffix.lower() == ".onnx":
-            raise UserError("`score --ray` takes an .osad model; score an .onnx file without --ray")
-        thr = _threshold(a, load_detector(a.model, "cpu").config.get("operating_point"))
-        paths = [r.path for r in _collect_images(a.images)]
-        executor = get_executor(a.ray)
-        try:
-            done = score_paths(executor, a.model, paths, a.csv, thr, a.device, a.batch)
-        finally:
-            executor.close()
-        return 0 if done["scored"] else 2
-    recs = _collect_images(a.images)
-    if Path(a.model).suffix.lower() == ".onnx":  # onnxruntime only: this path never imports torch
-        from .onnx_model import OnnxModel
-
-        model = OnnxModel(a.model)
-        scores, _, records, skipped = model.predict(recs)
-        operating_point = model.operating_point
-    else:
-        from .methods.base import load_detector
-
-        det = load_detector(a.model, a.device or "auto")
-        pred = det.predict(recs)
-        scores, records, skipped = pred.scores, pred.records, pred.skipped
-        operating_point = det.config.get("operating_point")
+    onnx = Path(a.model).suffix.lower() == ".onnx"
+    if getattr(a, "ray", None) and onnx:
+        raise UserError("`score --ray` takes an .osad model; score an .onnx file without --ray")
+    model = load_model(a.model)
+    operating_point = model.operating_point if onnx else model.config.get("operating_point")
+    del model  # each batch uses the executor's own copy
     thr = _threshold(a, operating_point)
-    rows = []
-    for r, s in zip(records, scores):
-        row = {"path": r.path, "score": float(s)}
-        if thr is not None:
-            row["verdict"] = "anomaly" if s >= thr else "normal"
-        rows.append(row)
-    for row in rows:
-        print("\t".join(str(v) if not isinstance(v, float) else f"{v:.4f}" for v in row.values()))
-    for path, why in skipped:
-        print(f"skipped: {why}", file=sys.stderr)
-    if a.csv:
-        write_csv(a.csv, rows)
-        print(f"wrote {len(rows)} scores to {a.csv}", file=sys.stderr)
-    _drift(operating_point, scores)
-    return 0 if rows else 2
+    paths = [r.path for r in _collect_images(a.images)]
+    executor = get_executor(getattr(a, "ray", None))
+    try:
+        done = score_paths(executor, a.model, paths, a.csv, thr, a.device, a.batch)
+    finally:
+        executor.close()
+    _drift(operating_point, done["scores"])
+    return 0 if done["scored"] else 2
 
 
 def _drift(operating_point: dict | None, scores) -> None:
