@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -77,6 +77,7 @@ __all__ = [
     "delete_project",
     "add_images",
     "known_paths",
+    "refresh_planner_stats",
     "image_count",
     "score_range",
     "get_images",
@@ -105,7 +106,7 @@ __all__ = [
     "enqueue_job",
     "get_job",
     "latest_job_for_run",
-    "latest_import_jobs",
+    "latest_jobs",
     "last_import_job",
     "claim_next_job",
     "update_job_progress",
@@ -454,6 +455,8 @@ def add_images(
         for r in rows
     ]
     s.execute(insert(LabelEvent), events)
+    if len(rows) >= ANALYZE_AFTER_ROWS:
+        refresh_planner_stats(s, Image, LabelEvent)
     return len(rows)
 
 
@@ -1016,6 +1019,26 @@ def write_run_results(s: Session, run_id: int, prepared: Mapping[type, Sequence[
         rows = [{**r, "run_id": run_id} for r in prepared.get(model, ())]
         for chunk in _chunks(rows):
             s.execute(insert(model), list(chunk))
+    if len(prepared.get(ImageScore, ())) >= ANALYZE_AFTER_ROWS:
+        refresh_planner_stats(s, ImageScore)
+
+
+# A write of this many rows may change a table's size by orders of magnitude.
+ANALYZE_AFTER_ROWS = 1000
+
+
+def refresh_planner_stats(s: Session, *models: type) -> None:
+    """Refresh PostgreSQL's planner statistics of these tables after a large write.
+
+    Until autovacuum gets to it (a minute or more), PostgreSQL plans with the size the
+    table had before: a Label page sorted by score on a first run's 100,000 new scores
+    was planned as a nested loop over "one row" and took minutes instead of
+    milliseconds. SQLite plans from its indexes alone; nothing to do there.
+    """
+    if s.get_bind().dialect.name != "postgresql":
+        return
+    for model in models:
+        s.execute(text(f"ANALYZE {model.__tablename__}"))
 
 
 def run_metrics(s: Session, run_id: int) -> dict[str, float]:
@@ -1172,20 +1195,22 @@ def get_job(s: Session, job_id: int) -> Job | None:
     return s.get(Job, job_id, populate_existing=True)
 
 
-def latest_import_jobs(s: Session) -> dict[int, Job]:
-    """The newest ``import`` job of each project that has one, by project id (import
-    jobs are few, one per large folder, so their payloads are read here, not indexed)."""
+def latest_jobs(s: Session, kind: str, by: str) -> dict[int, Job]:
+    """The newest job of ``kind`` per value of its payload's ``by`` key (``import`` jobs
+    by ``project_id``, folder ``score`` jobs by ``run_id``). Such jobs are few, so their
+    payloads are read here rather than indexed."""
+    _check(kind, JOB_KINDS, "job kind")
     out: dict[int, Job] = {}
-    for job in s.scalars(select(Job).where(Job.kind == "import").order_by(Job.id)
+    for job in s.scalars(select(Job).where(Job.kind == kind).order_by(Job.id)
                          .execution_options(populate_existing=True)):
-        pid = (job.payload_json or {}).get("project_id")
-        if pid is not None:
-            out[int(pid)] = job
+        key = (job.payload_json or {}).get(by)
+        if key is not None:
+            out[int(key)] = job
     return out
 
 
 def last_import_job(s: Session, project_id: int) -> Job | None:
-    return latest_import_jobs(s).get(int(project_id))
+    return latest_jobs(s, "import", "project_id").get(int(project_id))
 
 
 def latest_job_for_run(s: Session, run_id: int) -> Job | None:

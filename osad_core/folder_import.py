@@ -27,6 +27,18 @@ log = logging.getLogger(__name__)
 BATCH = 500  # files per transaction: short writes, a few hundred ms of reading between them
 
 
+ANALYZE_EVERY = 20  # batches between refreshes of PostgreSQL's planner statistics
+
+
+def _refresh_stats(url: str | None) -> None:
+    from db import queries as q
+    from db import session_scope
+    from db.models import Image, LabelEvent
+
+    with session_scope(url) as s:
+        q.refresh_planner_stats(s, Image, LabelEvent)
+
+
 class ImportCancelled(Exception):
     """The import was asked to stop; what was stored stays, and a re-run continues."""
 
@@ -82,6 +94,10 @@ def import_dataset(project_id: int, ds: Dataset, *, url: str | None = None, auth
         res.already += len(known)
         progress.already = res.already  # skipped unread: not part of the rate
         progress.update(i + len(chunk), force=i + batch >= len(recs))
+        if res.added and (i // batch) % ANALYZE_EVERY == 0:
+            _refresh_stats(url)
+    if res.added:
+        _refresh_stats(url)  # the Label page's plans should know the project's new size at once
     res.seconds = time.monotonic() - t0
     return res
 

@@ -240,7 +240,7 @@ def main() -> None:
     _flash()
     with session_scope() as s:
         projects = q.list_projects(s)
-        importing = {pid for pid, job in q.latest_import_jobs(s).items() if job.status != "done"}
+        importing = {pid for pid, job in q.latest_jobs(s, "import", "project_id").items() if job.status != "done"}
     if not projects:
         hero()
     has_elpv = any(p["name"] == ingest.ELPV_DEMO_NAME for p in projects)
