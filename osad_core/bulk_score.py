@@ -30,7 +30,17 @@ _MODELS: dict = {}  # (sha256 of the model file, device) -> loaded model, per wo
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB."""
+    """This process's peak resident memory so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status, which starts afresh with each program;
+    ``ru_maxrss`` survives ``exec`` and would report a parent's peak in a child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS reports bytes
 
@@ -49,7 +59,7 @@ def _detector(model_bytes: bytes, digest: str, device: str):
 
 def score_batch(model_bytes: bytes, digest: str, device: str, paths: list[str]) -> tuple[list[str], list[float], list]:
     """One batch with an ``.osad`` model: (scored paths, their scores, [(path, why) for unreadable files])."""
-    pred = _detector(model_bytes, digest, device).predict(paths)
+    pred = _detector(model_bytes, digest, device).predict(paths, cache=False)  # each image is seen once
     return [r.path for r in pred.records], [float(x) for x in pred.scores], list(pred.skipped)
 
 
@@ -60,7 +70,7 @@ def onnx_batch(model_path: str, paths: list[str]) -> tuple[list[str], list[float
     key = (model_path, "onnx")
     if key not in _MODELS:
         _MODELS[key] = OnnxModel(model_path)
-    scores, _, records, skipped = _MODELS[key].predict(paths)
+    scores, _, records, skipped = _MODELS[key].predict(paths, cache=False)
     return [r.path for r in records], [float(x) for x in scores], list(skipped)
 
 
@@ -144,4 +154,40 @@ def score_paths(executor, model: str | Path, paths: list[str], csv_path: str | N
             "peak_rss_mb": peak}
 
 
-__all__ = ["load_model", "onnx_batch", "peak_rss_mb", "score_batch", "score_paths"]
+def scores_csv(data_dir: str | Path, job_id: int) -> Path:
+    """Where the app's folder-scoring job ``job_id`` writes its rows."""
+    return Path(data_dir) / "scores" / f"job_{int(job_id)}.csv"
+
+
+def run_score_job(job_id: int, payload: dict) -> tuple[str, str | None]:
+    """Body of a ``score`` job (Inspect → score a server folder): ``{"run_id",
+    "model_path", "folder", "confine_to", "threshold"}``. Rows go to
+    :func:`scores_csv` batch by batch, progress and ETA to the job row; a cancel stops
+    after the current batch and keeps the rows written so far."""
+    from db import data_dir, session_scope
+    from db import queries as q
+
+    from .batch_progress import job_sink
+    from .data import load_folder
+    from .executors import LocalExecutor
+
+    def should_stop() -> bool:
+        with session_scope() as s:
+            return q.is_cancel_requested(s, job_id)
+
+    sink = job_sink(job_id)
+    paths = [r.path for r in load_folder(payload["folder"], confine_to=payload.get("confine_to")).records]
+    out = scores_csv(data_dir(), job_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = score_paths(LocalExecutor(), payload["model_path"], paths, str(out), threshold=payload.get("threshold"),
+                      device=payload.get("device") or "auto", echo=False, sink=sink, should_stop=should_stop)
+    what = (f"scored {res['scored']:,} of {len(paths):,} images in {res['seconds']:.0f} s "
+            f"({res['images_per_s']:.0f} images/s)" + (f"; {res['skipped']:,} unreadable" if res["skipped"] else ""))
+    sink({"message": what, "scored": res["scored"], "skipped": res["skipped"], "csv": str(out),
+          **({} if res["cancelled"] else {"fraction": 1.0})})
+    if res["cancelled"]:
+        return "cancelled", f"cancelled: {what}; the CSV holds those rows"
+    return "done", None
+
+
+__all__ = ["load_model", "onnx_batch", "peak_rss_mb", "run_score_job", "score_batch", "score_paths", "scores_csv"]

@@ -244,7 +244,9 @@ class ImageCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, path: str, size: int) -> np.ndarray:
+    def get(self, path: str, size: int, keep: bool = True) -> np.ndarray:
+        """The decoded image; ``keep=False`` (images seen once, e.g. bulk scoring) leaves
+        the cache as it was, so its memory does not grow with the number scored."""
         key = (str(path), int(size))
         with self._lock:
             arr = self._d.get(key)
@@ -256,6 +258,8 @@ class ImageCache:
         im = read_image(path, reduce_to=size, reduce_above=LARGE_PIXELS)
         arr = np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
         arr.setflags(write=False)
+        if not keep:
+            return arr
         with self._lock:
             if key not in self._d:
                 self._d[key] = arr
@@ -265,12 +269,13 @@ class ImageCache:
                     self._bytes -= old.nbytes
         return arr
 
-    def load_many(self, records: list[ImageRecord], size: int) -> tuple[np.ndarray, list[ImageRecord], list[tuple[str, str]]]:
+    def load_many(self, records: list[ImageRecord], size: int, keep: bool = True
+                  ) -> tuple[np.ndarray, list[ImageRecord], list[tuple[str, str]]]:
         """Stack readable images; unreadable ones are reported and skipped, never fatal."""
         arrs, ok, bad = [], [], []
         for r in records:
             try:
-                arrs.append(self.get(r.path, size))
+                arrs.append(self.get(r.path, size, keep))
                 ok.append(r)
             except DataError as exc:
                 log.warning("skipping %s", exc)

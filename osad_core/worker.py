@@ -65,7 +65,7 @@ HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
 POLL_S = 0.5
 LABEL_CODES = {"normal": 0, "anomaly": 1, "unlabeled": -1}
-JOB_KINDS_RUN = ("train", "import")  # what the job process below knows how to run
+JOB_KINDS_RUN = ("train", "import", "score")  # what the job process below knows how to run
 
 
 def _env_float(name: str, default: float) -> float:
@@ -157,8 +157,8 @@ class _SupervisorGone(Exception):
 
 
 class _Ended(Exception):
-    """A job body (an import) that stored nothing of a run ended: its final status is
-    written below, as a failure's is."""
+    """A job body that stores no run (an import, folder scoring) ended: its final
+    status is written below, as a failure's is."""
 
     def __init__(self, status: str, error: str | None):
         super().__init__(error)
@@ -254,6 +254,10 @@ def run_job_process(job_id: int, worker_id: str) -> int:
             from .folder_import import run_import_job
 
             raise _Ended(*run_import_job(job.id, dict(job.payload_json or {})))
+        if job.kind == "score":
+            from .bulk_score import run_score_job
+
+            raise _Ended(*run_score_job(job.id, dict(job.payload_json or {})))
         if job.kind != "train":
             raise DataError(f"this worker does not run {job.kind!r} jobs")
         status, error = execute_train_job(job.id, job.run_id, dict(job.payload_json or {}), worker_id)

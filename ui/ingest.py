@@ -177,6 +177,23 @@ def resume_import(project_id: int, author: str) -> int:
         return job.id
 
 
+def queue_folder_scoring(run, path: str, author: str) -> int:
+    """Queue a ``score`` job: every image of a server folder (below the import roots)
+    scored with the run's model, rows to a CSV in the data folder; returns the job id."""
+    path = (path or "").strip()
+    if not path:
+        raise IngestError("Enter the path of a folder on the server.")
+    if not run.model_path or not Path(run.model_path).is_file():
+        raise IngestError(f"Run {run.id} has no saved model to score with.")
+    folder, root = confined_folder(path, import_roots())
+    n = len(load_folder(folder, confine_to=root).records)  # names only: refuses an empty folder now
+    with session_scope() as s:
+        job = q.enqueue_job(s, "score", {"run_id": run.id, "model_path": run.model_path, "folder": str(folder),
+                                         "confine_to": str(root), "threshold": run.threshold, "images": n},
+                            created_by=author)
+        return job.id
+
+
 # --- from uploaded files ----------------------------------------------------------------
 
 
@@ -460,6 +477,7 @@ __all__ = [
     "import_roots",
     "import_payload",
     "resume_import",
+    "queue_folder_scoring",
     "IN_PAGE_MAX",
     "delete_project",
     "describe_dataset",
