@@ -176,6 +176,7 @@ def run_score_job(job_id: int, payload: dict) -> tuple[str, str | None]:
             return q.is_cancel_requested(s, job_id)
 
     sink = job_sink(job_id)
+    sink({"message": "listing the folder…", "fraction": 0.0})
     paths = [r.path for r in load_folder(payload["folder"], confine_to=payload.get("confine_to")).records]
     out = scores_csv(data_dir(), job_id)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,6 +123,7 @@ def run_import_job(job_id: int, payload: dict) -> tuple[str, str | None]:
         with session_scope() as s:
             return q.is_cancel_requested(s, job_id)
 
+    to_job({"message": "listing the folder…", "fraction": 0.0})  # 100,000 names take seconds
     ds = load_folder(payload["folder"], confine_to=payload.get("confine_to"))
     try:
         res = import_dataset(int(payload["project_id"]), ds, author=payload.get("author") or "import",
