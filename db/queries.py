@@ -72,6 +72,7 @@ __all__ = [
     "create_project",
     "get_project",
     "get_project_by_name",
+    "set_project_description",
     "label_counts",
     "list_projects",
     "delete_project",
@@ -287,6 +288,11 @@ def get_project(s: Session, project_id: int) -> Project | None:
 
 def get_project_by_name(s: Session, name: str) -> Project | None:
     return s.scalar(select(Project).where(Project.name == name.strip()))
+
+
+def set_project_description(s: Session, project_id: int, description: str) -> None:
+    if not _update_by_id(s, Project, project_id, description=description):
+        raise RowGone(f"project {project_id} does not exist (was it deleted?)")
 
 
 def _empty_counts() -> dict[str, Any]:

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .batch_progress import BatchProgress, Sink
-from .data import Dataset, load_folder
+from .data import Dataset, describe_dataset, load_folder
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,16 @@ def run_import_job(job_id: int, payload: dict) -> tuple[str, str | None]:
 
     to_job({"message": "listing the folder…", "fraction": 0.0})  # 100,000 names take seconds
     ds = load_folder(payload["folder"], confine_to=payload.get("confine_to"))
+    pid = int(payload["project_id"])
     try:
-        res = import_dataset(int(payload["project_id"]), ds, author=payload.get("author") or "import",
+        res = import_dataset(pid, ds, author=payload.get("author") or "import",
                              sink=sink, should_stop=should_stop)
     except ImportCancelled as exc:
         return "cancelled", str(exc)
+    bad = {p for p, _ in res.skipped}
+    readable = replace(ds, records=[r for r in ds.records if r.path not in bad])
+    with session_scope() as s:  # what the project holds, as an import in the page describes it
+        q.set_project_description(s, pid, f"from {ds.root}: {describe_dataset(readable)}")
     to_job({"message": res.sentence(), "fraction": 1.0, "skipped": len(res.skipped)})
     return "done", None
 

@@ -244,7 +244,7 @@ def test_a_large_folder_imports_in_the_background_with_cancel_and_resume(tmp_pat
     at.text_input(key="folder_path").input(str(parts))
     click(at, "Create project")
     ok(at)
-    assert "importing 12 files in the background" in texts(at)
+    assert "more than 5 images: importing them in the background" in texts(at)
     at = app("projects")
     assert "Import queued" in texts(at)
     at.button(key="import_cancel_1").click().run()

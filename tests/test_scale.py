@@ -87,7 +87,7 @@ def test_a_large_server_folder_is_imported_by_the_worker_as_a_job(db_url, tmp_pa
     monkeypatch.setattr(ingest, "IN_PAGE_MAX", 20)
     created = ingest.create_from_folder(str(tmp_path / "big"), "big", author="alice")
     assert created.job_id is not None and created.images == 0
-    assert "importing 61 files in the background" in created.notes[-1]
+    assert created.notes == ["more than 20 images: importing them in the background"]
     with session_scope() as s:
         assert q.label_counts(s, created.project_id)["images"] == 0  # the page did not wait for the files
         assert ingest.resume_import(created.project_id, "alice") == created.job_id  # already queued: no second job
@@ -100,6 +100,7 @@ def test_a_large_server_folder_is_imported_by_the_worker_as_a_job(db_url, tmp_pa
         assert p["skipped"] == 1
         assert q.label_counts(s, created.project_id)["unlabeled"] == 60
         assert q.latest_jobs(s, "import", "project_id")[created.project_id].id == created.job_id
+        assert q.get_project(s, created.project_id).description.endswith(": 60 unlabelled images (flat folder)")
 
 
 def test_a_small_server_folder_is_still_read_while_the_page_waits(tmp_path):

@@ -25,7 +25,16 @@ from typing import Iterator, Sequence
 
 from db import data_dir, session_scope
 from db import queries as q
-from osad_core.data import IMAGE_EXTENSIONS, DataError, Dataset, file_sha1, import_elpv, load_folder
+from osad_core.data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    Dataset,
+    describe_dataset,
+    file_sha1,
+    import_elpv,
+    load_folder,
+    more_images_than,
+)
 from osad_core.safeio import confined_folder, extract_zip, is_image_name, read_image
 
 log = logging.getLogger(__name__)
@@ -61,20 +70,6 @@ def uploads_dir() -> Path:
 def _quote_list(names: Sequence[str], n: int = 3) -> str:
     shown = ", ".join(f"`{x}`" for x in names[:n])
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def describe_dataset(ds: Dataset) -> str:
-    """One line saying what was recognised in a folder."""
-    labelled = [r for r in ds.records if r.label >= 0]
-    if not labelled:
-        return f"{len(ds.records)} unlabelled images (flat folder)"
-    tr = len(ds.select(split="train", label=0))
-    te = len(ds.select(split="test", label=0))
-    an = len(ds.select(label=1))
-    types = ", ".join(ds.defect_types) or "none"
-    unl = len(ds.records) - len(labelled)
-    extra = f", {unl} unlabelled" if unl else ""
-    return f"MVTec layout: {tr} normal for training, {te} normal held out, {an} anomalies ({types}){extra}"
 
 
 def _check_name_free(name: str) -> str:
@@ -132,10 +127,10 @@ def create_from_folder(path: str, name: str = "", author: str = "import") -> Cre
     if not path:
         raise IngestError("Enter the path of a folder on the server.")
     folder, root = confined_folder(path, import_roots())
+    if more_images_than(folder, IN_PAGE_MAX):  # names only: even listing 100,000 files takes seconds
+        return _import_in_background(folder, _check_name_free(name or folder.name), str(root), author, t0)
     ds = load_folder(folder, confine_to=root)
     name = _check_name_free(name or ds.name)
-    if len(ds.records) > IN_PAGE_MAX:
-        return _import_in_background(ds, name, str(root), author, t0)
     skipped = list(ds.skipped)
     ds, items = _readable(ds, skipped)
     if not items:
@@ -145,19 +140,20 @@ def create_from_folder(path: str, name: str = "", author: str = "import") -> Cre
     return Created(pid, name, n, time.perf_counter() - t0, [summary] + ([skipped_note(skipped)] if skipped else []))
 
 
-def _import_in_background(ds: Dataset, name: str, root: str, author: str, t0: float) -> Created:
-    """Create the project now and queue an ``import`` job that stores its images in
-    batches (:mod:`osad_core.folder_import`); the page shows the job's progress."""
-    summary = describe_dataset(ds)  # what the listing found; unreadable files are named by the job
+def _import_in_background(folder: Path, name: str, root: str, author: str, t0: float) -> Created:
+    """Create the project now and queue an ``import`` job that lists the folder and
+    stores its images in batches (:mod:`osad_core.folder_import`); the project's card
+    shows the job's progress, and the job writes what it found into the description."""
     with session_scope() as s:
         try:
-            project = q.create_project(s, name, "folder", root_path=ds.root, description=f"from {ds.root}: {summary}")
+            project = q.create_project(s, name, "folder", root_path=str(folder),
+                                       description=f"from {folder}: importing in the background")
         except ValueError as exc:
             raise IngestError(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
-        job = q.enqueue_job(s, "import", import_payload(project.id, ds.root, root, author), created_by=author)
+        job = q.enqueue_job(s, "import", import_payload(project.id, str(folder), root, author), created_by=author)
         pid, job_id = project.id, job.id
     return Created(pid, name, 0, time.perf_counter() - t0,
-                   [summary, f"importing {len(ds.records):,} files in the background"], job_id=job_id)
+                   [f"more than {IN_PAGE_MAX:,} images: importing them in the background"], job_id=job_id)
 
 
 def import_payload(project_id: int, folder: str, confine_to: str | None, author: str) -> dict:
