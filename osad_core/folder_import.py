@@ -89,8 +89,8 @@ def import_dataset(project_id: int, ds: Dataset, *, url: str | None = None, auth
         todo = [r for r in chunk if r.path not in known]
         items = image_items(todo, ds.root, skipped=res.skipped, decode=decode)
         if items:
-            res.added += with_retry(lambda s: q.add_images(s, project_id, items, author=author), url=url,
-                                    what="storing imported images")
+            res.added += with_retry(lambda s, items=items: q.add_images(s, project_id, items, author=author),
+                                    url=url, what="storing imported images")
         res.already += len(known)
         progress.already = res.already  # skipped unread: not part of the rate
         progress.update(i + len(chunk), force=i + batch >= len(recs))

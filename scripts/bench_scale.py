@@ -54,7 +54,7 @@ def generate(folder: Path, n: int, size: int, seed: int) -> Path:
     i = 0
     for sub, share in CLASSES:
         (folder / sub).mkdir(parents=True)
-        k = n - i if sub == CLASSES[-1][0] else int(round(n * share))
+        k = n - i if sub == CLASSES[-1][0] else round(n * share)
         for j in range(k):
             img = rng.normal(120, 12, (size, size, 1)).clip(0, 255).astype(np.uint8).repeat(3, axis=2)
             if sub.startswith("test/") and sub != "test/good":
@@ -91,12 +91,11 @@ def _rss() -> float:
 
 
 def phase_import(url: str, folder: str) -> dict:
+    import osad_core.store  # noqa: F401  (loads scikit-learn: once per process, not part of the import's time)
     from db import init_db, session_scope
     from db import queries as q
     from osad_core.data import load_folder
     from osad_core.folder_import import import_dataset
-
-    import osad_core.store  # noqa: F401  (loads scikit-learn: once per process, not part of the import's time)
 
     init_db(url)
     t0 = time.perf_counter()
@@ -145,8 +144,7 @@ def phase_queries(url: str) -> dict:
     def page(**kw):
         def run_it():
             with session_scope(url) as s:
-                rows, total = q.image_page(s, pid, limit=48, **kw)
-                assert total >= 0
+                q.image_page(s, pid, limit=48, **kw)
         return run_it
 
     def counts():
@@ -184,7 +182,8 @@ def phase_score(model: str, folder: str, csv_path: str) -> dict:
     paths = [r.path for r in load_folder(folder).records]
     res = score_paths(LocalExecutor(), model, paths, csv_path, device="cpu", batch=256, echo=False,
                       sink=lambda p: None)
-    rows = sum(1 for _ in open(csv_path)) - 1
+    with open(csv_path) as f:
+        rows = sum(1 for _ in f) - 1
     assert rows == res["scored"] == len(paths), (rows, res["scored"], len(paths))
     return {"images": res["scored"], "score_s": round(res["seconds"], 2),
             "images_per_s": round(res["images_per_s"], 1), "peak_rss_mb": _rss()}
@@ -208,7 +207,7 @@ def child(phase: str, *args: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     proc = subprocess.run([sys.executable, __file__, "--phase", phase, *args], capture_output=True, text=True,
-                          env=env, cwd=str(REPO))
+                          check=False, env=env, cwd=str(REPO))
     if proc.returncode != 0:
         raise SystemExit(f"phase {phase} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

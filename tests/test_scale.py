@@ -18,8 +18,7 @@ import db
 from db import init_db, session_scope
 from db import queries as q
 from db.models import Image as ImageRow
-from db.models import ImageScore
-from db.models import LabelEvent
+from db.models import ImageScore, LabelEvent
 from osad_core import store
 from osad_core.data import load_folder
 from osad_core.executors import LocalExecutor
@@ -174,6 +173,7 @@ def test_label_queries_return_the_right_page_order_and_counts(db_url, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from conftest import make_mvtec
+
     from osad_core.cli import main
 
     folder = make_mvtec(tmp_path_factory.mktemp("train") / "parts", n_train=8, n_test_good=3, n_defect=3, size=32)
