@@ -42,6 +42,11 @@ Job payload of kind ``train``::
     {"project_id": 3, "method": "dra", "preset": "quick", "overrides": {...},
      "protocol": {"setting": "general", "shots": 10, "seed": 42, "known_class": null},
      "max_s": 3600}
+
+Kinds ``import`` (a large server folder into a project: :func:`osad_core.folder_import.run_import_job`)
+and ``score`` (a server folder scored with a run's model: :func:`osad_core.bulk_score.run_score_job`)
+run in the same job process, watched the same way; they report progress through
+:mod:`osad_core.batch_progress` and store no run.
 """
 from __future__ import annotations
 
