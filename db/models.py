@@ -45,7 +45,7 @@ JOB_STATUSES = STATUSES
 TERMINAL_STATUSES = ("done", "failed", "cancelled")
 RUN_SOURCES = ("app", "cli", "benchmark")
 WEIGHTS_SOURCES = ("explicit", "torchvision", "efficientnet_lite0_package", "random")
-JOB_KINDS = ("train", "score")
+JOB_KINDS = ("train", "score", "import")  # import: a large server folder, in batches
 # calibration: training normals held out from fitting; they set the operating point
 SCORE_ROLES = ("train_normal", "train_anomaly", "calibration", "test", "scored")
 CURVE_KINDS = ("roc", "pr")
@@ -143,6 +143,12 @@ class Image(Base):
         Index("ix_images_project_id_split", "project_id", "split"),
         Index("ix_images_project_id_rel_path", "project_id", "rel_path"),
         Index("ix_images_content_hash", "content_hash"),
+        # for projects of 100,000 images (migration 0004_scale): counts from the index
+        # alone, and a label / split filter sorted by name read in index order
+        Index("ix_images_project_id_label_defect_type_split", "project_id", "label", "defect_type", "split"),
+        Index("ix_images_project_id_label_rel_path", "project_id", "label", "rel_path"),
+        Index("ix_images_project_id_split_rel_path", "project_id", "split", "rel_path"),
+        Index("ix_images_project_id_defect_type", "project_id", "defect_type"),
         CheckConstraint("label IN ('normal', 'anomaly', 'unlabeled')", name="label"),
         CheckConstraint("split IN ('train', 'test')", name="split"),
     )
@@ -375,6 +381,7 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_status_id", "status", "id"),
+        Index("ix_jobs_kind_id", "kind", "id"),
         Index("ix_jobs_run_id", "run_id"),
     )
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
@@ -72,10 +72,15 @@ __all__ = [
     "create_project",
     "get_project",
     "get_project_by_name",
+    "set_project_description",
     "label_counts",
     "list_projects",
     "delete_project",
     "add_images",
+    "known_paths",
+    "refresh_planner_stats",
+    "image_count",
+    "score_range",
     "get_images",
     "image_by_hash",
     "image_page",
@@ -102,6 +107,8 @@ __all__ = [
     "enqueue_job",
     "get_job",
     "latest_job_for_run",
+    "latest_jobs",
+    "last_import_job",
     "claim_next_job",
     "update_job_progress",
     "heartbeat_job",
@@ -283,6 +290,11 @@ def get_project_by_name(s: Session, name: str) -> Project | None:
     return s.scalar(select(Project).where(Project.name == name.strip()))
 
 
+def set_project_description(s: Session, project_id: int, description: str) -> None:
+    if not _update_by_id(s, Project, project_id, description=description):
+        raise RowGone(f"project {project_id} does not exist (was it deleted?)")
+
+
 def _empty_counts() -> dict[str, Any]:
     return {
         "images": 0,
@@ -395,7 +407,10 @@ def add_images(
     label batch. Returns the number of images added.
     """
     _require_project(s, project_id)
-    existing = set(s.scalars(select(Image.path).where(Image.project_id == project_id)))
+    items = list(items)
+    # only this batch's paths are looked up (the unique (project_id, path) index), so a
+    # 100,000-image import in batches costs the same per batch at its end as at its start
+    existing = known_paths(s, project_id, (str(item["path"]) for item in items))
     now = utcnow()
     rows: list[dict[str, Any]] = []
     for item in items:
@@ -426,14 +441,11 @@ def add_images(
     if not rows:
         return 0
     s.execute(insert(Image), rows)
-    new_paths = {r["path"] for r in rows}
-    ids = {
-        path: image_id
-        for path, image_id in s.execute(
-            select(Image.path, Image.id).where(Image.project_id == project_id)
-        )
-        if path in new_paths
-    }
+    ids: dict[str, int] = {}
+    for chunk in _chunks([r["path"] for r in rows]):
+        ids.update((path, image_id) for path, image_id in s.execute(
+            select(Image.path, Image.id).where(Image.project_id == project_id, Image.path.in_(chunk))
+        ))
     batch_id = str(uuid.uuid4())
     events = [
         {
@@ -449,7 +461,23 @@ def add_images(
         for r in rows
     ]
     s.execute(insert(LabelEvent), events)
+    if len(rows) >= ANALYZE_AFTER_ROWS:
+        refresh_planner_stats(s, Image, LabelEvent)
     return len(rows)
+
+
+def known_paths(s: Session, project_id: int, paths: Iterable[str]) -> set[str]:
+    """The ``paths`` the project already holds (an import that resumes skips them
+    before reading the files again)."""
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    found: set[str] = set()
+    for chunk in _chunks(unique):
+        found.update(s.scalars(select(Image.path).where(Image.project_id == project_id, Image.path.in_(chunk))))
+    return found
+
+
+def image_count(s: Session, project_id: int) -> int:
+    return int(s.scalar(select(func.count(Image.id)).where(Image.project_id == project_id)) or 0)
 
 
 def get_images(s: Session, project_id: int, ids: Iterable[int] | None = None) -> list[Image]:
@@ -997,6 +1025,26 @@ def write_run_results(s: Session, run_id: int, prepared: Mapping[type, Sequence[
         rows = [{**r, "run_id": run_id} for r in prepared.get(model, ())]
         for chunk in _chunks(rows):
             s.execute(insert(model), list(chunk))
+    if len(prepared.get(ImageScore, ())) >= ANALYZE_AFTER_ROWS:
+        refresh_planner_stats(s, ImageScore)
+
+
+# A write of this many rows may change a table's size by orders of magnitude.
+ANALYZE_AFTER_ROWS = 1000
+
+
+def refresh_planner_stats(s: Session, *models: type) -> None:
+    """Refresh PostgreSQL's planner statistics of these tables after a large write.
+
+    Until autovacuum gets to it (a minute or more), PostgreSQL plans with the size the
+    table had before: a Label page sorted by score on a first run's 100,000 new scores
+    was planned as a nested loop over "one row" and took minutes instead of
+    milliseconds. SQLite plans from its indexes alone; nothing to do there.
+    """
+    if s.get_bind().dialect.name != "postgresql":
+        return
+    for model in models:
+        s.execute(text(f"ANALYZE {model.__tablename__}"))
 
 
 def run_metrics(s: Session, run_id: int) -> dict[str, float]:
@@ -1053,6 +1101,15 @@ def run_scores(s: Session, run_id: int) -> list[dict[str, Any]]:
         .order_by(ImageScore.image_id)
     )
     return [dict(row._mapping) for row in s.execute(q)]
+
+
+def score_range(s: Session, run_id: int) -> tuple[float, float] | None:
+    """(lowest, highest) image score of a run, or None when it scored nothing (one
+    indexed query, however many images the run scored)."""
+    lo, hi = s.execute(
+        select(func.min(ImageScore.score), func.max(ImageScore.score)).where(ImageScore.run_id == run_id)
+    ).one()
+    return None if lo is None else (float(lo), float(hi))
 
 
 def run_heatmap(s: Session, run_id: int, image_id: int) -> np.ndarray | None:
@@ -1142,6 +1199,24 @@ def enqueue_job(
 
 def get_job(s: Session, job_id: int) -> Job | None:
     return s.get(Job, job_id, populate_existing=True)
+
+
+def latest_jobs(s: Session, kind: str, by: str) -> dict[int, Job]:
+    """The newest job of ``kind`` per value of its payload's ``by`` key (``import`` jobs
+    by ``project_id``, folder ``score`` jobs by ``run_id``). Such jobs are few, so their
+    payloads are read here rather than indexed."""
+    _check(kind, JOB_KINDS, "job kind")
+    out: dict[int, Job] = {}
+    for job in s.scalars(select(Job).where(Job.kind == kind).order_by(Job.id)
+                         .execution_options(populate_existing=True)):
+        key = (job.payload_json or {}).get(by)
+        if key is not None:
+            out[int(key)] = job
+    return out
+
+
+def last_import_job(s: Session, project_id: int) -> Job | None:
+    return latest_jobs(s, "import", "project_id").get(int(project_id))
 
 
 def latest_job_for_run(s: Session, run_id: int) -> Job | None:

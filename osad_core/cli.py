@@ -1,4 +1,4 @@
-"""Command line: ``python -m osad_core train|evaluate|score|export|benchmark|methods|worker``.
+"""Command line: ``python -m osad_core train|evaluate|score|import|export|benchmark|methods|worker``.
 
 Every command that trains or evaluates records its run in the database (the app shows
 it) unless ``--no-db`` is given. Bad input ends with one clear sentence and exit code 2.
@@ -254,53 +254,26 @@ def _threshold(a, operating_point: dict | None) -> float | None:
 
 
 def cmd_score(a) -> int:
-    from .data import write_csv
+    """Score files and folders in batches (:mod:`osad_core.bulk_score`): rows are written
+    as each batch comes back and memory stays flat however many images there are."""
+    from .bulk_score import load_model, score_paths
+    from .executors import get_executor
 
-    if getattr(a, "ray", None):
-        from .bulk_score import score_paths
-        from .executors import get_executor
-        from .methods.base import load_detector
-
-        if Path(a.model).suffix.lower() == ".onnx":
-            raise UserError("`score --ray` takes an .osad model; score an .onnx file without --ray")
-        thr = _threshold(a, load_detector(a.model, "cpu").config.get("operating_point"))
-        paths = [r.path for r in _collect_images(a.images)]
-        executor = get_executor(a.ray)
-        try:
-            done = score_paths(executor, a.model, paths, a.csv, thr, a.device, a.batch)
-        finally:
-            executor.close()
-        return 0 if done["scored"] else 2
-    recs = _collect_images(a.images)
-    if Path(a.model).suffix.lower() == ".onnx":  # onnxruntime only: this path never imports torch
-        from .onnx_model import OnnxModel
-
-        model = OnnxModel(a.model)
-        scores, _, records, skipped = model.predict(recs)
-        operating_point = model.operating_point
-    else:
-        from .methods.base import load_detector
-
-        det = load_detector(a.model, a.device or "auto")
-        pred = det.predict(recs)
-        scores, records, skipped = pred.scores, pred.records, pred.skipped
-        operating_point = det.config.get("operating_point")
+    onnx = Path(a.model).suffix.lower() == ".onnx"
+    if getattr(a, "ray", None) and onnx:
+        raise UserError("`score --ray` takes an .osad model; score an .onnx file without --ray")
+    model = load_model(a.model)
+    operating_point = model.operating_point if onnx else model.config.get("operating_point")
+    del model  # each batch uses the executor's own copy
     thr = _threshold(a, operating_point)
-    rows = []
-    for r, s in zip(records, scores):
-        row = {"path": r.path, "score": float(s)}
-        if thr is not None:
-            row["verdict"] = "anomaly" if s >= thr else "normal"
-        rows.append(row)
-    for row in rows:
-        print("\t".join(str(v) if not isinstance(v, float) else f"{v:.4f}" for v in row.values()))
-    for path, why in skipped:
-        print(f"skipped: {why}", file=sys.stderr)
-    if a.csv:
-        write_csv(a.csv, rows)
-        print(f"wrote {len(rows)} scores to {a.csv}", file=sys.stderr)
-    _drift(operating_point, scores)
-    return 0 if rows else 2
+    paths = [r.path for r in _collect_images(a.images)]
+    executor = get_executor(getattr(a, "ray", None))
+    try:
+        done = score_paths(executor, a.model, paths, a.csv, thr, a.device, a.batch)
+    finally:
+        executor.close()
+    _drift(operating_point, done["scores"])
+    return 0 if done["scored"] else 2
 
 
 def _drift(operating_point: dict | None, scores) -> None:
@@ -475,6 +448,33 @@ def cmd_users(a) -> int:
     return 0
 
 
+def cmd_import(a) -> int:
+    """A folder into a project (created on first use), in batches with progress and ETA;
+    run it again after an interruption and it continues where it stopped."""
+    from db import init_db, session_scope
+    from db import queries as q
+
+    from .batch_progress import line_sink
+    from .folder_import import import_dataset
+
+    ds = load_folder(a.folder)
+    for _, why in ds.skipped:
+        print(f"skipped: {why}", file=sys.stderr)
+    init_db()
+    name = a.project or ds.name
+    with session_scope() as s:
+        proj = q.get_project_by_name(s, name)
+        if proj is None:
+            proj = q.create_project(s, name, "cli", root_path=ds.root,
+                                    description=f"imported by the command line from {ds.root}")
+        pid = proj.id
+    res = import_dataset(pid, ds, author=_cli_user(), decode=not a.no_decode, batch=a.batch, sink=line_sink())
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    print(f"project “{name}” (id {pid}): {res.sentence()}", file=sys.stderr)
+    return 0 if res.added or res.already else 2
+
+
 def cmd_worker(a) -> int:
     from .executors import get_executor, ray_address
     from .worker import run_job_process, run_worker
@@ -526,8 +526,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verdict: anomaly when score >= threshold (default: the model's operating point)")
     s.add_argument("--device", default=None, help="auto, cpu, cuda or mps")
     _add_ray(s, "score batches of images as tasks on this Ray cluster")
-    s.add_argument("--batch", type=int, default=256, help="images per Ray task (with --ray)")
+    s.add_argument("--batch", type=int, default=256,
+                   help="images per batch (a Ray task with --ray); rows are written after each batch")
     s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("import", help="import a folder of images into a project of the app (resumable; "
+                                      "for folders of any size)")
+    s.add_argument("folder", help="an MVTec-layout folder (labels kept) or any folder of images (unlabelled)")
+    s.add_argument("--project", help="project to import into, created when missing (default: the folder's name)")
+    s.add_argument("--batch", type=int, default=500, help="files per database transaction")
+    s.add_argument("--no-decode", action="store_true",
+                   help="check each file's header only, not a full decode (faster; truncated files pass)")
+    s.set_defaults(func=cmd_import)
 
     s = sub.add_parser("export", help="export a saved model: ONNX + manifest for scoring without PyTorch, "
                                       "or a checked .osad file (also from an old .pt one)")

@@ -72,6 +72,19 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
 
 
+def more_images_than(root: str | Path, n: int) -> bool:
+    """Whether a folder holds more than ``n`` image names (hidden folders left out);
+    stops counting at ``n + 1``, so a huge folder answers as fast as a small one. Names
+    only: nothing is opened or checked (:func:`load_folder` does that)."""
+    count = 0
+    for _, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        count += sum(1 for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+        if count > n:
+            return True
+    return False
+
+
 class _Lister:
     """Lists a folder's images, leaving out (and noting) names that are not UTF-8 and, when
     confined to a root, anything whose links lead out of it or into a hidden folder."""
@@ -150,6 +163,20 @@ def load_folder(path: str | Path, name: str | None = None, confine_to: str | Pat
             "test/<type>, or the folder itself)"
         )
     return Dataset(name, recs, str(root), ls.skipped)
+
+
+def describe_dataset(ds: Dataset) -> str:
+    """One line saying what was recognised in a folder."""
+    labelled = [r for r in ds.records if r.label >= 0]
+    if not labelled:
+        return f"{len(ds.records)} unlabelled images (flat folder)"
+    tr = len(ds.select(split="train", label=0))
+    te = len(ds.select(split="test", label=0))
+    an = len(ds.select(label=1))
+    types = ", ".join(ds.defect_types) or "none"
+    unl = len(ds.records) - len(labelled)
+    extra = f", {unl} unlabelled" if unl else ""
+    return f"MVTec layout: {tr} normal for training, {te} normal held out, {an} anomalies ({types}){extra}"
 
 
 def require_normal_training(ds: Dataset) -> None:
@@ -244,7 +271,9 @@ class ImageCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, path: str, size: int) -> np.ndarray:
+    def get(self, path: str, size: int, keep: bool = True) -> np.ndarray:
+        """The decoded image; ``keep=False`` (images seen once, e.g. bulk scoring) leaves
+        the cache as it was, so its memory does not grow with the number scored."""
         key = (str(path), int(size))
         with self._lock:
             arr = self._d.get(key)
@@ -256,6 +285,8 @@ class ImageCache:
         im = read_image(path, reduce_to=size, reduce_above=LARGE_PIXELS)
         arr = np.asarray(im.resize((size, size), Image.BILINEAR), dtype=np.uint8)
         arr.setflags(write=False)
+        if not keep:
+            return arr
         with self._lock:
             if key not in self._d:
                 self._d[key] = arr
@@ -265,12 +296,13 @@ class ImageCache:
                     self._bytes -= old.nbytes
         return arr
 
-    def load_many(self, records: list[ImageRecord], size: int) -> tuple[np.ndarray, list[ImageRecord], list[tuple[str, str]]]:
+    def load_many(self, records: list[ImageRecord], size: int, keep: bool = True
+                  ) -> tuple[np.ndarray, list[ImageRecord], list[tuple[str, str]]]:
         """Stack readable images; unreadable ones are reported and skipped, never fatal."""
         arrs, ok, bad = [], [], []
         for r in records:
             try:
-                arrs.append(self.get(r.path, size))
+                arrs.append(self.get(r.path, size, keep))
                 ok.append(r)
             except DataError as exc:
                 log.warning("skipping %s", exc)

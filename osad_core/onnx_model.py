@@ -77,12 +77,13 @@ class OnnxModel:
             return np.zeros(0, np.float32), np.zeros((0, 1, 1), np.float32)
         return np.concatenate(scores), np.concatenate(maps)
 
-    def predict(self, records: list, batch_size: int = 32):
-        """(scores, maps, readable records, skipped (path, reason)) for records or paths."""
+    def predict(self, records: list, batch_size: int = 32, cache: bool = True):
+        """(scores, maps, readable records, skipped (path, reason)) for records or paths;
+        ``cache=False`` keeps no decoded image (bulk scoring)."""
         recs = [r if isinstance(r, ImageRecord) else ImageRecord(str(r), -1) for r in records]
         scores, maps, ok, skipped = [], [], [], []
         for i in range(0, len(recs), 256):  # decode in chunks, as the PyTorch path does
-            arr, good, bad = IMAGE_CACHE.load_many(recs[i:i + 256], self.size)
+            arr, good, bad = IMAGE_CACHE.load_many(recs[i:i + 256], self.size, keep=cache)
             ok += good
             skipped += bad
             if len(good):

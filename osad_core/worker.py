@@ -42,6 +42,11 @@ Job payload of kind ``train``::
     {"project_id": 3, "method": "dra", "preset": "quick", "overrides": {...},
      "protocol": {"setting": "general", "shots": 10, "seed": 42, "known_class": null},
      "max_s": 3600}
+
+Kinds ``import`` (a large server folder into a project: :func:`osad_core.folder_import.run_import_job`)
+and ``score`` (a server folder scored with a run's model: :func:`osad_core.bulk_score.run_score_job`)
+run in the same job process, watched the same way; they report progress through
+:mod:`osad_core.batch_progress` and store no run.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ HEARTBEAT_S = 5.0
 STALE_AFTER_S = 60.0
 POLL_S = 0.5
 LABEL_CODES = {"normal": 0, "anomaly": 1, "unlabeled": -1}
+JOB_KINDS_RUN = ("train", "import", "score")  # what the job process below knows how to run
 
 
 def _env_float(name: str, default: float) -> float:
@@ -155,6 +161,15 @@ class _SupervisorGone(Exception):
     """The supervising worker died: leave the job for recovery, write nothing more."""
 
 
+class _Ended(Exception):
+    """A job body that stores no run (an import, folder scoring) ended: its final
+    status is written below, as a failure's is."""
+
+    def __init__(self, status: str, error: str | None):
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
 def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id: str) -> tuple[str, str | None]:
     """Run one training job in this process; returns (final status, error message).
 
@@ -240,6 +255,14 @@ def run_job_process(job_id: int, worker_id: str) -> int:
         return 0
     status, error = "failed", None
     try:
+        if job.kind == "import":
+            from .folder_import import run_import_job
+
+            raise _Ended(*run_import_job(job.id, dict(job.payload_json or {})))
+        if job.kind == "score":
+            from .bulk_score import run_score_job
+
+            raise _Ended(*run_score_job(job.id, dict(job.payload_json or {})))
         if job.kind != "train":
             raise DataError(f"this worker does not run {job.kind!r} jobs")
         status, error = execute_train_job(job.id, job.run_id, dict(job.payload_json or {}), worker_id)
@@ -252,6 +275,8 @@ def run_job_process(job_id: int, worker_id: str) -> int:
         status, error = "failed", str(exc)
     except TrainingCancelled:
         status, error = "cancelled", "cancelled by the user"
+    except _Ended as end:
+        status, error = end.status, end.error
     except (DataError, ValueError, FileNotFoundError) as exc:
         status, error = "failed", str(exc)
     except OSError as exc:  # e.g. a full disk while saving
@@ -429,7 +454,7 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, poll_s: flo
                                          dead_workers=dead_local_workers(s))
         if recovered:
             log.warning("re-queued or failed stale jobs %s", recovered)
-        return q.claim_next_job(s, worker_id, kinds=["train"])
+        return q.claim_next_job(s, worker_id, kinds=JOB_KINDS_RUN)
 
     stopping = threading.Event()
     running: dict[int, threading.Thread] = {}

@@ -1,5 +1,6 @@
 """Inspect: one image with its heatmap on the run's fixed colour scale, its score and
-verdict; step through images by score; score new uploads with a chosen run; export.
+verdict; step through images by score; score new uploads with a chosen run, or a whole
+server folder in a background job; export.
 
 Stored heatmaps are drawn as they are (no model needed). Scoring uploads loads the
 run's saved model once per server process and runs it on the few uploaded images only.
@@ -16,7 +17,7 @@ import streamlit as st
 
 from db import data_dir, session_scope
 from db import queries as q
-from ui import auth, common, figures, fmt, ingest, thumbs
+from ui import auth, common, figures, fmt, ingest, thumbs, training
 
 MAX_UPLOAD_SCORE = 32
 ROLE_FILTER = {
@@ -201,6 +202,66 @@ def score_tab(run) -> None:
             add_box(run.project_id, rows[pick]["file"], *res["kept"][pick])
 
 
+def folder_score_tab(run) -> None:
+    """Score every image of a server folder (any number) in a background job: progress
+    and ETA here, cancel between batches, the rows as a CSV."""
+    if not run.model_path or not Path(run.model_path).is_file():
+        st.info(f"Run {run.id} has no saved model to score with (runs started from the app save one).")
+        return
+    st.caption(f"Every image of a folder below the server's import folders, scored with run {run.id}'s model "
+               "in batches by the worker; rows are written as each batch is done. Nothing joins the project.")
+    with st.form("score_folder_form", border=False):
+        path = st.text_input("Folder path", placeholder="/data/line3/2026-11-30", key="score_folder_path")
+        go = st.form_submit_button(f"Score the folder with run {run.id}", type="primary")
+    if go:
+        try:
+            ingest.queue_folder_scoring(run, path, auth.require("import_folder").username)
+        except (ValueError, FileNotFoundError) as exc:
+            common.show_error(exc)
+        else:
+            training.maybe_start_worker()
+    folder_score_status(run.id, run.threshold)
+
+
+def _cancel_job(job_id: int) -> None:
+    auth.require("import_folder")
+    with session_scope() as s:
+        q.request_cancel(s, job_id)
+
+
+@st.fragment(run_every=2.0)
+def folder_score_status(run_id: int, threshold: float | None) -> None:
+    from osad_core.bulk_score import scores_csv
+
+    with session_scope() as s:
+        job = q.latest_jobs(s, "score", "run_id").get(run_id)
+    if job is None:
+        return
+    p = job.progress_json or {}
+    folder = (job.payload_json or {}).get("folder", "")
+    if job.status == "queued":
+        st.caption(f"Scoring `{folder}`: queued, waiting for the worker…")
+        training.maybe_start_worker()
+    elif job.status == "running":
+        eta = p.get("eta_s")
+        st.progress(float(p.get("fraction") or 0.0),
+                    text=f"Scoring `{folder}`: {p.get('message') or 'starting…'}"
+                         + (f" · about {fmt.duration_short(eta)} left" if eta else ""))
+        if not job.cancel_requested:
+            st.button("Cancel scoring", key="score_folder_cancel", icon=":material/stop:", on_click=_cancel_job,
+                      args=(job.id,), help="Stop after the current batch; the rows written so far stay")
+    elif job.status == "done":
+        st.success(f"`{folder}`: {p.get('message', 'scored')}.", icon=":material/check_circle:")
+    else:
+        st.warning(f"`{folder}`: {job.error or job.status}", icon=":material/warning:")
+    out = scores_csv(data_dir(), job.id)
+    if job.status in ("done", "cancelled") and out.is_file():
+        verdicts = f", verdict at the run's operating point {threshold:.4f}" if threshold is not None else ""
+        st.download_button(f"Download the scores (CSV: path, score{verdicts})", lambda: out.read_bytes(),
+                           f"run_{run_id}_folder_scores.csv", "text/csv", key="dl_folder_scores",
+                           icon=":material/download:", on_click="ignore")
+
+
 def _add(project_id: int, name: str, path: str, digest: str, label: str) -> None:
     try:
         user = auth.require("label").username
@@ -336,9 +397,12 @@ def main() -> None:
     warn = fmt.weights_warning(run)
     if warn:
         st.error(warn, icon=":material/error:")
-    tabs = {"Images by score": browse_tab, "Score new images": score_tab, "Export": export_tab}
+    tabs = {"Images by score": browse_tab, "Score new images": score_tab, "Score a server folder": folder_score_tab,
+            "Export": export_tab}
     if not auth.can("score"):
         tabs.pop("Score new images")
+    if not auth.can("import_folder"):  # reading the server's disks is for admins only
+        tabs.pop("Score a server folder")
     if not auth.can("export"):
         tabs.pop("Export")
     for tab, draw in zip(st.tabs(list(tabs)), tabs.values()):

@@ -215,10 +215,7 @@ def latest_run(project_id: int):
 @st.cache_data(show_spinner=False, max_entries=64)
 def _score_range(run_id: int, finished: str) -> tuple[float, float] | None:
     with session_scope() as s:
-        scores = [r["score"] for r in q.run_scores(s, run_id)]
-    if not scores:
-        return None
-    return float(min(scores)), float(max(scores))
+        return q.score_range(s, run_id)
 
 
 def score_range(run) -> tuple[float, float] | None:

@@ -8,21 +8,73 @@ import streamlit as st
 from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
-from ui import auth, common, fmt, ingest
+from ui import auth, common, fmt, ingest, training
 
 
 def _flash() -> None:
     msg = st.session_state.pop("projects_flash", None)
     if msg:
         st.success(msg, icon=":material/check_circle:")
+    err = st.session_state.pop("projects_error", None)
+    if err:
+        common.show_error(err)
 
 
 def _created(c: ingest.Created) -> None:
     common.set_project(c.project_id)
     notes = " · ".join(c.notes)
-    st.session_state["projects_flash"] = (
-        f"Created project “{c.name}” with {c.images:,} images in {c.seconds:.1f} s. {notes}")
+    if c.job_id is not None:
+        training.maybe_start_worker()
+        st.session_state["projects_flash"] = f"Created project “{c.name}”. {notes}; its card shows the progress."
+    else:
+        st.session_state["projects_flash"] = (
+            f"Created project “{c.name}” with {c.images:,} images in {c.seconds:.1f} s. {notes}")
     st.rerun()
+
+
+@st.fragment(run_every=2.0)
+def import_status(project_id: int) -> None:
+    """The project's background import: files done, rate and ETA; cancel, or resume one
+    that stopped (files already stored are skipped unread)."""
+    with session_scope() as s:
+        job = q.last_import_job(s, project_id)
+    if job is None or job.status == "done":
+        st.rerun()  # it just finished: redraw the card with its counts
+    p = job.progress_json or {}
+    active = job.status in ("queued", "running")
+    with st.container(horizontal=True, vertical_alignment="center", key=f"import_{project_id}"):
+        if job.status == "queued":
+            st.caption("Import queued: waiting for the worker…", width="content")
+            training.maybe_start_worker()
+        elif active:
+            eta = p.get("eta_s")
+            text = (p.get("message") or "importing…") + (f" · about {fmt.duration_short(eta)} left" if eta else "")
+            st.progress(float(p.get("fraction") or 0.0), text=f"Import: {text}")
+        else:
+            st.warning(f"Import {job.status}: {job.error or p.get('message') or ''}", icon=":material/warning:")
+        if active and auth.can("import_folder") and not job.cancel_requested:
+            st.button("Cancel import", key=f"import_cancel_{project_id}", icon=":material/stop:",
+                      on_click=_cancel_import, args=(job.id,),
+                      help="Stop after the current batch; what is imported stays and can be resumed")
+        elif not active and auth.can("import_folder"):
+            st.button("Resume import", key=f"import_resume_{project_id}", icon=":material/play_arrow:",
+                      on_click=_resume_import, args=(project_id,),
+                      help="Import the rest; files already in the project are skipped without reading them")
+
+
+def _cancel_import(job_id: int) -> None:
+    auth.require("import_folder")
+    with session_scope() as s:
+        q.request_cancel(s, job_id)
+
+
+def _resume_import(project_id: int) -> None:
+    try:
+        ingest.resume_import(project_id, auth.require("import_folder").username)
+    except ValueError as exc:
+        st.session_state["projects_error"] = str(exc)
+        return
+    training.maybe_start_worker()
 
 
 def _create_elpv() -> None:
@@ -139,7 +191,7 @@ def _confirm_delete(p: dict) -> None:
             st.rerun()
 
 
-def project_card(p: dict) -> None:
+def project_card(p: dict, importing: bool = False) -> None:
     current = p["id"] == common.current_project_id()
     with st.container(border=True, key=f"project_{p['id']}"):
         head, actions = st.columns([5, 2], vertical_alignment="center")
@@ -177,6 +229,8 @@ def project_card(p: dict) -> None:
             st.markdown(" ".join(f'<span class="osad-chip anomaly">{html.escape(t)} {n}</span>'
                                  for t, n in sorted(types.items()))
                         or "—", unsafe_allow_html=True)
+        if importing:
+            import_status(p["id"])
         if st.session_state.get("confirm_delete") == p["id"] and auth.can("delete_project"):
             _confirm_delete(p)
 
@@ -186,6 +240,7 @@ def main() -> None:
     _flash()
     with session_scope() as s:
         projects = q.list_projects(s)
+        importing = {pid for pid, job in q.latest_jobs(s, "import", "project_id").items() if job.status != "done"}
     if not projects:
         hero()
     has_elpv = any(p["name"] == ingest.ELPV_DEMO_NAME for p in projects)
@@ -193,7 +248,7 @@ def main() -> None:
     if projects:
         st.subheader(f"{len(projects)} project{'s' if len(projects) != 1 else ''}")
         for p in projects:
-            project_card(p)
+            project_card(p, p["id"] in importing)
 
 
 common.run_page(main)

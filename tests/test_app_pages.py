@@ -233,6 +233,29 @@ def test_create_project_from_mvtec_folder(tmp_path):
     assert at.sidebar.selectbox(key="sb_project").value is not None
 
 
+def test_a_large_folder_imports_in_the_background_with_cancel_and_resume(tmp_path, monkeypatch):
+    from db import session_scope
+    from db import queries as q
+    from ui import ingest
+
+    parts = make_mvtec(tmp_path / "line", n_train=6, n_test_good=2, n_defect=2)
+    monkeypatch.setattr(ingest, "IN_PAGE_MAX", 5)  # 12 files: more than the page reads itself
+    at = app()
+    at.text_input(key="folder_path").input(str(parts))
+    click(at, "Create project")
+    ok(at)
+    assert "more than 5 images: importing them in the background" in texts(at)
+    at = app("projects")
+    assert "Import queued" in texts(at)
+    at.button(key="import_cancel_1").click().run()
+    assert any("Import cancelled" in w.value for w in at.warning)
+    at.button(key="import_resume_1").click().run()
+    with session_scope() as s:
+        jobs = [j for j in q.list_jobs(s) if j.kind == "import"]
+    assert [j.status for j in jobs] == ["cancelled", "queued"] and jobs[0].payload_json == jobs[1].payload_json
+    assert "Import queued" in texts(app("projects"))
+
+
 def test_upload_rejects_a_non_image_and_creates_nothing():
     from db import data_dir
 
@@ -764,6 +787,27 @@ def test_inspect_scores_uploaded_images_and_rejects_non_images(seeded):
     assert not [e for e in at.error if "randomly initialised" not in e.value], [e.value for e in at.error]
     df = next(d.value for d in at.dataframe if "score" in d.value.columns and "file" in d.value.columns)
     assert list(df["file"]) == ["part.png"] and np.isfinite(df["score"]).all()
+
+
+def test_inspect_queues_a_server_folder_for_scoring_and_cancels_it(seeded, monkeypatch):
+    from db import session_scope
+    from db import queries as q
+
+    monkeypatch.setenv("OSAD_IMPORT_ROOTS", str(seeded.parts))
+    at = app("inspect")
+    at.text_input(key="score_folder_path").input("/etc")
+    click(at, "Score the folder with run 1")
+    assert any("cannot be imported" in e.value for e in at.error)  # only below the import roots
+    at.text_input(key="score_folder_path").input(str(seeded.parts / "test"))
+    click(at, "Score the folder with run 1")
+    assert not [e for e in at.error if "randomly initialised" not in e.value], [e.value for e in at.error]
+    with session_scope() as s:
+        (job,) = [j for j in q.list_jobs(s) if j.kind == "score"]
+    assert job.status == "queued" and job.payload_json["images"] == 16 and job.payload_json["run_id"] == 1
+    assert "waiting for the worker" in texts(at)
+    with session_scope() as s:
+        q.request_cancel(s, job.id)
+    assert any("cancelled before start" in w.value for w in app("inspect").warning)
 
 
 def test_inspect_checks_scored_images_for_drift(seeded):

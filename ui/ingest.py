@@ -25,7 +25,16 @@ from typing import Iterator, Sequence
 
 from db import data_dir, session_scope
 from db import queries as q
-from osad_core.data import IMAGE_EXTENSIONS, DataError, Dataset, file_sha1, import_elpv, load_folder
+from osad_core.data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    Dataset,
+    describe_dataset,
+    file_sha1,
+    import_elpv,
+    load_folder,
+    more_images_than,
+)
 from osad_core.safeio import confined_folder, extract_zip, is_image_name, read_image
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,12 @@ class Created:
     images: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    job_id: int | None = None  # a large folder goes on importing in this background job
+
+
+# A server folder with more files than this is imported by a background job (batches,
+# progress and ETA, resumable); a smaller one is read while the page waits, as an upload is.
+IN_PAGE_MAX = int(os.environ.get("OSAD_IMPORT_IN_PAGE_MAX", "2000"))
 
 
 def uploads_dir() -> Path:
@@ -55,20 +70,6 @@ def uploads_dir() -> Path:
 def _quote_list(names: Sequence[str], n: int = 3) -> str:
     shown = ", ".join(f"`{x}`" for x in names[:n])
     return shown + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-def describe_dataset(ds: Dataset) -> str:
-    """One line saying what was recognised in a folder."""
-    labelled = [r for r in ds.records if r.label >= 0]
-    if not labelled:
-        return f"{len(ds.records)} unlabelled images (flat folder)"
-    tr = len(ds.select(split="train", label=0))
-    te = len(ds.select(split="test", label=0))
-    an = len(ds.select(label=1))
-    types = ", ".join(ds.defect_types) or "none"
-    unl = len(ds.records) - len(labelled)
-    extra = f", {unl} unlabelled" if unl else ""
-    return f"MVTec layout: {tr} normal for training, {te} normal held out, {an} anomalies ({types}){extra}"
 
 
 def _check_name_free(name: str) -> str:
@@ -126,6 +127,8 @@ def create_from_folder(path: str, name: str = "", author: str = "import") -> Cre
     if not path:
         raise IngestError("Enter the path of a folder on the server.")
     folder, root = confined_folder(path, import_roots())
+    if more_images_than(folder, IN_PAGE_MAX):  # names only: even listing 100,000 files takes seconds
+        return _import_in_background(folder, _check_name_free(name or folder.name), str(root), author, t0)
     ds = load_folder(folder, confine_to=root)
     name = _check_name_free(name or ds.name)
     skipped = list(ds.skipped)
@@ -135,6 +138,56 @@ def create_from_folder(path: str, name: str = "", author: str = "import") -> Cre
     summary = describe_dataset(ds)
     pid, n = _store(ds, items, name, "folder", f"from {ds.root}: {summary}", author)
     return Created(pid, name, n, time.perf_counter() - t0, [summary] + ([skipped_note(skipped)] if skipped else []))
+
+
+def _import_in_background(folder: Path, name: str, root: str, author: str, t0: float) -> Created:
+    """Create the project now and queue an ``import`` job that lists the folder and
+    stores its images in batches (:mod:`osad_core.folder_import`); the project's card
+    shows the job's progress, and the job writes what it found into the description."""
+    with session_scope() as s:
+        try:
+            project = q.create_project(s, name, "folder", root_path=str(folder),
+                                       description=f"from {folder}: importing in the background")
+        except ValueError as exc:
+            raise IngestError(f"{str(exc)[0].upper()}{str(exc)[1:]}.") from None
+        job = q.enqueue_job(s, "import", import_payload(project.id, str(folder), root, author), created_by=author)
+        pid, job_id = project.id, job.id
+    return Created(pid, name, 0, time.perf_counter() - t0,
+                   [f"more than {IN_PAGE_MAX:,} images: importing them in the background"], job_id=job_id)
+
+
+def import_payload(project_id: int, folder: str, confine_to: str | None, author: str) -> dict:
+    return {"project_id": int(project_id), "folder": str(folder), "confine_to": confine_to, "author": author}
+
+
+def resume_import(project_id: int, author: str) -> int:
+    """Queue the import of a project whose import job was cancelled or failed; files it
+    already stored are skipped unread. Returns the new job's id."""
+    with session_scope() as s:
+        last = q.last_import_job(s, project_id)
+        if last is None:
+            raise IngestError("This project was not imported from a folder in the background; nothing to resume.")
+        if last.status in ("queued", "running"):
+            return last.id
+        job = q.enqueue_job(s, "import", dict(last.payload_json), created_by=author)
+        return job.id
+
+
+def queue_folder_scoring(run, path: str, author: str) -> int:
+    """Queue a ``score`` job: every image of a server folder (below the import roots)
+    scored with the run's model, rows to a CSV in the data folder; returns the job id."""
+    path = (path or "").strip()
+    if not path:
+        raise IngestError("Enter the path of a folder on the server.")
+    if not run.model_path or not Path(run.model_path).is_file():
+        raise IngestError(f"Run {run.id} has no saved model to score with.")
+    folder, root = confined_folder(path, import_roots())
+    n = len(load_folder(folder, confine_to=root).records)  # names only: refuses an empty folder now
+    with session_scope() as s:
+        job = q.enqueue_job(s, "score", {"run_id": run.id, "model_path": run.model_path, "folder": str(folder),
+                                         "confine_to": str(root), "threshold": run.threshold, "images": n},
+                            created_by=author)
+        return job.id
 
 
 # --- from uploaded files ----------------------------------------------------------------
@@ -301,10 +354,11 @@ def sweep_inspected(project_id: int, max_age_s: float = 86400.0) -> int:
     folder = inspected_dir(project_id)
     if not folder.is_dir():
         return 0
-    with session_scope() as s:
-        used = {im.path for im in q.get_images(s, project_id)}
+    files = list(folder.iterdir())
+    with session_scope() as s:  # only these files' rows, not the whole project's
+        used = q.known_paths(s, project_id, [str(f) for f in files])
     n = 0
-    for f in folder.iterdir():
+    for f in files:
         try:
             if str(f) not in used and time.time() - f.stat().st_mtime > max_age_s:
                 f.unlink()
@@ -417,6 +471,10 @@ __all__ = [
     "sweep_inspected",
     "inspected_dir",
     "import_roots",
+    "import_payload",
+    "resume_import",
+    "queue_folder_scoring",
+    "IN_PAGE_MAX",
     "delete_project",
     "describe_dataset",
 ]

@@ -197,11 +197,14 @@ def cancel(job_id: int, actor: Account) -> str:
         return q.request_cancel(s, job_id)
 
 
-def active_jobs(project_id: int | None = None) -> list[dict[str, Any]]:
-    """Running and queued jobs (FIFO) with their run and project, for job cards."""
+def active_jobs(project_id: int | None = None, kind: str = "train") -> list[dict[str, Any]]:
+    """Running and queued jobs of ``kind`` (FIFO) with their run and project, for job cards
+    (imports show on the Projects page)."""
     out = []
     with session_scope() as s:
         for job in q.list_jobs(s, ["running", "queued"]):
+            if job.kind != kind:
+                continue
             run = q.get_run(s, job.run_id) if job.run_id else None
             pid = run.project_id if run else (job.payload_json or {}).get("project_id")
             if project_id is not None and pid != project_id:

@@ -77,8 +77,9 @@ class Detector(ABC):
         """Score uint8 images (N, S, S, 3) already resized to ``config['image_size']``."""
 
     def predict(self, records: list[ImageRecord] | list[str], batch_size: int = 32,
-                callbacks: Callbacks | None = None) -> Prediction:
-        """Score image records or paths; unreadable files are reported in ``skipped``."""
+                callbacks: Callbacks | None = None, cache: bool = True) -> Prediction:
+        """Score image records or paths; unreadable files are reported in ``skipped``.
+        ``cache=False``: decoded images are not kept (images scored once, in bulk)."""
         recs = [r if isinstance(r, ImageRecord) else ImageRecord(str(r), -1) for r in records]
         size = self.config["image_size"]
         ok, skipped, parts = [], [], []
@@ -86,7 +87,7 @@ class Detector(ABC):
         for i in range(0, len(recs), chunk):
             if callbacks:
                 callbacks.check_cancel()
-            arr, good, bad = IMAGE_CACHE.load_many(recs[i:i + chunk], size)
+            arr, good, bad = IMAGE_CACHE.load_many(recs[i:i + chunk], size, keep=cache)
             ok += good
             skipped += bad
             if len(good):
