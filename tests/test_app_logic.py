@@ -225,6 +225,18 @@ def test_tsne_figure_stays_legible_and_reachable_at_ten_thousand_points():
     assert all(t.type == "scatter" for t in small.data) and small.data[0].marker.size == 8
 
 
+def test_shift_click_selects_from_the_last_tick_to_the_clicked_image():
+    from ui.label_grid import shift_range
+
+    page = [11, 12, 13, 14, 15, 16]
+    assert shift_range(page, [12], 15) == [12, 13, 14, 15]
+    assert shift_range(page, [15, 12], 14) == [12, 13, 14]  # from the last tick, upwards too
+    assert shift_range(page, [16, 99], 13) == [13, 14, 15, 16]  # a tick on another page is no anchor
+    assert shift_range(page, [], 13) == [13]  # nothing ticked yet: the image alone
+    assert shift_range(page, [13], 13) == [13]
+    assert shift_range(page, [12], 42) == []  # not on this page
+
+
 def test_tsne_2d_keeps_clusters_apart_and_repeats_with_its_seed():
     from osad_core.evaluate import tsne_2d
 

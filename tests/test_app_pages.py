@@ -680,6 +680,12 @@ def test_results_tsne_previews_the_image_under_the_pointer(seeded):
     assert "t-SNE (openTSNE" in texts(at)  # the map says how it was made
 
 
+def test_label_grid_listens_for_shift_click(seeded):
+    at = app("label")
+    assert [e.proto.component_name for e in at.get("bidi_component")] == ["osad_shift_click"]
+    assert "**Shift-click** a box" in texts(at)
+
+
 def test_results_threshold_defaults_to_the_operating_point_and_a_target_moves_it(seeded):
     from db import session_scope
     from db import queries as q
