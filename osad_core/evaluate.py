@@ -103,6 +103,7 @@ def pixel_auroc(records: list[ImageRecord], maps: np.ndarray, pairs=None) -> flo
 
 
 TSNE_PCA_DIMS = 50
+TSNE_FFT_FROM = 2000  # openTSNE's own switch is at 10,000; its Barnes-Hut took 21 CPU s for 5,000 points
 
 
 def _tsne_threads() -> int:
@@ -115,7 +116,7 @@ def _tsne_threads() -> int:
 def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
     """2-D t-SNE of the embeddings; None for fewer than 5 points.
 
-    openTSNE (Poličar et al.): Barnes-Hut gradients below 10,000 points, FFT-interpolated
+    openTSNE (Poličar et al.): Barnes-Hut gradients below 2,000 points, FFT-interpolated
     ones (Linderman et al.'s FIt-SNE, linear in N) from there on, after PCA to 50
     dimensions as its authors advise; 10,000 embeddings take about 27 CPU seconds
     (``scripts/bench_ui_speed.py``). Same perplexity and PCA start as the scikit-learn
@@ -138,7 +139,7 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
 
         return TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed).fit_transform(x)
     emb = OpenTSNE(perplexity=perplexity, initialization=init, n_jobs=_tsne_threads(), random_state=seed,
-                   negative_gradient_method="auto").fit(x.astype(np.float64))
+                   negative_gradient_method="fft" if n >= TSNE_FFT_FROM else "bh").fit(x.astype(np.float64))
     return np.asarray(emb, dtype=np.float32)
 
 

@@ -12,7 +12,8 @@ cluster labels in 2-D (3-fold) says whether the map still separates what the emb
 separate; on scikit-learn's digits (1,797 real 8x8 images) both implementations are
 compared the same way, which is how small maps stay comparable.
 
-First paint: ``streamlit run app.py`` on a free loopback port with a fresh data folder,
+First paint: ``streamlit run app.py`` on a free loopback port, with a new data folder and
+again with the one that first start made,
 Debian's Chromium (through the playwright package, no browser download) opens the page the
 moment the server answers; the time from starting the server to the Projects heading being
 visible, median of ``--repeats`` cold starts. The browser is started before the clock.
@@ -97,55 +98,67 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cold_paint_once(browser, timeout_s: float = 120.0) -> float:
-    """Seconds from ``streamlit run app.py`` to the Projects heading painted in Chromium."""
+def cold_paint_once(browser, data: str, timeout_s: float = 120.0, cwd: Path = REPO) -> tuple[float, float]:
+    """Seconds from ``streamlit run app.py`` (data folder ``data``) to the server answering,
+    and to the Projects heading painted in Chromium."""
     import urllib.request
 
-    with tempfile.TemporaryDirectory() as data:
-        port = _free_port()
-        env = dict(os.environ, OSAD_DATA_DIR=data, OSAD_AUTOSTART_WORKER="0", OSAD_OFFLINE="1",
-                   OMP_WAIT_POLICY="PASSIVE")
-        env.pop("OSAD_DATABASE_URL", None)
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address",
-             "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            while True:
-                if time.perf_counter() - t0 > timeout_s or proc.poll() is not None:
-                    raise RuntimeError("the app did not start")
-                try:
-                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
-                        break
-                except OSError:
-                    time.sleep(0.05)
-            page.goto(url)
-            page.get_by_role("heading", level=1).filter(has_text="Projects").wait_for(timeout=timeout_s * 1000)
-            return time.perf_counter() - t0
-        finally:
-            page.close()
-            proc.terminate()
+    port = _free_port()
+    env = dict(os.environ, OSAD_DATA_DIR=data, OSAD_AUTOSTART_WORKER="0", OSAD_OFFLINE="1",
+               OMP_WAIT_POLICY="PASSIVE")
+    env.pop("OSAD_DATABASE_URL", None)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address",
+         "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if time.perf_counter() - t0 > timeout_s or proc.poll() is not None:
+                raise RuntimeError("the app did not start")
             try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.05)
+        up = time.perf_counter() - t0
+        page.goto(url)
+        page.get_by_role("heading", level=1).filter(has_text="Projects").wait_for(timeout=timeout_s * 1000)
+        return up, time.perf_counter() - t0
+    finally:
+        page.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def bench_paint(repeats: int) -> None:
+    """A first start (no database yet: the schema is created) and a restart (the database
+    exists), each ``repeats`` times in a new server process."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as pw:
+    print(f"cold first paint, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    with sync_playwright() as pw, tempfile.TemporaryDirectory() as tmp:
         browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
                                      args=["--headless", "--no-sandbox", "--disable-gpu"])
-        times = []
-        for _ in range(repeats):
-            times.append(cold_paint_once(browser))
-            print(f"  cold start to first paint: {times[-1]:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+        # the floor: Streamlit itself, a one-line app that shows the same heading
+        floor = Path(tmp) / "floor"
+        floor.mkdir()
+        (floor / "app.py").write_text('import streamlit as st\nst.title("Projects")\n')
+        for case in ("one-line Streamlit app (the floor)", "first start, new database", "restart, existing database"):
+            times = []
+            for k in range(repeats):
+                data = os.path.join(tmp, f"fresh{k}") if case.startswith("first") else os.path.join(tmp, "fresh0")
+                up, painted = cold_paint_once(browser, data, cwd=floor if "floor" in case else REPO)
+                times.append(painted)
+                print(f"  {case}: server answers after {up:.2f} s, first paint after {painted:.2f} s "
+                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            print(f"{case}: first paint, median of {repeats}: {statistics.median(times):.2f} s")
         browser.close()
-    print(f"cold first paint, median of {repeats}: {statistics.median(times):.2f} s")
 
 
 def main() -> None:
