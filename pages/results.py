@@ -200,7 +200,7 @@ def hover_preview(run, pts: pd.DataFrame) -> None:
             c_img.caption("image not readable")
         else:
             c_img.image(str(path), width="stretch")
-        c_txt.markdown(f"**{row['rel_path']}**  \n{row['defect']} · {row['role_name']}  \n"
+        c_txt.markdown(f"**{row['rel_path']}**  \n{figures.point_text(row['defect'], row['role_name'])}  \n"
                        f"score {row['score']:.4f}{_verdict(run, row['score'])}")
 
 
@@ -264,8 +264,8 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
             return
         row = pts[pts["image_id"] == image_id].iloc[0]
         show_image_with_heatmap(run, int(image_id), "tsne")
-        st.markdown(f"Score **{row['score']:.4f}**{_verdict(run, row['score'])} · {row['defect']} · "
-                    f"{row['role_name']}")
+        st.markdown(f"Score **{row['score']:.4f}**{_verdict(run, row['score'])} · "
+                    f"{figures.point_text(row['defect'], row['role_name'])}")
         if st.button("Open in Inspect", key="tsne_inspect", icon=":material/biotech:"):
             st.session_state["inspect_run"] = run.id
             st.session_state["inspect_image_id"] = int(image_id)

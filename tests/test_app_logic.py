@@ -216,7 +216,8 @@ def test_tsne_figure_stays_legible_and_reachable_at_ten_thousand_points():
     fig = figures.tsne_figure(figures.scores_frame(rows), "seen / unseen defect type")
     density, *points = fig.data
     assert density.type == "histogram2dcontour" and density.hoverinfo == "skip"  # underneath, not pickable
-    assert {t.type for t in points} == {"scattergl"} and {t.marker.size for t in points} == {4}
+    assert {t.type for t in points} == {"scattergl"} and {t.marker.size for t in points} == {5}
+    assert not any(t.marker.symbol.endswith("open") for t in points)  # open symbols vanish when small
     ids = sorted(int(cd[0]) for t in points for cd in t.customdata)
     assert ids == list(range(n))  # every image is a point one can click or lasso
     assert points[-1].name.startswith("anomaly")  # the few anomalies are drawn last, on top
