@@ -98,9 +98,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cold_paint_once(browser, data: str, timeout_s: float = 120.0, cwd: Path = REPO) -> tuple[float, float]:
+def _process_cpu_s(pid: int) -> float:
+    """CPU seconds a process has used so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def cold_paint_once(browser, data: str, timeout_s: float = 120.0, cwd: Path = REPO) -> tuple[float, float, float]:
     """Seconds from ``streamlit run app.py`` (data folder ``data``) to the server answering,
-    and to the Projects heading painted in Chromium."""
+    and to the Projects heading painted in Chromium; and the CPU seconds the server had
+    used by then (what a busy machine stretches, an idle one does not)."""
     import urllib.request
 
     port = _free_port()
@@ -126,7 +136,7 @@ def cold_paint_once(browser, data: str, timeout_s: float = 120.0, cwd: Path = RE
         up = time.perf_counter() - t0
         page.goto(url)
         page.get_by_role("heading", level=1).filter(has_text="Projects").wait_for(timeout=timeout_s * 1000)
-        return up, time.perf_counter() - t0
+        return up, time.perf_counter() - t0, _process_cpu_s(proc.pid)
     finally:
         page.close()
         proc.terminate()
@@ -153,10 +163,10 @@ def bench_paint(repeats: int) -> None:
             times = []
             for k in range(repeats):
                 data = os.path.join(tmp, f"fresh{k}") if case.startswith("first") else os.path.join(tmp, "fresh0")
-                up, painted = cold_paint_once(browser, data, cwd=floor if "floor" in case else REPO)
+                up, painted, cpu = cold_paint_once(browser, data, cwd=floor if "floor" in case else REPO)
                 times.append(painted)
-                print(f"  {case}: server answers after {up:.2f} s, first paint after {painted:.2f} s "
-                      f"(load {os.getloadavg()[0]:.1f})", flush=True)
+                print(f"  {case}: server answers after {up:.2f} s, first paint after {painted:.2f} s, "
+                      f"server CPU {cpu:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
             print(f"{case}: first paint, median of {repeats}: {statistics.median(times):.2f} s")
         browser.close()
 
