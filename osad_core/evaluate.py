@@ -118,7 +118,7 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
 
     openTSNE (Poličar et al.): Barnes-Hut gradients below 2,000 points, FFT-interpolated
     ones (Linderman et al.'s FIt-SNE, linear in N) from there on, after PCA to 50
-    dimensions as its authors advise; 10,000 embeddings take about 27 CPU seconds
+    dimensions as its authors advise; 10,000 embeddings take 24–27 CPU seconds
     (``scripts/bench_ui_speed.py``). Same perplexity and PCA start as the scikit-learn
     t-SNE used before, which stays the fallback where openTSNE is missing; on the digits
     set both give the same neighbourhoods (10-NN accuracy 0.978 vs 0.977)."""
