@@ -46,7 +46,7 @@ with top:
 
 page.run()
 
-# Filled after the page; compute and weights need torch, which a background thread loads
-# (``common.machine_facts``), so no page waits for it.
+# Filled after the page so the first paint never waits for torch to load (compute and
+# weights are resolved once per server process and cached).
 with facts:
     sidebar.render_facts()

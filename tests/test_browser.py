@@ -273,7 +273,18 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     page.locator(".st-key-t_method").click()  # DRA: fast at the tiny preset, whatever is registered first
     page.get_by_role("option").filter(has_text=re.compile(r"^DRA —")).click()
     expect(page.get_by_role("combobox", name="Method")).to_have_value(re.compile(r"^DRA —"))
-    page.get_by_text("tiny — seconds, for trying the app").click()
+    _settle(page)  # the method's rerun resets the preset: let it end before choosing one
+    tiny = page.get_by_role("radio", name="tiny — seconds, for trying the app")
+    for _ in range(3):  # a click that lands during a rerun is lost: the quick preset would train for minutes
+        _settle(page)
+        page.get_by_text("tiny — seconds, for trying the app").click()
+        try:
+            expect(tiny).to_be_checked(timeout=15_000)
+            break
+        except AssertionError:
+            continue
+    expect(tiny).to_be_checked()
+    _settle(page)
     expect(page.locator("p").filter(has_text="Plan:")).to_contain_text("2 anomalies (hole)")
     page.locator(".st-key-train_button button").click()
     expect(page.locator(".st-key-job_1")).to_be_visible()
@@ -306,18 +317,23 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     expect(heat.locator(".colorbar")).to_be_attached()
     shot("08_results_tsne")
     # resting the pointer on a point previews its image (the listener reports it after 250 ms)
+    # (the click above already previewed the clicked point: wait for the hovered one's name)
     preview = page.locator(".st-key-tsne_hover")
+    name = None
     for k in (2, 5, 8):
         _settle(page)
         tsne.locator(".scatterlayer .point").nth(k).hover(force=True)
         try:
-            expect(preview.locator("img")).to_be_visible(timeout=15_000)
+            label = tsne.locator(".hoverlayer .hovertext")
+            expect(label).to_be_visible(timeout=5_000)
+            name = (label.locator("tspan.line").first.text_content() or "").strip()  # SVG: the first line
+            expect(preview).to_contain_text(name, timeout=15_000)
             break
         except AssertionError:
-            continue
+            name = None
+    assert name and name.endswith(".png"), name
     expect(preview.locator("img")).to_be_visible()
     expect(preview).to_contain_text("score")
-    expect(preview).to_contain_text(".png")
     shot("08b_results_tsne_hover")
     page.get_by_role("tab", name="Threshold & scores").click()
     expect(page.locator("p").filter(has_text="At this threshold")).to_contain_text("good images")

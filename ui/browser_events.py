@@ -40,12 +40,12 @@ export default function (component) {
 """
 
 # The chart's ``plotly_hover`` event, debounced: once the pointer rests 250 ms on a point,
-# its first customdata value (the image id) is sent. The chart may be redrawn into a new
-# element, so the listener is attached to whichever element holds it now.
+# its first customdata value (the image id) is sent. The chart may be redrawn, so the
+# listener is attached again to whatever element and event emitter hold it now.
 _PLOT_HOVER_JS = """
 export default function (component) {
   const { data, setTriggerValue } = component;
-  let timer = null, last = null, bound = null;
+  let timer = null, last = null, bound = null, boundEvents = null;
   const onHover = (ev) => {
     const p = ev && ev.points && ev.points[0];
     if (!p || !p.customdata) return;
@@ -55,9 +55,12 @@ export default function (component) {
   };
   const bind = () => {
     const gd = document.querySelector(data.selector + " .js-plotly-plot");
-    if (gd && gd !== bound && typeof gd.on === "function") {
+    // a redraw (after a click or a selection) purges the chart's listeners and gives it a
+    // new event emitter (gd._ev): bind again whenever the element or its emitter changed
+    if (gd && typeof gd.on === "function" && (gd !== bound || gd._ev !== boundEvents)) {
       gd.on("plotly_hover", onHover);
       bound = gd;
+      boundEvents = gd._ev;
     }
   };
   bind();

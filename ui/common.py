@@ -3,7 +3,6 @@ and one-sentence error messages."""
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -123,27 +122,6 @@ def weights_info():
     except Exception as exc:  # weights must never take the app down
         return type("Missing", (), {"name": "unknown", "weights": f"could not be resolved ({exc})",
                                     "weights_source": "random", "warning": str(exc), "pretrained": False})()
-
-
-_machine: dict[str, Any] = {}
-_machine_lock = threading.Lock()
-
-
-def _find_machine_facts() -> None:
-    _machine["facts"] = (compute_info(), weights_info())
-
-
-def machine_facts(start: bool = True) -> tuple[dict[str, Any], Any] | None:
-    """``(compute_info(), weights_info())`` once known, else None. A call with ``start``
-    finds them in a background thread: they need torch, whose import (seconds on a busy
-    CPU) would otherwise hold up the first page of a cold app until it ends."""
-    if "facts" in _machine or not start:
-        return _machine.get("facts")
-    with _machine_lock:
-        if "thread" not in _machine:
-            _machine["thread"] = threading.Thread(target=_find_machine_facts, name="osad-machine-facts", daemon=True)
-            _machine["thread"].start()
-    return None
 
 
 def database_location() -> str:

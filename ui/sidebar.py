@@ -58,30 +58,11 @@ def _worker_state() -> tuple[str, str]:
 
 
 @st.fragment(run_every=3)
-def machine_status() -> None:
-    """Compute, worker and backbone weights, refreshed every 3 s; compute and weights appear
-    once a background thread has found them (``common.machine_facts``). That thread starts
-    on the session's second run of this fragment: loading torch would compete with the
-    first page for the CPU."""
-    first = not st.session_state.get("_machine_shown")
-    st.session_state["_machine_shown"] = True
-    facts = common.machine_facts(start=not first)
-    if facts is not None:
-        st.markdown(f"**Compute** &nbsp; {facts[0]['label']}")
-    else:
-        st.markdown("**Compute** &nbsp; :material/hourglass_empty: checking…")
+def worker_status() -> None:
     level, text = _worker_state()
     icon = {"running": ":material/settings:", "waiting": ":material/hourglass_empty:",
             "idle": ":material/check_circle:", "off": ":material/radio_button_unchecked:"}[level]
     st.markdown(f"**Worker** &nbsp; {icon} {text}")
-    if facts is None:
-        return
-    w = facts[1]
-    st.markdown(f"**Backbone** &nbsp; {w.name} · {w.weights}")
-    if w.weights_source == "random":
-        st.error(f"Random init — results will be weak. {w.warning or ''}", icon=":material/error:")
-    elif w.warning:
-        st.warning(w.warning, icon=":material/warning:")
 
 
 def render_top() -> None:
@@ -94,5 +75,13 @@ def render_top() -> None:
 
 def render_facts() -> None:
     st.divider()
-    machine_status()
+    info = common.compute_info()
+    st.markdown(f"**Compute** &nbsp; {info['label']}")
+    worker_status()
+    w = common.weights_info()
+    st.markdown(f"**Backbone** &nbsp; {w.name} · {w.weights}")
+    if w.weights_source == "random":
+        st.error(f"Random init — results will be weak. {w.warning or ''}", icon=":material/error:")
+    elif w.warning:
+        st.warning(w.warning, icon=":material/warning:")
     st.caption(f"Database: `{common.database_location()}`")
