@@ -16,7 +16,7 @@ from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
 from osad_core.operating_point import DEFAULT_TARGET_FRR, OperatingPoint, conformal_threshold
-from ui import auth, common, figures, fmt, label_next, thumbs, training
+from ui import auth, browser_events, common, figures, fmt, label_next, thumbs, training
 
 HEADLINE = ("image_auroc", "image_aupr", "image_auroc_seen", "image_auroc_unseen")
 MISSING_HELP = {
@@ -158,6 +158,68 @@ def show_image_with_heatmap(run, image_id: int, where: str) -> None:
                     key=f"{where}_overlay", config={"displayModeBar": False})
 
 
+PREVIEW_GROUP = 12  # thumbnails shown of a box or lasso selection
+
+
+def _image_rows(run, image_ids: list[int]) -> dict:
+    with session_scope() as s:
+        return {im.id: im for im in q.get_images(s, run.project_id, image_ids)}
+
+
+def _verdict(run, score: float) -> str:
+    if run.threshold is None:
+        return ""
+    return " (flagged)" if score >= run.threshold else " (passed)"
+
+
+@st.fragment
+def hover_preview(run, pts: pd.DataFrame) -> None:
+    """The image under the pointer on the t-SNE map, with its name, label and score.
+
+    Streamlit's Plotly chart reports clicks and selections but not hover, and Plotly's own
+    hover label cannot hold an image: a small listener (``ui/browser_events.py``) sends the
+    id of the point the pointer rests on, and only this fragment reruns to show it, so
+    the 10,000-point map is not sent again. Bokeh's HTML tooltips would need every
+    thumbnail inside the page up front (megabytes at that size) and a second plotting
+    library."""
+    hovered = browser_events.plot_hover(f"tsne_{run.id}")
+    if hovered is not None:
+        st.session_state["tsne_hover_id"] = hovered
+    image_id = st.session_state.get("tsne_hover_id")
+    with st.container(border=True, key="tsne_hover"):
+        match = pts[pts["image_id"] == image_id] if image_id is not None else pts.iloc[:0]
+        if match.empty:
+            st.caption(":material/mouse: Rest the pointer on a point to preview its image here; click it for "
+                       "its heatmap below.")
+            return
+        row = match.iloc[0]
+        im = _image_rows(run, [int(image_id)]).get(int(image_id))
+        c_img, c_txt = st.columns([1, 2], vertical_alignment="center")
+        path = thumbs.thumbnail(im.path, im.content_hash) if im is not None else None
+        if path is None:
+            c_img.caption("image not readable")
+        else:
+            c_img.image(str(path), width="stretch")
+        c_txt.markdown(f"**{row['rel_path']}**  \n{figures.point_text(row['defect'], row['role_name'])}  \n"
+                       f"score {row['score']:.4f}{_verdict(run, row['score'])}")
+
+
+def group_preview(run, pts: pd.DataFrame, chosen: list[int]) -> None:
+    """Thumbnails of the first images of a box or lasso selection, highest scores first."""
+    group = pts[pts["image_id"].isin(chosen)].sort_values("score", ascending=False)
+    shown = group.head(PREVIEW_GROUP)
+    ims = _image_rows(run, [int(i) for i in shown["image_id"]])
+    st.caption(f"{len(group):,} images selected; the {len(shown)} with the highest scores:")
+    cols = st.columns(4)
+    for k, (_, row) in enumerate(shown.iterrows()):
+        im = ims.get(int(row["image_id"]))
+        path = thumbs.thumbnail(im.path, im.content_hash) if im is not None else None
+        with cols[k % 4]:
+            if path is not None:
+                st.image(str(path), width="stretch")
+            st.caption(f"{row['rel_path'].split('/')[-1]} · {row['score']:.3f}")
+
+
 def tsne_tab(run, df: pd.DataFrame) -> None:
     pts = df.dropna(subset=["tsne_x", "tsne_y"]) if not df.empty else df
     if pts.empty:
@@ -168,6 +230,10 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
     with c1:
         event = st.plotly_chart(figures.tsne_figure(pts, color_by), key=f"tsne_{run.id}", on_select="rerun",
                                 selection_mode=("points", "box", "lasso"))
+        st.caption(f"{len(pts):,} images: the run's embeddings mapped to 2-D by t-SNE (openTSNE, perplexity "
+                   f"≤ 30, PCA start), computed once when the run finished. Near points were near for the model.")
+    with c2:
+        hover_preview(run, pts)
     picked = None
     try:
         points = event.selection.points if event is not None else []
@@ -183,7 +249,10 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
                 st.session_state["label_page"] = 0
                 st.session_state.pop("focus_idx", None)
                 st.switch_page(common.PAGES["label"])
-    elif chosen:
+        with c2:
+            group_preview(run, pts, chosen)
+        return
+    if chosen:
         picked = chosen[0]
     if picked is not None:
         st.session_state["tsne_image_id"] = picked
@@ -191,14 +260,12 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
         image_id = st.session_state.get("tsne_image_id")
         if image_id is None or image_id not in set(pts["image_id"]):
             st.caption("Click a point to see its image and heatmap here; select a group with the box or lasso "
-                       "tool (top right of the map) to label it on the Label page.")
+                       "tool (top right of the map) to preview it and label it on the Label page.")
             return
         row = pts[pts["image_id"] == image_id].iloc[0]
         show_image_with_heatmap(run, int(image_id), "tsne")
-        verdict = ""
-        if run.threshold is not None:
-            verdict = "flagged" if row["score"] >= run.threshold else "passed"
-        st.markdown(f"Score **{row['score']:.4f}** ({verdict}) · {row['defect']} · {row['role_name']}")
+        st.markdown(f"Score **{row['score']:.4f}**{_verdict(run, row['score'])} · "
+                    f"{figures.point_text(row['defect'], row['role_name'])}")
         if st.button("Open in Inspect", key="tsne_inspect", icon=":material/biotech:"):
             st.session_state["inspect_run"] = run.id
             st.session_state["inspect_image_id"] = int(image_id)

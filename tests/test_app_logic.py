@@ -203,6 +203,57 @@ def test_scores_frame_marks_seen_and_unseen_types():
     assert ids == [1, 2, 3]  # the point without coordinates is left out; every point knows its image
 
 
+def test_tsne_figure_stays_legible_and_reachable_at_ten_thousand_points():
+    from ui import figures
+
+    rng = np.random.default_rng(0)
+    n = 10_000
+    rows = [{"image_id": i, "rel_path": f"p/{i}.png", "score": float(rng.random()),
+             "role": "scored" if i % 3 else "train_normal",
+             "label_at_run": "anomaly" if i % 500 == 0 else ("unlabeled" if i % 3 else "normal"),
+             "defect_type_at_run": "hole" if i % 500 == 0 else None, "seen": True if i % 500 == 0 else None,
+             "tsne_x": float(rng.normal()), "tsne_y": float(rng.normal())} for i in range(n)]
+    fig = figures.tsne_figure(figures.scores_frame(rows), "seen / unseen defect type")
+    density, *points = fig.data
+    assert density.type == "histogram2dcontour" and density.hoverinfo == "skip"  # underneath, not pickable
+    assert {t.type for t in points} == {"scattergl"} and {t.marker.size for t in points} == {5}
+    assert not any(t.marker.symbol.endswith("open") for t in points)  # open symbols vanish when small
+    ids = sorted(int(cd[0]) for t in points for cd in t.customdata)
+    assert ids == list(range(n))  # every image is a point one can click or lasso
+    assert points[-1].name.startswith("anomaly")  # the few anomalies are drawn last, on top
+    assert "10,000 images" in fig.layout.title.text
+    small = figures.tsne_figure(figures.scores_frame(rows[:50]))
+    assert all(t.type == "scatter" for t in small.data) and small.data[0].marker.size == 8
+
+
+def test_shift_click_selects_from_the_last_tick_to_the_clicked_image():
+    from ui.label_grid import shift_range
+
+    page = [11, 12, 13, 14, 15, 16]
+    assert shift_range(page, [12], 15) == [12, 13, 14, 15]
+    assert shift_range(page, [15, 12], 14) == [12, 13, 14]  # from the last tick, upwards too
+    assert shift_range(page, [16, 99], 13) == [13, 14, 15, 16]  # a tick on another page is no anchor
+    assert shift_range(page, [], 13) == [13]  # nothing ticked yet: the image alone
+    assert shift_range(page, [13], 13) == [13]
+    assert shift_range(page, [12], 42) == []  # not on this page
+
+
+def test_tsne_2d_keeps_clusters_apart_and_repeats_with_its_seed():
+    from osad_core.evaluate import tsne_2d
+
+    rng = np.random.default_rng(0)
+    lab = np.repeat([0, 1, 2], 40)
+    x = (rng.normal(0, 1, (3, 64))[lab] * 4 + rng.normal(0, 1, (120, 64))).astype(np.float32)
+    y = tsne_2d(x, seed=3)
+    assert y.shape == (120, 2) and np.isfinite(y).all()
+    np.testing.assert_allclose(y, tsne_2d(x, seed=3), atol=1e-4)
+    centres = np.stack([y[lab == k].mean(0) for k in range(3)])
+    spread = max(np.linalg.norm(y[lab == k] - centres[k], axis=1).mean() for k in range(3))
+    gaps = [np.linalg.norm(centres[a] - centres[b]) for a in range(3) for b in range(a + 1, 3)]
+    assert min(gaps) > 2 * spread
+    assert tsne_2d(x[:4]) is None and tsne_2d(x[:6]).shape == (6, 2)
+
+
 def test_overlay_uses_the_fixed_range_and_has_a_colour_bar():
     from ui import figures
 

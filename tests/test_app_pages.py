@@ -684,6 +684,31 @@ def test_results_headline_curves_threshold_and_tsne(seeded):
     assert "operating point" in names and "best F1 on test labels (reference)" in names
 
 
+def test_results_tsne_previews_the_image_under_the_pointer(seeded):
+    from db import session_scope
+    from db import queries as q
+
+    at = app("results")
+    listeners = [e for e in at.get("bidi_component") if e.proto.component_name == "osad_plot_hover"]
+    assert len(listeners) == 1 and ".st-key-tsne_1" in str(listeners[0].proto)  # listens to the map's chart
+    assert "Rest the pointer on a point" in texts(at)
+    with session_scope() as s:
+        row = next(r for r in q.run_scores(s, 1) if r["label_at_run"] == "anomaly")
+    at.session_state["tsne_hover_id"] = row["image_id"]  # what the listener reports when the pointer rests
+    at.run()
+    ok(at)
+    preview = next(m.value for m in at.markdown if m.value.startswith(f"**{row['rel_path']}**"))
+    assert f"score {row['score']:.4f}" in preview and ("(flagged)" in preview or "(passed)" in preview)
+    assert at.get("image"), "the thumbnail of the image under the pointer"
+    assert "t-SNE (openTSNE" in texts(at)  # the map says how it was made
+
+
+def test_label_grid_listens_for_shift_click(seeded):
+    at = app("label")
+    assert [e.proto.component_name for e in at.get("bidi_component")] == ["osad_shift_click"]
+    assert "**Shift-click** a box" in texts(at)
+
+
 def test_results_threshold_defaults_to_the_operating_point_and_a_target_moves_it(seeded):
     from db import session_scope
     from db import queries as q

@@ -1,5 +1,5 @@
 """End to end in a real headless Chromium: start the app, create a project from a
-folder, tag images (mouse and keyboard), train with the tiny preset through the app's
+folder, tag images (mouse, Shift-click and keyboard), train with the tiny preset through the app's
 own worker, and find the AUROC, a ROC curve, a t-SNE map and a heatmap on screen.
 
 Needs Debian's ``chromium`` and the ``playwright`` package (its driver ships with it;
@@ -236,6 +236,19 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     expect(page.get_by_text("Undone: 1 image restored")).to_be_visible()
     assert _image(target).label == "normal", "key u did not undo"
 
+    # Shift-click: from the last ticked image to the clicked one, the boxes between included
+    page_ids = [int(re.search(r"st-key-sel_(\d+)", c).group(1)) for c in
+                page.locator('[class*="st-key-sel_"]').evaluate_all("els => els.map(e => e.className)")[:8]]
+    _tick_until(page, expect, page_ids[1], "1 selected")
+    _settle(page)
+    page.locator(f".st-key-sel_{page_ids[5]} label").click(modifiers=["Shift"])
+    expect(page.get_by_text("5 selected")).to_be_visible()
+    assert [page.locator(f".st-key-sel_{i} input").is_checked() for i in page_ids[:7]] == [False] + [True] * 5 + [
+        False]
+    shot("03b_label_shift_click")
+    page.get_by_role("button", name="Clear").click()
+    expect(page.get_by_text("0 selected")).to_be_visible()
+
     # large view with the arrow keys
     page.locator(f".st-key-zoom_{ids['test/good/000.png']} button").first.click()
     expect(page.locator(".st-key-large_view")).to_contain_text("test/good/000.png")
@@ -260,7 +273,18 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     page.locator(".st-key-t_method").click()  # DRA: fast at the tiny preset, whatever is registered first
     page.get_by_role("option").filter(has_text=re.compile(r"^DRA —")).click()
     expect(page.get_by_role("combobox", name="Method")).to_have_value(re.compile(r"^DRA —"))
-    page.get_by_text("tiny — seconds, for trying the app").click()
+    _settle(page)  # the method's rerun resets the preset: let it end before choosing one
+    tiny = page.get_by_role("radio", name="tiny — seconds, for trying the app")
+    for _ in range(3):  # a click that lands during a rerun is lost: the quick preset would train for minutes
+        _settle(page)
+        page.get_by_text("tiny — seconds, for trying the app").click()
+        try:
+            expect(tiny).to_be_checked(timeout=15_000)
+            break
+        except AssertionError:
+            continue
+    expect(tiny).to_be_checked()
+    _settle(page)
     expect(page.locator("p").filter(has_text="Plan:")).to_contain_text("2 anomalies (hole)")
     page.locator(".st-key-train_button button").click()
     expect(page.locator(".st-key-job_1")).to_be_visible()
@@ -292,6 +316,25 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     expect(heat).to_be_visible()
     expect(heat.locator(".colorbar")).to_be_attached()
     shot("08_results_tsne")
+    # resting the pointer on a point previews its image (the listener reports it after 250 ms)
+    # (the click above already previewed the clicked point: wait for the hovered one's name)
+    preview = page.locator(".st-key-tsne_hover")
+    name = None
+    for k in (2, 5, 8):
+        _settle(page)
+        tsne.locator(".scatterlayer .point").nth(k).hover(force=True)
+        try:
+            label = tsne.locator(".hoverlayer .hovertext")
+            expect(label).to_be_visible(timeout=5_000)
+            name = (label.locator("tspan.line").first.text_content() or "").strip()  # SVG: the first line
+            expect(preview).to_contain_text(name, timeout=15_000)
+            break
+        except AssertionError:
+            name = None
+    assert name and name.endswith(".png"), name
+    expect(preview.locator("img")).to_be_visible()
+    expect(preview).to_contain_text("score")
+    shot("08b_results_tsne_hover")
     page.get_by_role("tab", name="Threshold & scores").click()
     expect(page.locator("p").filter(has_text="At this threshold")).to_contain_text("good images")
     shot("09_results_threshold")
@@ -304,6 +347,10 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     expect(overlay.locator(".hm image, .heatmaplayer image").first).to_be_attached()  # the heatmap itself
     expect(page.get_by_text("threshold").first).to_be_visible()
     shot("10_inspect_heatmap")
+    page.get_by_role("tab", name="Export").click()
+    expect(page.locator(".st-key-onnx_export")).to_be_visible()
+    shot("10b_inspect_export")
+    page.get_by_role("tab", name="Images by score").click()
 
     # --- Label next: a round of the labelling loop ---------------------------------
     nav("Label")
@@ -406,6 +453,15 @@ def test_login_survives_a_reload_and_logout_forgets_it_in_chromium(tmp_path):
                 expect(page.locator('[data-testid="stSidebarNav"]')).to_contain_text("Users")
                 _settle(page)
                 page.screenshot(path=str(shots_dir / "login_02_in.png"))
+                page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name="Users").click()
+                expect(page.get_by_role("heading", level=1)).to_contain_text("Users")
+                expect(page.locator('[data-testid="stDataFrame"]')).to_be_visible()
+                expect(page.get_by_role("button", name="Add user")).to_be_visible()
+                _settle(page)
+                page.wait_for_timeout(1500)  # the table and the select boxes draw after the run ends
+                page.screenshot(path=str(shots_dir / "login_03_users.png"), full_page=True)
+                page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name="Projects").click()
+                expect(page.get_by_role("heading", level=1)).to_contain_text("Projects")
                 page.reload()
                 expect(page.get_by_role("heading", level=1)).to_contain_text("Projects")
                 expect(page.get_by_text("alice · admin")).to_be_visible()

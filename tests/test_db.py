@@ -94,6 +94,22 @@ def test_migrations_create_all_tables_and_are_idempotent(db_url):
         assert compare_metadata(ctx, Base.metadata) == []
 
 
+def test_schema_revisions_read_without_alembic_agree_with_alembic(db_url):
+    """A started app reads the head from the migration files and the database's row itself;
+    both must say what Alembic says."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+
+    assert db_engine.head_revision() == ScriptDirectory.from_config(
+        db_engine.alembic_config("sqlite://")).get_current_head()
+    bare = create_engine("sqlite://")
+    assert db_engine.current_revision(bare) is None  # no schema yet: upgrade
+    engine = db.init_db(db_url)
+    with engine.connect() as conn:
+        assert db_engine.current_revision(engine) == MigrationContext.configure(conn).get_current_revision()
+
+
 def test_default_url_lives_in_data_dir_and_pragmas_are_set(tmp_path):
     url = db.database_url()
     assert url == f"sqlite:///{tmp_path / 'data' / 'osad.db'}"

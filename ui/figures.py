@@ -44,6 +44,14 @@ ROLE_SYMBOLS = {
     "held out (test)": "circle",
     "unlabelled (scored)": "x-thin-open",
 }
+# open symbols vanish at the small sizes of a dense map: filled ones there
+DENSE_ROLE_SYMBOLS = {
+    "training (normal)": "circle",
+    "training (labelled anomaly)": "diamond",
+    "held-out normal (operating point)": "square",
+    "held out (test)": "triangle-up",
+    "unlabelled (scored)": "x",
+}
 HEATMAP_SCALE = "Turbo"
 _LAYOUT = dict(margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
 
@@ -211,25 +219,57 @@ TSNE_COLOR_BY = {
 }
 
 
+# Draw order on the map: the many unlabelled and normal points first, the few anomalies on
+# top, so a labelled defect is never buried under thousands of scored images.
+GROUP_ORDER = ["unlabelled", "normal", "anomaly", "anomaly · seen type", "anomaly · unseen type"]
+DENSE_MAP = 2000  # from here on the map draws smaller points over a density layer
+
+
+def point_text(defect: str, role_name: str) -> str:
+    """"crack · held out (test)"; the role alone where it already says the label."""
+    return role_name if str(defect) in str(role_name) else f"{defect} · {role_name}"
+
+
+def tsne_marker_size(n: int) -> int:
+    return 8 if n <= 1500 else 6 if n <= 5000 else 5
+
+
 def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type") -> go.Figure:
-    """t-SNE map of the run's embeddings; every point carries its image id (customdata)."""
-    pts = df.dropna(subset=["tsne_x", "tsne_y"])
+    """t-SNE map of the run's embeddings; every point carries its image id (customdata).
+
+    Legible at 10,000 points: WebGL markers that shrink with the count, a density layer
+    (contours of a 2-D histogram of all points) underneath from ``DENSE_MAP`` points on,
+    anomalies drawn last. Every point stays clickable and selectable with box or lasso."""
+    pts = df.dropna(subset=["tsne_x", "tsne_y"]).copy()
+    pts["what"] = [point_text(d, r) for d, r in zip(pts["defect"], pts["role_name"])]
+    n = len(pts)
     col = TSNE_COLOR_BY.get(color_by, "group")
     kwargs: dict[str, Any] = {}
     if col == "score":
         kwargs["color_continuous_scale"] = "Turbo"
+        pts = pts.sort_values("score")  # the highest scores on top
     elif col in ("group", "label_name"):
         kwargs["color_discrete_map"] = GROUP_COLORS
+        kwargs["category_orders"] = {col: [g for g in GROUP_ORDER if g in set(pts[col])]}
     fig = px.scatter(
-        pts, x="tsne_x", y="tsne_y", color=col, symbol="role_name", symbol_map=ROLE_SYMBOLS,
-        custom_data=["image_id", "rel_path", "score", "defect"], render_mode="webgl" if len(pts) > 1500 else "svg",
-        **kwargs,
+        pts, x="tsne_x", y="tsne_y", color=col, symbol="role_name",
+        symbol_map=DENSE_ROLE_SYMBOLS if n > DENSE_MAP else ROLE_SYMBOLS,
+        custom_data=["image_id", "rel_path", "score", "what"],
+        render_mode="webgl" if n > 1500 else "svg", **kwargs,
     )
     fig.update_traces(
-        marker=dict(size=8, line=dict(width=0.5, color="#333")),
-        hovertemplate="%{customdata[1]}<br>%{customdata[3]}<br>score %{customdata[2]:.3f}<extra></extra>",
+        marker=dict(size=tsne_marker_size(n), line=dict(width=0.5 if n <= 1500 else 0, color="#333"),
+                    opacity=1.0 if n <= DENSE_MAP else 0.75),
+        hovertemplate="<b>%{customdata[1]}</b><br>%{customdata[3]}<br>score %{customdata[2]:.3f}<extra></extra>",
     )
-    fig.update_layout(title="t-SNE of the learned embeddings", xaxis_title="", yaxis_title="", height=560,
+    if n > DENSE_MAP:
+        fig.add_trace(go.Histogram2dContour(
+            x=pts["tsne_x"], y=pts["tsne_y"], name="density of all points", ncontours=12, showscale=False,
+            colorscale=[[0, "rgba(255,255,255,0)"], [1, "rgba(60,60,60,0.35)"]], contours=dict(coloring="fill"),
+            line=dict(width=0), hoverinfo="skip", showlegend=True))
+        fig.data = (fig.data[-1],) + fig.data[:-1]  # underneath the points
+    title = "t-SNE of the learned embeddings" + (f" · {n:,} images, shaded by density" if n > DENSE_MAP else "")
+    fig.update_layout(title=title, xaxis_title="", yaxis_title="", height=560,
                       legend_title_text="", clickmode="event+select", dragmode="pan", **_LAYOUT)
     fig.update_layout(legend=dict(orientation="h", y=-0.02, x=0, yanchor="top", font=dict(size=11)),
                       margin=dict(l=10, r=10, t=40, b=10))
