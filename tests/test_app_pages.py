@@ -621,21 +621,34 @@ def test_train_without_normal_images_is_refused_and_queues_nothing(tmp_path):
 def test_training_job_progress_card(seeded):
     from db import session_scope
     from db import queries as q
+    from osad_core.progress import Progress
 
     with session_scope() as s:
         run = q.create_run(s, 1, "dra", "quick", {}, {"setting": "general", "shots": 2, "seed": 1}, "app")
         job = q.enqueue_job(s, "train", {"project_id": 1, "method": "dra"}, run_id=run.id)
         q.claim_next_job(s, "test-worker")
-        q.update_job_progress(s, job.id, epoch=2, epochs=10, step=5, steps=10, loss=0.4321, elapsed_s=75,
-                              eta_s=300, fraction=0.25, message="training")
+        q.update_job_progress(s, job.id, **Progress(
+            "Training", 1, 4, 25, 100, 75.0, 70.0, 300.0, 0.25, {"loss": 0.4321}, epoch=2, epochs=10).to_dict())
         q.add_train_log(s, run.id, 0, 10, 0.9, 30)
         q.add_train_log(s, run.id, 1, 10, 0.6, 60)
     at = app("train")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Epoch"] == "3 / 10" and metrics["Step"] == "5 / 10"
-    assert metrics["Loss"] == "0.4321" and metrics["Elapsed"] == "1m 15s" and metrics["Remaining (est.)"] == "5m 00s"
-    assert any(p.value == 25 for p in at.get("progress")) or at.get("progress")
+    assert metrics["Stage"] == "1 / 4" and metrics["Step in stage"] == "25 / 100"
+    assert metrics["Loss"] == "0.4321" and metrics["Elapsed"] == "1m 15s" and metrics["Stage ETA"] == "5m 00s"
+    bar = at.get("progress")[0].proto
+    assert bar.value == 25 and bar.text == "25 % · Stage 1/4 · Training · 25/100 · epoch 3/10 · loss 0.4321 · ETA 5:00"
     assert any("loss" in json.dumps(c) for c in charts(at))
+
+    # a stage without a loss (AHL's feature cache): no Loss metric and no "nan" anywhere
+    with session_scope() as s:
+        q.update_job_progress(s, job.id, **Progress(
+            "Feature cache", 2, 3, 40, 120, 80.0, 10.0, 35.0, 0.55, {"loss": float("nan")}).to_dict())
+    at = app("train")
+    metrics = {m.label: m.value for m in at.metric}
+    assert "Loss" not in metrics and metrics["Stage"] == "2 / 3" and metrics["Step in stage"] == "40 / 120"
+    text = at.get("progress")[0].proto.text
+    assert text == "55 % · Stage 2/3 · Feature cache · 40/120 · ETA 0:35"
+    assert "nan" not in json.dumps([m.value for m in at.metric]).lower() and "nan" not in text.lower()
 
 
 # --- results ------------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ class DRAFamilyDetector(Detector):
     map_heads: tuple[str, ...] = ()  # heads whose position maps make the anomaly map
     n_refs = 0  # reference images prepended to each batch (DRA's residual head)
     needs_anomalies = False
+    stage_name = "Training"  # the progress stage of fit() (AHL names its base model's)
 
     # -- to implement -----------------------------------------------------------------
     def make_heads(self, channels: int) -> nn.Module:
@@ -233,8 +234,9 @@ class DRAFamilyDetector(Detector):
 
         key = json.dumps({"method": self.name, "config": c}, sort_keys=True, default=str)
         t0 = time.monotonic()
-        self.history = run_loop(epoch_end_wrapper, c["epochs"], c["steps_per_epoch"], callbacks,
-                                on_epoch_start=epoch_start, message=f"training {self.name}",
+        self.history = run_loop(epoch_end_wrapper, c["epochs"], c["steps_per_epoch"],
+                                self.progress_callbacks(callbacks), on_epoch_start=epoch_start,
+                                stage=self.stage_name,
                                 resumable=Resumable(get_state, set_state, key))
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
