@@ -101,7 +101,7 @@ def nearest_distance(q: torch.Tensor, memory: torch.Tensor, chunk: int = 1024,
         if exclude is not None:
             same = exclude[0][i:i + chunk, None] == exclude[1][None]
             d2 = d2.masked_fill(same, float("inf"))
-        out.append((d2.min(1).values + (qi * qi).sum(1)).clamp_min(0).sqrt())
+        out.append((d2.amin(1) + (qi * qi).sum(1)).clamp_min(0).sqrt())  # amin: no argmin indices
     return torch.cat(out)
 
 
