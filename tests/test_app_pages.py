@@ -855,3 +855,30 @@ def test_inspect_exports_the_model_for_a_line_pc(seeded):
     assert any(lbl.startswith("run_1_dra.onnx.json (manifest") for lbl in labels)
     man = _json.loads((data_dir() / "exports" / "run_1_dra.onnx.json").read_text())
     assert man["method"] == "dra" and man["operating_point"]["n_calibration"] == 2
+
+
+def test_results_say_what_the_job_of_a_done_run_is_still_computing(seeded):
+    from db import session_scope
+    from db import queries as q
+    from osad_core.progress import Progress
+
+    with session_scope() as s:  # the run is done; its job goes on with the other images and the map
+        job = q.enqueue_job(s, "train", {"project_id": seeded.project_id, "method": "dra"}, run_id=seeded.run_id)
+        q.claim_next_job(s, "test-worker")
+        q.update_job_progress(s, job.id, **Progress(
+            "Scoring other images", 5, 7, 400, 1316, 90.0, 20.0, 70.0, 0.8, {"loss": float("nan")}).to_dict())
+    at = app("results")
+    notes = [i.value for i in at.info]
+    assert any(n.startswith("Still being computed: heatmaps of the training and unlabelled images and the t-SNE map")
+               and "Stage 5/7 · Scoring other images · 400/1,316 · ETA 1:10" in n for n in notes), notes
+    assert "nan" not in " ".join(notes).lower()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Image AUROC"] != "—"  # the run's numbers are there meanwhile
+
+    with session_scope() as s:  # cancelled in that phase: the run stays, the page says what is missing
+        q.finish_job(s, job.id, "cancelled", "cancelled by the user after the results were stored; the t-SNE map "
+                                             "and the other images' heatmaps were not computed", worker_id="test-worker")
+        assert q.get_run(s, seeded.run_id).status == "done"
+    at = app("results")
+    assert not [i for i in at.info if i.value.startswith("Still being computed")]
+    assert "Not computed: cancelled by the user after the results were stored" in texts(at)

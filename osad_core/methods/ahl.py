@@ -529,7 +529,10 @@ class AHL(Detector):
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.base.model.features(self.base._to_device(x))  # the base's memory layout / pinning
+        # the trained base with BatchNorm folded (the model itself while exporting); the base's
+        # memory layout / pinning
+        model = self.base.model if torch.jit.is_tracing() else self.base._inference_model()
+        return model.features(self.base._to_device(x))
 
     @torch.no_grad()
     def _reference_features(self) -> list[torch.Tensor] | None:
