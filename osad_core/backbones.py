@@ -9,6 +9,7 @@ number is ever reported without the weights that produced it.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -378,15 +379,70 @@ class MultiScaleExtractor(nn.Module):
     def train(self, mode: bool = True):  # noqa: D401 - always frozen
         return super().train(False)
 
+    # Inference runs a copy with every BatchNorm folded into the convolution before it:
+    # frozen BN is a per-channel affine map, and as separate layers it cost a third of
+    # the trunk's CPU time (memory-bound passes over every activation). The copy is kept
+    # out of the module's registry, so state dicts and saved models are unchanged; moving
+    # or reloading the module drops it.
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_folded", None)
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.__dict__.pop("_folded", None)
+        return super().load_state_dict(*args, **kwargs)
+
+    def _inference_copy(self) -> "MultiScaleExtractor":
+        folded = self.__dict__.get("_folded")
+        if folded is None:
+            folded = fold_batchnorm(copy.deepcopy(nn.ModuleDict({"stem": self.stem, "stages": self.stages})))
+            if next(self.parameters()).device.type == "cpu":
+                folded.to(memory_format=torch.channels_last)
+            self.__dict__["_folded"] = folded
+        return folded
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # export the module as it is (onnxruntime folds BN itself); keeps the graph plain
+            run, cpu = {"stem": self.stem, "stages": self.stages}, False
+        else:
+            run, cpu = self._inference_copy(), x.device.type == "cpu"
+        if cpu:  # oneDNN's channels-last kernels: 2-3x faster on a CPU (bench_speed.py --part score)
+            x = x.contiguous(memory_format=torch.channels_last)
         out = []
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages):
+        x = run["stem"](x)
+        for i, stage in enumerate(run["stages"]):
             x = stage(x)
             if i + 1 in self.layers:
-                out.append(x)
+                out.append(x.contiguous() if cpu else x)  # callers get the usual layout
         return out
+
+
+# conv -> BatchNorm attribute pairs of EfficientNet-Lite0's blocks and torchvision's ResNet blocks
+_CONV_BN = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"),
+            ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every eval-mode BatchNorm into the convolution before it, in place (for inference
+    only: the result computes the same function up to float rounding, without the BN layers)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    module.eval()
+    for m in list(module.modules()):
+        for c, b in _CONV_BN:
+            conv, bn = getattr(m, c, None), getattr(m, b, None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(m, c, fuse_conv_bn_eval(conv, bn))
+                setattr(m, b, nn.Identity())
+        if isinstance(m, nn.Sequential):
+            for i in range(len(m) - 1):
+                if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
+                    m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
+                    m[i + 1] = nn.Identity()
+    return module
 
 
 def _check_layers(layers) -> tuple[int, ...]:

@@ -118,15 +118,15 @@ def _protocol(a, seed=None) -> Protocol:
 # progress on the terminal
 # --------------------------------------------------------------------------------------
 def _terminal_callbacks(label: str = ""):
+    from .progress import clock
     from .train import Callbacks
 
     tty = sys.stderr.isatty()
 
     def show(p):
-        line = (f"{label}epoch {p.epoch + 1}/{p.epochs} step {p.step}/{p.steps} loss {p.loss:.3f} "
-                f"elapsed {p.elapsed_s:.0f}s eta {p.eta_s:.0f}s")
+        line = f"{label}{p.text()} · elapsed {clock(p.elapsed_s)}"
         if tty:
-            sys.stderr.write("\r" + line.ljust(90))
+            sys.stderr.write("\r" + line[:120].ljust(120))
             if p.fraction >= 1:
                 sys.stderr.write("\n")
         else:

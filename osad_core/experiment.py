@@ -74,6 +74,28 @@ class RunResult:
         }
 
 
+# The stages a run adds after its detector's training stages (weights: expected shares of
+# the time, for the progress bar). Results first: the held-out images are scored and the
+# run's numbers exist before the training and unlabelled images get their scores, maps
+# and the t-SNE map.
+TRAINING_SHARE = 0.6
+RESULT_STAGES = [("Scoring", 0.15)]
+REST_STAGES = [("Scoring other images", 0.15), ("t-SNE map", 0.05)]
+
+
+def job_plan(det: Detector, saving: bool = False) -> list[tuple[str, float]]:
+    """The whole run's stages: ``det``'s training, scoring, (saving,) the rest (, saving)."""
+    train = det.training_stages()
+    total = sum(w for _, w in train) or 1.0
+    plan = [(name, TRAINING_SHARE * w / total) for name, w in train] + RESULT_STAGES
+    if saving:
+        plan.append(("Saving results", 0.03))
+    plan += REST_STAGES
+    if saving:
+        plan.append(("Saving the map", 0.02))
+    return plan
+
+
 def run_experiment(
     dataset: Dataset,
     protocol: Protocol,
@@ -94,22 +116,46 @@ def run_experiment(
     ``require_test=False`` trains even without a labelled test set (metrics stay empty).
     ``calibration_fraction`` of the training normals is held out from fitting and sets the
     operating point at ``target_frr`` (see :mod:`osad_core.operating_point`).
+    The same as :func:`train_and_score` followed by :func:`score_rest`.
     """
+    res = train_and_score(dataset, protocol, method, preset, overrides, callbacks, require_test,
+                          calibration_fraction, target_frr)
+    return score_rest(res, callbacks, with_tsne, score_train, score_also)
+
+
+def train_and_score(
+    dataset: Dataset,
+    protocol: Protocol,
+    method: str,
+    preset: str = "quick",
+    overrides: dict | None = None,
+    callbacks: Callbacks | None = None,
+    require_test: bool = True,
+    calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
+    target_frr: float = DEFAULT_TARGET_FRR,
+    saving: bool = False,
+) -> RunResult:
+    """The part of a run a person waits for: train, score the held-out test and
+    calibration images, metrics, curves and the operating point. Training images,
+    unlabelled images and the t-SNE map are left to :func:`score_rest`. ``saving``: the
+    caller stores results between the two (its stages join the progress plan)."""
     split = make_split(dataset, protocol, require_test=require_test)
     fit_normal, calibration = split_calibration(split.train_normal, calibration_fraction, protocol.seed)
     split = replace(split, train_normal=fit_normal)
     overrides = dict(overrides or {})
     overrides.setdefault("seed", protocol.seed)
     det = make_detector(method, preset, overrides)
+    cb = callbacks or Callbacks()
+    cb.plan(job_plan(det, saving))
     log.info("%s: %s", dataset.name, split.summary())
     t0 = time.monotonic()
-    det.fit(split.train_normal, split.train_anomalies, callbacks)
+    det.fit(split.train_normal, split.train_anomalies, cb)
     train_s = time.monotonic() - t0
 
-    cb = callbacks or Callbacks()
-    cb.status(f"scoring {len(split.test)} held-out images")
+    bs = det.config.get("test_batch_size", 32)
+    cb.begin("Scoring", len(split.test) + len(calibration), message="held-out images")
     t0 = time.monotonic()
-    pred = det.predict(split.test, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
+    pred = det.predict(split.test, batch_size=bs, callbacks=cb)
     infer_s = time.monotonic() - t0
     metrics = evaluate_prediction(pred.records, pred.scores, pred.maps, split.seen_types,
                                   base_scores=pred.extra.get("base_score"))
@@ -121,8 +167,7 @@ def run_experiment(
 
     cal_pred, op = None, None
     if calibration:
-        cb.status(f"scoring {len(calibration)} held-out normal images for the operating point")
-        cal_pred = det.predict(calibration, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
+        cal_pred = det.predict(calibration, batch_size=bs, callbacks=cb)
         op = conformal_threshold(cal_pred.scores, target_frr)
     if op is not None and op.threshold is None:  # no calibration image was readable
         op = None
@@ -138,30 +183,40 @@ def run_experiment(
         if (labels == 1).any():
             metrics["operating_point_recall_test"] = float(np.mean(pred.scores[labels == 1] >= op.threshold))
     thr = op.threshold if op is not None and op.threshold is not None else best_f1
+    return RunResult(det, split, pred, metrics, crv, thr, None, [], None, None, None,
+                     train_s, infer_s, len(pred.records) / max(infer_s, 1e-9), cal_pred, op, best_f1)
 
-    train_pred = None
+
+def score_rest(res: RunResult, callbacks: Callbacks | None = None, with_tsne: bool = True,
+               score_train: bool = True, score_also: list | None = None) -> RunResult:
+    """Scores, maps and embeddings of the training images (``score_train``) and of
+    ``score_also`` (e.g. unlabelled images), then the t-SNE map of every embedding.
+    Fills ``res`` in place and returns it."""
+    det, split, cb = res.detector, res.split, callbacks or Callbacks()
+    bs = det.config.get("test_batch_size", 32)
+    cb.begin("Scoring other images", (len(split.train) if score_train else 0) + len(score_also or ()))
+    pred, cal_pred = res.prediction, res.calibration_prediction
     emb_recs, embs = list(pred.records), pred.embeddings
     if score_train:
         # training images get scores and embeddings too, so the app can show them on the map
-        cb.status(f"scoring {len(split.train)} training images")
-        train_pred = det.predict(split.train, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
+        res.train_prediction = det.predict(split.train, batch_size=bs, callbacks=cb)
+        train_pred = res.train_prediction
         emb_recs = list(train_pred.records) + emb_recs
         embs = np.concatenate([train_pred.embeddings, pred.embeddings]) if len(train_pred.records) else embs
         if cal_pred is not None and len(cal_pred.records):
             emb_recs = list(cal_pred.records) + emb_recs
             embs = np.concatenate([cal_pred.embeddings, embs])
-    extra_pred = None
     if score_also:
-        cb.status(f"scoring {len(score_also)} unlabelled images")
-        extra_pred = det.predict(score_also, batch_size=det.config.get("test_batch_size", 32), callbacks=callbacks)
-        if len(extra_pred.records):
-            emb_recs += list(extra_pred.records)
-            embs = np.concatenate([embs, extra_pred.embeddings])
+        res.extra_prediction = det.predict(score_also, batch_size=bs, callbacks=cb)
+        if len(res.extra_prediction.records):
+            emb_recs += list(res.extra_prediction.records)
+            embs = np.concatenate([embs, res.extra_prediction.embeddings])
+    res.tsne_records, res.tsne_embeddings = emb_recs, embs
     if with_tsne:
-        cb.status(f"t-SNE of {len(embs)} embeddings")
-    coords = tsne_2d(embs, seed=protocol.seed) if with_tsne else None
-    return RunResult(det, split, pred, metrics, crv, thr, coords, emb_recs, embs, train_pred, extra_pred,
-                     train_s, infer_s, len(pred.records) / max(infer_s, 1e-9), cal_pred, op, best_f1)
+        cb.begin("t-SNE map", 1, message=f"{len(embs):,} embeddings")
+        res.tsne = tsne_2d(embs, seed=split.protocol.seed)
+        cb.advance(1, force=True)
+    return res
 
 
 def metric_detail(name: str) -> str:

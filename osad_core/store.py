@@ -141,10 +141,22 @@ class JobGone(Exception):
     were stored; nothing of the run was written."""
 
 
+def _prepared_results(res, id_of: dict[str, int]) -> dict:
+    """Metrics, curves and per-image rows of ``res``, encoded outside any transaction."""
+    from db import queries as q
+
+    det = res.detector
+    metrics = {k: (v, METRIC_DETAILS.get(k)) for k, v in res.metrics.items()}
+    metrics["test_images_per_s"] = (res.images_per_s, f"inference throughput on {det.device_name}")
+    rows = result_rows(res, id_of)
+    allmaps = np.stack([r["heatmap"] for r in rows]) if rows else np.zeros((1, 1, 1))
+    return q.prepare_run_results(metrics, res.curves, rows, heatmap_range=(float(allmaps.min()), float(allmaps.max())))
+
+
 def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None = None,
                model_path: str | Path | None = None, run_id: int | None = None, url: str | None = None,
                job_id: int | None = None, worker_id: str | None = None,
-               created_by: str | None = None) -> int:
+               created_by: str | None = None, finish_job: bool = True) -> int:
     """Store a finished run (metrics, curves, per-image scores, maps, embeddings, t-SNE).
 
     The protocol that keeps a run either whole or absent: the model file must already
@@ -155,7 +167,8 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
     missing. With ``job_id`` the transaction first checks that the job still runs for
     ``worker_id`` and was not cancelled; otherwise it raises :class:`JobGone` or
     ``TrainingCancelled`` and writes nothing. ``created_by`` names who made a new run
-    (a run queued by the app already has it).
+    (a run queued by the app already has it). ``finish_job=False`` leaves the job running
+    for a later phase (:func:`record_rest`); the run is ``done`` all the same.
     """
     from db import init_db, session_scope
     from db import queries as q
@@ -193,12 +206,7 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
         n_test=summary["n_test"], seen_defect_types=res.split.seen_types, threshold=res.threshold,
         model_path=str(model_path) if model_path else None,
     )
-    metrics = {k: (v, METRIC_DETAILS.get(k)) for k, v in res.metrics.items()}
-    metrics["test_images_per_s"] = (res.images_per_s, f"inference throughput on {det.device_name}")
-    rows = result_rows(res, id_of)
-    allmaps = np.stack([r["heatmap"] for r in rows]) if rows else np.zeros((1, 1, 1))
-    prepared = q.prepare_run_results(metrics, res.curves, rows,
-                                     heatmap_range=(float(allmaps.min()), float(allmaps.max())))
+    prepared = _prepared_results(res, id_of)
 
     def write(s) -> int:
         rid = run_id
@@ -217,9 +225,45 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
         q.write_run_results(s, rid, prepared)
         if not q.train_log(s, rid):  # the worker logs live; the CLI logs here, once
             for h in det.history:
+                if not np.isfinite(h.get("loss", np.nan)):  # a stage without a loss (AHL's feature cache)
+                    continue
                 q.add_train_log(s, rid, h["epoch"], None, h["loss"], h["elapsed_s"])
-        if job_id is not None:
+        if job_id is not None and finish_job:
             q.finish_job(s, job_id, "done", worker_id=worker_id)
         return rid
 
     return with_retry(write, url=url, deadline_s=600, what="storing the run's results")
+
+
+def record_rest(res, run_id: int, url: str | None = None, job_id: int | None = None,
+                worker_id: str | None = None) -> None:
+    """Store the later phase of a done run (training and unlabelled images' scores, maps
+    and embeddings, t-SNE coordinates of every image) and finish its job, in one
+    transaction. A crash before it leaves the run as :func:`record_run` stored it."""
+    from db import session_scope
+    from db import queries as q
+    from db.retry import with_retry
+
+    from .train import TrainingCancelled
+
+    with session_scope(url) as s:
+        run = q.get_run(s, run_id)
+        if run is None:
+            raise JobGone(f"run {run_id} was deleted")
+        id_of = {im.path: im.id for im in q.get_images(s, run.project_id)}
+    prepared = _prepared_results(res, id_of)
+
+    def write(s) -> None:
+        if job_id is not None:
+            job = q.get_job(s, job_id)
+            if job is None or job.status != "running" or (worker_id and job.worker_id != worker_id):
+                raise JobGone(f"job {job_id} is gone or no longer this worker's")
+            if job.cancel_requested:
+                raise TrainingCancelled("cancelled while saving the map")
+        if q.get_run(s, run_id) is None:
+            raise JobGone(f"run {run_id} was deleted")
+        q.write_run_results(s, run_id, prepared)
+        if job_id is not None:
+            q.finish_job(s, job_id, "done", worker_id=worker_id)
+
+    with_retry(write, url=url, deadline_s=600, what="storing the run's map")

@@ -16,11 +16,13 @@ import logging
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
+
+from .progress import Plan, Progress, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -68,30 +70,15 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
 
 
-@dataclass
-class Progress:
-    epoch: int
-    epochs: int
-    step: int  # step within the epoch, 1-based
-    steps: int
-    loss: float
-    elapsed_s: float
-    eta_s: float
-    message: str = ""
-
-    @property
-    def fraction(self) -> float:
-        done = (self.epoch * self.steps + self.step)
-        return min(1.0, done / max(1, self.epochs * self.steps))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["fraction"] = self.fraction
-        return d
-
-
 class Callbacks:
     """Progress reporting and cancellation; the CLI, worker and tests subclass or pass functions.
+
+    Progress is stage-aware (:mod:`osad_core.progress`): a job's plan of stages is set
+    once (:meth:`plan`; the first caller wins, so the job's plan is not replaced by the
+    training stages of the detector it runs), :meth:`begin` starts a stage and
+    :meth:`advance` reports steps within it. ``on_progress`` gets a :class:`Progress`
+    at most every ``every_s`` seconds, and always at a stage's start, an epoch's end and
+    a :meth:`status` message.
 
     ``checkpoint_path``: where :func:`run_loop` keeps a resumable checkpoint of a method
     that supports it (written atomically after every epoch, read at the start);
@@ -100,17 +87,41 @@ class Callbacks:
 
     def __init__(self, on_progress: Callable[[Progress], None] | None = None,
                  should_stop: Callable[[], bool] | None = None, every_s: float = 1.0,
-                 on_status: Callable[[str], None] | None = None,
                  checkpoint_path: str | os.PathLike | None = None,
                  on_checkpoint: Callable[[int], None] | None = None):
         self._on_progress = on_progress
         self._should_stop = should_stop
-        self._on_status = on_status
         self.every_s = every_s
         self.checkpoint_path = checkpoint_path
         self.on_checkpoint = on_checkpoint
         self.resumed_from: int | None = None  # epochs restored from a checkpoint, if any
+        self.tracker = Tracker()
         self._last = 0.0
+
+    def plan(self, stages: Plan, replace: bool = False) -> None:
+        """Set the job's stages unless a plan was set already (or ``replace``)."""
+        if replace or not self.tracker.planned:
+            self.tracker.set_plan(stages)
+
+    def begin(self, stage: str, total: int = 0, done: int = 0, message: str = "") -> None:
+        """Start ``stage`` with ``total`` steps (``done`` of them already, e.g. after a resume)."""
+        self.tracker.begin(stage, total, done)
+        self.progress(self.tracker.snapshot(message=message), force=True)
+
+    def advance(self, step: int, total: int | None = None, metrics: dict | None = None, force: bool = False,
+                **fields) -> None:
+        """``step`` of the current stage's ``total`` are done; ``metrics`` e.g. {"loss": 0.4};
+        ``fields``: epoch, epochs, curve_point, message (see :class:`Progress`)."""
+        if self._on_progress and (force or time.monotonic() - self._last >= self.every_s):
+            self.progress(self.tracker.advance(step, total, metrics, **fields), force=True)
+        else:  # between reports only the count moves (it sets the next report's ETA)
+            self.tracker.step = int(step)
+            if total is not None:
+                self.tracker.total = int(total)
+
+    def add(self, n: int) -> None:
+        """``n`` more steps of the current stage are done."""
+        self.advance(self.tracker.step + int(n))
 
     def progress(self, p: Progress, force: bool = False) -> None:
         now = time.monotonic()
@@ -119,9 +130,8 @@ class Callbacks:
             self._on_progress(p)
 
     def status(self, message: str) -> None:
-        """A phase that is not a training step (scoring, t-SNE, saving): say what is happening."""
-        if self._on_status:
-            self._on_status(message)
+        """Say what is happening within the current stage (always reported)."""
+        self.progress(self.tracker.snapshot(message=message), force=True)
 
     def check_cancel(self) -> None:
         if self._should_stop and self._should_stop():
@@ -216,15 +226,18 @@ def run_loop(
     steps: int,
     callbacks: Callbacks | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
-    message: str = "",
+    stage: str = "Training",
     resumable: Resumable | None = None,
+    curve_offset: int = 0,
 ) -> list[dict]:
     """Run ``step_fn(epoch, step)`` for epochs x steps, reporting progress and honouring cancel.
 
     With ``resumable`` and ``callbacks.checkpoint_path`` the loop writes a checkpoint
     after every epoch and, when one is there at the start, continues after its last
     epoch with the state restored; the result equals an uninterrupted run's.
-    Returns the per-epoch mean loss history.
+    Progress is reported as ``stage`` with epochs x steps steps; each epoch's end is a
+    point ``curve_offset + epoch`` of the job's loss curve. Returns the per-epoch mean
+    loss history.
     """
     cb = callbacks or Callbacks()
     ckpt_path = cb.checkpoint_path if resumable is not None else None
@@ -240,6 +253,7 @@ def run_loop(
         cb.resumed_from = first
         log.info("resuming after epoch %d/%d from %s", first, epochs, ckpt_path)
     total = epochs * steps
+    cb.begin(stage, total, done=first * steps)
     for epoch in range(first, epochs):
         if on_epoch_start:
             on_epoch_start(epoch)
@@ -250,11 +264,10 @@ def run_loop(
             if not np.isfinite(loss):
                 raise FloatingPointError(f"training diverged (loss {loss}) at epoch {epoch + 1}, step {step + 1}")
             losses.append(loss)
-            done = epoch * steps + step + 1
-            el = time.monotonic() - t0
+            end = step == steps - 1
             # epoch ends are always reported: the worker's loss log keeps one point per epoch
-            cb.progress(Progress(epoch, epochs, step + 1, steps, loss, el, el / done * (total - done), message),
-                        force=(step == steps - 1))
+            cb.advance(epoch * steps + step + 1, total, {"loss": loss}, force=end, epoch=epoch, epochs=epochs,
+                       curve_point=curve_offset + epoch if end else None)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "elapsed_s": time.monotonic() - t0})
         log.info("epoch %d/%d loss %.4f", epoch + 1, epochs, history[-1]["loss"])
         if ckpt_path:

@@ -32,7 +32,8 @@ A worker that starts finds jobs of dead workers on its own host at once (their p
 gone) instead of waiting for the heartbeat to age.
 
 Crash safety: writes are short and retried (:mod:`db.retry`); a run is stored with its
-model in one transaction that also finishes the job (:func:`osad_core.store.record_run`);
+model and held-out results in one transaction (:func:`osad_core.store.record_run`), the
+later images and the t-SNE map in a second one that also finishes the job;
 every epoch a checkpoint is written, so a re-queued job resumes (see
 :mod:`osad_core.artefacts`). Re-queue rule: see :func:`db.queries.recover_stale_jobs`
 (``OSAD_JOB_MAX_ATTEMPTS`` crashes without progress, default 2).
@@ -173,17 +174,20 @@ class _Ended(Exception):
 def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id: str) -> tuple[str, str | None]:
     """Run one training job in this process; returns (final status, error message).
 
-    On success the run and the job's end are stored together by ``record_run``.
+    Two phases, each stored in one transaction: ``record_run`` stores the run as done
+    with its held-out results (the Results page shows them from then on); ``record_rest``
+    adds the training and unlabelled images and the t-SNE map, and ends the job. What
+    stops the job in the second phase ends only the job: the run stays done.
     """
     from db import data_dir, session_scope
     from db import queries as q
     from db.retry import with_retry
 
     from . import artefacts
-    from .experiment import run_experiment
+    from .experiment import score_rest, train_and_score
     from .protocol import Protocol
-    from .store import JobGone, record_run
-    from .train import Callbacks
+    from .store import JobGone, record_rest, record_run
+    from .train import Callbacks, TrainingCancelled
 
     with session_scope() as s:
         ds = project_dataset(s, int(payload["project_id"]))
@@ -201,9 +205,10 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
             raise JobGone(str(exc)) from None
 
     def on_progress(p):
+        # the whole progress each time: keys of an earlier stage (its epochs) must not linger
         write_progress("progress update", **p.to_dict())
-        if run_id is not None and p.step == p.steps:
-            with_retry(lambda s: q.add_train_log(s, run_id, p.epoch, p.step, p.loss, p.elapsed_s),
+        if run_id is not None and p.curve_point is not None and p.loss is not None:
+            with_retry(lambda s: q.add_train_log(s, run_id, p.curve_point, p.step, p.loss, p.elapsed_s),
                        deadline_s=10, what="loss log", give_up=None)
 
     def should_stop() -> bool:
@@ -220,21 +225,72 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
         write_progress("checkpoint note", checkpoint_epoch=epochs_done)
 
     ckpt = artefacts.checkpoint_path(data_dir(), job_id)
-    cb = Callbacks(on_progress, should_stop, every_s=1.0, on_status=lambda m: write_progress("status", message=m),
-                   checkpoint_path=ckpt, on_checkpoint=on_checkpoint)
-    res = run_experiment(ds, proto, payload["method"], payload.get("preset", "quick"), payload.get("overrides"),
-                         cb, with_tsne=True, score_train=True, score_also=unlabeled, require_test=False)
+    cb = Callbacks(on_progress, should_stop, every_s=1.0, checkpoint_path=ckpt, on_checkpoint=on_checkpoint)
+    # results first: what the Results page needs (held-out scores, metrics, curves, the
+    # operating point) is stored as a done run before the other images and the t-SNE map
+    res = train_and_score(ds, proto, payload["method"], payload.get("preset", "quick"), payload.get("overrides"),
+                          cb, require_test=False, saving=True)
     cb.check_cancel()
-    resumed = {"resumed_from_epoch": cb.resumed_from} if cb.resumed_from else {}
-    message = "saving results"
-    if res.skipped:  # unreadable images never fail a job; the job says how many were left out
-        message = f"skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}"
-    write_progress("status", message=message, fraction=1.0, **resumed)
+    if cb.resumed_from:
+        write_progress("resume note", resumed_from_epoch=cb.resumed_from)
+    def skipped_note() -> str:  # unreadable images never fail a job; the job says how many were left out
+        return f"skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}" if res.skipped else ""
+
+    cb.begin("Saving results", 1, message=skipped_note())
     model_path = artefacts.model_path(data_dir(), run_id or job_id)
     res.detector.save(model_path)  # atomic: a kill never leaves half a model under that name
-    record_run(res, ds, source="app", run_id=run_id, model_path=model_path, job_id=job_id, worker_id=worker_id)
+    run_id = record_run(res, ds, source="app", run_id=run_id, model_path=model_path, job_id=job_id,
+                        worker_id=worker_id, finish_job=False)
     ckpt.unlink(missing_ok=True)
+    # The run is done from here on: whatever happens below (a crash, a cancel, an error)
+    # leaves it and its model as stored, and ends only the job.
+    try:
+        score_rest(res, cb, with_tsne=True, score_train=True, score_also=unlabeled)
+        cb.begin("Saving the map", 1, message=skipped_note())  # the job's last word
+        record_rest(res, run_id, job_id=job_id, worker_id=worker_id)
+    except (_SupervisorGone, JobGone, q.RowGone):
+        raise
+    except TrainingCancelled:
+        return _finish_late(job_id, worker_id, "cancelled", "cancelled by the user after the results were stored; "
+                                                            "the t-SNE map and the other images' heatmaps were not computed")
+    except Exception as exc:
+        log.error("job %s: the run is stored, its later phase failed:\n%s", job_id, traceback.format_exc())
+        return _finish_late(job_id, worker_id, "failed", f"the results are stored, but the t-SNE map and the other "
+                                                         f"images' heatmaps failed: {exc.__class__.__name__}: {exc}")
     return "done", None
+
+
+def _finish_late(job_id: int, worker_id: str, status: str, error: str) -> tuple[str, str]:
+    """End a job whose run is already done (the run stays done, see ``finish_job``)."""
+    from db import queries as q
+    from db.retry import with_retry
+
+    try:
+        with_retry(lambda s: q.finish_job(s, job_id, status, error, worker_id=worker_id), deadline_s=600,
+                   what="final job status")
+    except q.RowGone:
+        pass
+    return status, error
+
+
+def discard_unfinished(job_id: int, run_id: int | None) -> None:
+    """Remove a stopped job's checkpoint, and its run's model file unless the run is done
+    (a job stopped in its later phase keeps its run)."""
+    from db import data_dir, session_scope
+    from db import queries as q
+
+    from . import artefacts
+
+    if run_id is not None:
+        try:
+            with session_scope() as s:
+                run = q.get_run(s, run_id)
+                if run is not None and run.status == "done":
+                    run_id = None
+        except Exception as exc:  # unsure: keep the file; the start-up sweep removes it if orphaned
+            log.warning("could not look up run %s: %s", run_id, exc)
+            run_id = None
+    artefacts.discard_job_files(data_dir(), job_id, run_id)
 
 
 def run_job_process(job_id: int, worker_id: str) -> int:
@@ -284,7 +340,7 @@ def run_job_process(job_id: int, worker_id: str) -> int:
     except Exception as exc:
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         status, error = "failed", f"{exc.__class__.__name__}: {exc}"
-    artefacts.discard_job_files(data_dir(), job_id, job.run_id)
+    discard_unfinished(job_id, job.run_id)
     try:
         with_retry(lambda s: q.finish_job(s, job_id, status, error, worker_id=worker_id), deadline_s=600,
                    what="final job status")
@@ -371,7 +427,7 @@ def supervise(job, worker_id: str, beat: _Heartbeat | None = None, executor=None
         if beat:
             beat.jobs.discard(job.id)
     if verdict is not None:
-        artefacts.discard_job_files(data_dir(), job.id, job.run_id)
+        discard_unfinished(job.id, job.run_id)
         try:
             with_retry(lambda s: q.finish_job(s, job.id, verdict[0], verdict[1], worker_id=worker_id),
                        deadline_s=600, what="final job status")

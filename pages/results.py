@@ -353,6 +353,25 @@ def details_tab(run, details: dict) -> None:
         st.json({"config": run.config_json, "protocol": run.protocol_json}, expanded=False)
 
 
+@st.fragment(run_every=2.0)
+def _later_phase_poll(run_id: int) -> None:
+    state = training.later_phase(run_id)
+    if state is None or not state["running"]:
+        st.rerun(scope="app")  # the map and the other heatmaps just arrived (or will not)
+    st.info(state["text"], icon=":material/hourglass_top:")
+
+
+def later_phase_notice(run_id: int) -> None:
+    """The run's numbers are final; say what its job is still adding (polled only then)."""
+    state = training.later_phase(run_id)
+    if state is None:
+        return
+    if state["running"]:
+        _later_phase_poll(run_id)
+    else:
+        st.caption(f":material/info: {state['text']}")
+
+
 def main() -> None:
     project = common.require_project()
     if project is None:
@@ -386,6 +405,7 @@ def main() -> None:
     with session_scope() as s:
         details = q.run_metric_details(s, run.id)
     headline(run, details)
+    later_phase_notice(run.id)
     df = _scores(run.id)
     tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Labelling rounds",
                     "Details"])

@@ -1,7 +1,7 @@
 """Train: one form, one button. The page queues a job; a worker process trains.
 
-Job cards poll the job rows (a fragment, so only the cards refresh): epoch/step, loss,
-elapsed and remaining time, a loss sparkline, Cancel. Reloading the page or closing the
+Job cards poll the job rows (a fragment, so only the cards refresh): the stage and its
+step counter, loss, elapsed time and the stage's ETA, a loss sparkline, Cancel. Reloading the page or closing the
 browser loses nothing — the job lives in the database and the worker is its own process.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from db import session_scope
 from db import queries as q
 from osad_core.data import DataError
 from osad_core.names import DEFAULT_METHOD
+from osad_core.progress import finite_metrics, progress_text
 from ui import auth, common, figures, fmt, training
 
 PRESET_ORDER = ("quick", "paper", "tiny")
@@ -147,20 +148,19 @@ def job_card(j: dict) -> None:
         if j["status"] != "running":
             return
         frac = float(p.get("fraction") or 0.0)
-        msg = p.get("message") or ("starting…" if not p else "")
-        if frac >= 0.999 and msg != "saving results":
-            msg = "training finished · scoring the images, computing the t-SNE map…"
-        elif msg == "saving results":
-            msg = "saving scores, heatmaps and the model…"
-        st.progress(min(1.0, max(0.0, frac)), text=f"{frac * 100:.0f} %" + (f" · {msg}" if msg else ""))
+        st.progress(min(1.0, max(0.0, frac)), text=f"{frac * 100:.0f} % · {progress_text(p)}")
         c = st.columns(5)
-        if p.get("epochs"):
-            c[0].metric("Epoch", f"{int(p.get('epoch', 0)) + 1} / {p['epochs']}")
-        if p.get("steps"):
-            c[1].metric("Step", f"{p.get('step', 0)} / {p['steps']}")
-        c[2].metric("Loss", fmt.num(p.get("loss"), 4))
+        if p.get("stage"):
+            c[0].metric("Stage", f"{p.get('stage_index', 1)} / {p.get('stage_count', 1)}", help=p["stage"])
+        if p.get("total"):
+            c[1].metric("Step in stage", f"{int(p.get('step') or 0):,} / {int(p['total']):,}")
+        loss = finite_metrics(p.get("metrics")).get("loss")
+        if loss is not None:
+            c[2].metric("Loss", fmt.num(loss, 4), help="training loss of the last step")
         c[3].metric("Elapsed", fmt.duration_short(p.get("elapsed_s")))
-        c[4].metric("Remaining (est.)", fmt.duration_short(p.get("eta_s")))
+        if p.get("eta_s") is not None:
+            c[4].metric("Stage ETA", fmt.duration_short(p.get("eta_s")),
+                        help="time left in this stage, from its pace so far")
         if j["run_id"]:
             with session_scope() as s:
                 log = q.train_log(s, j["run_id"])

@@ -262,10 +262,16 @@ def test_tiny_ahl_dra_run_reports_every_stage_predicts_and_round_trips(mvtec_dir
     cb = Callbacks(on_progress=seen.append, every_s=0)
     det = make_detector("ahl", "tiny", dict(TINY, n_episodes=3)).fit(sp.train_normal, sp.train_anomalies, cb)
 
-    stages = [p.stage for p in seen]
-    assert [s.split(":")[0] for s in dict.fromkeys(stages)] == ["stage 1/3", "stage 2/3", "stage 3/3"]
+    stages = [(p.stage_index, p.stage_count, p.stage) for p in seen]
+    assert list(dict.fromkeys(stages)) == [(1, 3, "Base model (DRA)"), (2, 3, "Feature cache"), (3, 3, "AHL heads")]
+    cache = [p for p in seen if p.stage == "Feature cache"]
+    assert cache[-1].step == cache[-1].total > 1 and all(p.metrics == {} for p in cache)  # no loss, never nan
+    assert all("nan" not in p.text() for p in seen)
     fr = [p.fraction for p in seen]
     assert fr == sorted(fr) and fr[-1] == 1.0
+    # the loss curve runs on across stages as the history does: base epoch 0, no point for the cache (1), AHL 2-4
+    assert [p.curve_point for p in seen if p.curve_point is not None] == [h["epoch"] for h in det.history
+            if h["stage"] != "cache"] == [0, 2, 3, 4]
     assert set(det.stage_seconds) == {"base", "cache", "ahl"} and all(v > 0 for v in det.stage_seconds.values())
     assert [h["stage"] for h in det.history] == ["base", "cache", "ahl", "ahl", "ahl"]
     assert [h["epoch"] for h in det.history] == [0, 1, 2, 3, 4]

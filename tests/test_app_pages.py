@@ -644,21 +644,34 @@ def test_train_without_normal_images_is_refused_and_queues_nothing(tmp_path):
 def test_training_job_progress_card(seeded):
     from db import session_scope
     from db import queries as q
+    from osad_core.progress import Progress
 
     with session_scope() as s:
         run = q.create_run(s, 1, "dra", "quick", {}, {"setting": "general", "shots": 2, "seed": 1}, "app")
         job = q.enqueue_job(s, "train", {"project_id": 1, "method": "dra"}, run_id=run.id)
         q.claim_next_job(s, "test-worker")
-        q.update_job_progress(s, job.id, epoch=2, epochs=10, step=5, steps=10, loss=0.4321, elapsed_s=75,
-                              eta_s=300, fraction=0.25, message="training")
+        q.update_job_progress(s, job.id, **Progress(
+            "Training", 1, 4, 25, 100, 75.0, 70.0, 300.0, 0.25, {"loss": 0.4321}, epoch=2, epochs=10).to_dict())
         q.add_train_log(s, run.id, 0, 10, 0.9, 30)
         q.add_train_log(s, run.id, 1, 10, 0.6, 60)
     at = app("train")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Epoch"] == "3 / 10" and metrics["Step"] == "5 / 10"
-    assert metrics["Loss"] == "0.4321" and metrics["Elapsed"] == "1m 15s" and metrics["Remaining (est.)"] == "5m 00s"
-    assert any(p.value == 25 for p in at.get("progress")) or at.get("progress")
+    assert metrics["Stage"] == "1 / 4" and metrics["Step in stage"] == "25 / 100"
+    assert metrics["Loss"] == "0.4321" and metrics["Elapsed"] == "1m 15s" and metrics["Stage ETA"] == "5m 00s"
+    bar = at.get("progress")[0].proto
+    assert bar.value == 25 and bar.text == "25 % · Stage 1/4 · Training · 25/100 · epoch 3/10 · loss 0.4321 · ETA 5:00"
     assert any("loss" in json.dumps(c) for c in charts(at))
+
+    # a stage without a loss (AHL's feature cache): no Loss metric and no "nan" anywhere
+    with session_scope() as s:
+        q.update_job_progress(s, job.id, **Progress(
+            "Feature cache", 2, 3, 40, 120, 80.0, 10.0, 35.0, 0.55, {"loss": float("nan")}).to_dict())
+    at = app("train")
+    metrics = {m.label: m.value for m in at.metric}
+    assert "Loss" not in metrics and metrics["Stage"] == "2 / 3" and metrics["Step in stage"] == "40 / 120"
+    text = at.get("progress")[0].proto.text
+    assert text == "55 % · Stage 2/3 · Feature cache · 40/120 · ETA 0:35"
+    assert "nan" not in json.dumps([m.value for m in at.metric]).lower() and "nan" not in text.lower()
 
 
 # --- results ------------------------------------------------------------------------------------
@@ -911,3 +924,30 @@ def test_inspect_exports_the_model_for_a_line_pc(seeded):
     assert any(lbl.startswith("run_1_dra.onnx.json (manifest") for lbl in labels)
     man = _json.loads((data_dir() / "exports" / "run_1_dra.onnx.json").read_text())
     assert man["method"] == "dra" and man["operating_point"]["n_calibration"] == 2
+
+
+def test_results_say_what_the_job_of_a_done_run_is_still_computing(seeded):
+    from db import session_scope
+    from db import queries as q
+    from osad_core.progress import Progress
+
+    with session_scope() as s:  # the run is done; its job goes on with the other images and the map
+        job = q.enqueue_job(s, "train", {"project_id": seeded.project_id, "method": "dra"}, run_id=seeded.run_id)
+        q.claim_next_job(s, "test-worker")
+        q.update_job_progress(s, job.id, **Progress(
+            "Scoring other images", 5, 7, 400, 1316, 90.0, 20.0, 70.0, 0.8, {"loss": float("nan")}).to_dict())
+    at = app("results")
+    notes = [i.value for i in at.info]
+    assert any(n.startswith("Still being computed: heatmaps of the training and unlabelled images and the t-SNE map")
+               and "Stage 5/7 · Scoring other images · 400/1,316 · ETA 1:10" in n for n in notes), notes
+    assert "nan" not in " ".join(notes).lower()
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Image AUROC"] != "—"  # the run's numbers are there meanwhile
+
+    with session_scope() as s:  # cancelled in that phase: the run stays, the page says what is missing
+        q.finish_job(s, job.id, "cancelled", "cancelled by the user after the results were stored; the t-SNE map "
+                                             "and the other images' heatmaps were not computed", worker_id="test-worker")
+        assert q.get_run(s, seeded.run_id).status == "done"
+    at = app("results")
+    assert not [i for i in at.info if i.value.startswith("Still being computed")]
+    assert "Not computed: cancelled by the user after the results were stored" in texts(at)

@@ -91,3 +91,32 @@ def test_failed_download_stays_quiet_and_falls_through(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
     assert "Downloading" in caplog.text and "no network" in caplog.text  # kept, in the log
     assert backbones._torchvision_state("resnet18", allow_download=True) == (None, None)  # asked once
+
+
+def test_frozen_extractor_infers_with_batchnorm_folded_and_saves_as_before():
+    import torch
+
+    from osad_core.backbones import build_multiscale
+
+    torch.manual_seed(0)
+    ext, _ = build_multiscale("resnet18", "random", None, (2, 3))
+    for m in ext.modules():  # non-trivial BN statistics, as a pretrained trunk has
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    keys = set(ext.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h, plain = ext.stem(x), []
+        for i, stage in enumerate(ext.stages):
+            h = stage(h)
+            if i + 1 in ext.layers:
+                plain.append(h)
+    out = ext(x)
+    assert "_folded" in ext.__dict__ and set(ext.state_dict()) == keys  # the copy is not part of the model
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ext.__dict__["_folded"].modules())
+    for a, b in zip(out, plain):
+        assert b.shape == a.shape and a.is_contiguous()
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    ext.load_state_dict(ext.state_dict())  # reloading (or moving) drops the copy
+    assert "_folded" not in ext.__dict__

@@ -221,5 +221,26 @@ def active_jobs(project_id: int | None = None, kind: str = "train") -> list[dict
     return out
 
 
-__all__ = ["TrainRequest", "Availability", "SETTING_HINTS", "availability", "check", "enqueue", "retrain",
+def later_phase(run_id: int) -> dict[str, Any] | None:
+    """What is still being computed for a done run, or what did not get computed.
+
+    A run is stored as done with its held-out results first; its job then goes on with
+    the training and unlabelled images' heatmaps and the t-SNE map. Returns None when
+    nothing is pending or missing, else ``{"running": bool, "text": str}``."""
+    from osad_core.progress import progress_text
+
+    with session_scope() as s:
+        job = q.latest_job_for_run(s, run_id)
+        if job is None:
+            return None
+        if job.status == "running" and not job.cancel_requested:
+            text = ("Still being computed: heatmaps of the training and unlabelled images and the t-SNE map — "
+                    + progress_text(dict(job.progress_json or {})))
+            return {"running": True, "text": text}
+        if job.status in ("failed", "cancelled") and job.error:
+            return {"running": False, "text": f"Not computed: {job.error}"}
+    return None
+
+
+__all__ = ["TrainRequest", "later_phase", "Availability", "SETTING_HINTS", "availability", "check", "enqueue", "retrain",
            "request_for_run", "cancel", "active_jobs", "maybe_start_worker", "autostart_enabled"]

@@ -58,7 +58,7 @@ from torch.func import functional_call
 from .. import augment
 from ..data import IMAGE_CACHE, DataError
 from ..losses import DEV_MARGIN, deviation_loss
-from ..train import Callbacks, InfiniteStream, Progress, run_loop, seed_everything
+from ..train import Callbacks, InfiniteStream, run_loop, seed_everything
 from .base import REGISTRY, Detector, Prediction, make_detector, register
 
 log = logging.getLogger(__name__)
@@ -145,48 +145,6 @@ CHOICES = dict(
     psi_error=("paper", "code"),
     psi_score_scale=("margin", "raw"),
 )
-
-
-# --------------------------------------------------------------------------------------
-# progress over the three stages
-# --------------------------------------------------------------------------------------
-@dataclass
-class StagedProgress(Progress):
-    stage: str = ""
-    overall: float = 0.0
-
-    @property
-    def fraction(self) -> float:
-        return self.overall
-
-
-class _StageCallbacks(Callbacks):
-    """Maps one stage's progress into its share [lo, hi] of the whole run.
-
-    Epochs are numbered across stages (base epochs, one slot for the cache, AHL epochs), so
-    the loss log of a run reads as one curve.
-    """
-
-    def __init__(self, outer: Callbacks | None, stage: str, lo: float, hi: float, epoch_offset: int,
-                 total_epochs: int):
-        super().__init__()
-        self.outer, self.stage, self.lo, self.hi = outer, stage, lo, hi
-        self.epoch_offset, self.total_epochs = epoch_offset, total_epochs
-
-    def progress(self, p: Progress, force: bool = False) -> None:
-        if self.outer is None:
-            return
-        frac = self.lo + (self.hi - self.lo) * min(1.0, max(0.0, p.fraction))
-        msg = f"{self.stage}: {p.message}" if p.message else self.stage
-        self.outer.progress(StagedProgress(p.epoch + self.epoch_offset, self.total_epochs, p.step, p.steps, p.loss,
-                                           p.elapsed_s, p.eta_s, msg, stage=self.stage, overall=frac), force)
-
-    def announce(self, message: str, steps: int = 1) -> None:
-        self.progress(Progress(0, 1, 0, max(1, steps), float("nan"), 0.0, 0.0, message), force=True)
-
-    def check_cancel(self) -> None:
-        if self.outer is not None:
-            self.outer.check_cancel()
 
 
 # --------------------------------------------------------------------------------------
@@ -571,7 +529,10 @@ class AHL(Detector):
 
     @torch.no_grad()
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.base.model.features(self.base._to_device(x))  # the base's memory layout / pinning
+        # the trained base with BatchNorm folded (the model itself while exporting); the base's
+        # memory layout / pinning
+        model = self.base.model if torch.jit.is_tracing() else self.base._inference_model()
+        return model.features(self.base._to_device(x))
 
     @torch.no_grad()
     def _reference_features(self) -> list[torch.Tensor] | None:
@@ -581,6 +542,11 @@ class AHL(Detector):
         self.base.model.eval()
         return [f.mean(0, keepdim=True) for f in self._features(ref)]
 
+    def training_stages(self):
+        base = {"dra": "DRA", "devnet": "DevNet"}.get(self.config["base"], self.config["base"])
+        return [(f"Base model ({base})", 0.5),
+                ("Feature cache", 0.1), ("AHL heads", 0.4)]
+
     # -- fit -----------------------------------------------------------------------------
     def fit(self, train_normal, train_anomalies, callbacks: Callbacks | None = None):
         c = self.config
@@ -589,23 +555,13 @@ class AHL(Detector):
         t_start = time.monotonic()
         self.base = self._make_base()
         base_epochs = int(self.base.config["epochs"])
-        total_epochs = base_epochs + 1 + int(c["epochs"])
-        stage_a = _StageCallbacks(callbacks, f"stage 1/3: training the {c['base']} base model", 0.0, 0.5, 0,
-                                  total_epochs)
-        stage_b = _StageCallbacks(callbacks, "stage 2/3: caching backbone features", 0.5, 0.6, base_epochs,
-                                  total_epochs)
-        stage_c = _StageCallbacks(callbacks, "stage 3/3: AHL heads (HADG, CDL, ψ)", 0.6, 1.0, base_epochs + 1,
-                                  total_epochs)
+        cb = self.progress_callbacks(callbacks)
 
         # A. the base model, with its own recipe. Only this stage checkpoints: a re-run job
         # resumes or skips it; the cache and the AHL heads are rebuilt from the base model.
-        if callbacks is not None:
-            stage_a.checkpoint_path, stage_a.on_checkpoint = callbacks.checkpoint_path, callbacks.on_checkpoint
-        stage_a.announce("starting")
+        self.base.stage_name = self.training_stages()[0][0]
         t0 = time.monotonic()
-        self.base.fit(train_normal, train_anomalies, stage_a)
-        if callbacks is not None:
-            callbacks.resumed_from = stage_a.resumed_from
+        self.base.fit(train_normal, train_anomalies, cb)
         self.stage_seconds = {"base": time.monotonic() - t0}
         self.backbone_info = self.base.backbone_info
         self.device, self.device_name = self.base.device, self.base.device_name
@@ -616,14 +572,14 @@ class AHL(Detector):
         normals, _, _ = IMAGE_CACHE.load_many(train_normal, c["image_size"])
         anomalies, _, _ = IMAGE_CACHE.load_many(train_anomalies, c["image_size"])
         layout = CacheLayout(len(normals), len(anomalies), tuple(c["generators"]))
-        self.cache = self._build_cache(normals, anomalies, layout, stage_b)
+        self.cache = self._build_cache(normals, anomalies, layout, cb)
         self.ref_feats = self._reference_features()
         self.stage_seconds["cache"] = time.monotonic() - t0
 
         # C. HADG + CDL + ψ on the cache
         t0 = time.monotonic()
-        stage_c.announce("clustering normal features")
-        ahl_history = self._train_heads(layout, stage_c)
+        cb.begin("AHL heads", message="clustering normal features")
+        ahl_history = self._train_heads(layout, cb, curve_offset=base_epochs + 1)
         self.stage_seconds["ahl"] = time.monotonic() - t0
         for h in ahl_history:
             h["epoch"] += base_epochs + 1
@@ -638,7 +594,7 @@ class AHL(Detector):
         return self
 
     def _build_cache(self, normals: np.ndarray, anomalies: np.ndarray, layout: CacheLayout,
-                     cb: _StageCallbacks) -> list[torch.Tensor]:
+                     cb: Callbacks) -> list[torch.Tensor]:
         """Two-scale maps of every clean normal, labelled anomaly and pseudo anomaly, once."""
         c = self.config
         rng = np.random.default_rng(c["seed"] + 1)
@@ -670,7 +626,7 @@ class AHL(Detector):
         dev = self.device if (c["cache_on_device"] and self.device.type == "cuda") else torch.device("cpu")
         cache: list[torch.Tensor] | None = None
         self.base.model.eval()
-        t0 = time.monotonic()
+        cb.begin("Feature cache", len(jobs))
         for k, (rows, g, idx) in enumerate(jobs):
             cb.check_cancel()
             if g is None:
@@ -693,16 +649,14 @@ class AHL(Detector):
             r = torch.as_tensor(rows, device=dev)
             for store, f in zip(cache, feats):
                 store[r] = f.float().to(dev)
-            el = time.monotonic() - t0
-            cb.progress(Progress(0, 1, k + 1, len(jobs), float("nan"), el, el / (k + 1) * (len(jobs) - k - 1),
-                                 f"{k + 1}/{len(jobs)} batches"), force=(k + 1 == len(jobs)))
+            cb.advance(k + 1, force=k + 1 == len(jobs))
         return cache
 
     def _batch(self, rows: np.ndarray) -> list[torch.Tensor]:
         r = torch.as_tensor(rows, device=self.cache[0].device)
         return [f[r].to(self.device, non_blocking=True) for f in self.cache]
 
-    def _train_heads(self, layout: CacheLayout, cb: _StageCallbacks) -> list[dict]:
+    def _train_heads(self, layout: CacheLayout, cb: Callbacks, curve_offset: int = 0) -> list[dict]:
         c = self.config
         seed_everything(c["seed"])
         rng = np.random.default_rng(c["seed"] + 2)
@@ -787,7 +741,8 @@ class AHL(Detector):
 
         for p in params:
             p.grad = None
-        history = run_loop(episode_step, c["epochs"], T, cb, on_epoch_start=epoch_start, message="episodes")
+        history = run_loop(episode_step, c["epochs"], T, cb, on_epoch_start=epoch_start, stage="AHL heads",
+                           curve_offset=curve_offset)
         for e, (h, w) in enumerate(zip(history, self.weight_history)):
             h["stage"] = "ahl"
             h["weights"] = [round(x, 4) for x in w]

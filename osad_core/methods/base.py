@@ -83,7 +83,7 @@ class Detector(ABC):
         recs = [r if isinstance(r, ImageRecord) else ImageRecord(str(r), -1) for r in records]
         size = self.config["image_size"]
         ok, skipped, parts = [], [], []
-        chunk = 256  # decode in chunks so thousands of images never sit in memory twice
+        chunk = 128  # decode in chunks: thousands of images never sit in memory twice; progress per chunk
         for i in range(0, len(recs), chunk):
             if callbacks:
                 callbacks.check_cancel()
@@ -92,9 +92,23 @@ class Detector(ABC):
             skipped += bad
             if len(good):
                 parts.append(self.predict_arrays(arr, batch_size))
+            if callbacks:
+                callbacks.add(len(recs[i:i + chunk]))
         pred = _concat(parts, self)
         pred.records, pred.skipped = ok, skipped
         return pred
+
+    def training_stages(self) -> list[tuple[str, float]]:
+        """The stages of :meth:`fit`, each with its expected share of the training time
+        (for the progress bar only); a job adds its own stages after these."""
+        return [("Training", 1.0)]
+
+    def progress_callbacks(self, callbacks: Callbacks | None) -> Callbacks:
+        """``callbacks`` (or silent ones) with this detector's stages planned, unless the
+        caller (a job) planned its stages already."""
+        cb = callbacks or Callbacks()
+        cb.plan(self.training_stages())
+        return cb
 
     def state(self) -> dict:
         """Everything beyond config needed to rebuild the fitted model (tensors allowed)."""

@@ -281,6 +281,9 @@ class BGAD(Detector):
         self.flows.eval()
         return self._loglik_from_features(self._features(images), with_z)
 
+    def training_stages(self):
+        return [("Normal features", 0.1), ("Training", 0.8), ("Score scale", 0.1)]
+
     # -- training data -------------------------------------------------------------------
     def _anomaly_masks(self, records: list[ImageRecord], size: int) -> list[np.ndarray | None]:
         c = self.config
@@ -355,9 +358,11 @@ class BGAD(Detector):
         rng = np.random.default_rng(c["seed"])
         gen = torch.Generator().manual_seed(c["seed"])
         self._feat_cache = None
+        cb = self.progress_callbacks(callbacks)
         if c["standardize_features"]:
+            cb.begin("Normal features", message="feature statistics")
             self._fit_feature_stats(self._normals[self._stats_subset(rng)])
-        self._cache_normal_features()
+        self._cache_normal_features(cb)
 
         entries = [("normal", i) for i in range(len(self._normals))] + self._entry_kinds()
         B = min(c["batch_size"], len(entries))
@@ -429,9 +434,10 @@ class BGAD(Detector):
             return float(np.mean(losses))
 
         t0 = time.monotonic()
-        self.history = run_loop(step, c["epochs"], steps, callbacks, on_epoch_start=epoch_start,
-                                message=f"training {self.name}")
+        self.history = run_loop(step, c["epochs"], steps, cb, on_epoch_start=epoch_start, stage="Training")
+        cb.begin("Score scale", 1, message="log-likelihoods of training normals")
         self.ll_max = self._score_constants(rng)
+        cb.advance(1, force=True)
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         self._normals = self._anomalies = self._feat_cache = None  # training data is not kept with the model
@@ -453,7 +459,7 @@ class BGAD(Detector):
         return self._features(self._normals[np.asarray(idx)])
 
     @torch.no_grad()
-    def _cache_normal_features(self) -> None:
+    def _cache_normal_features(self, cb: Callbacks | None = None) -> None:
         """Keep every normal's features when they fit in ``feature_cache_mb``."""
         self._feat_cache = None
         limit = self.config["feature_cache_mb"]
@@ -463,8 +469,12 @@ class BGAD(Detector):
         if not limit or per_image * n > limit * 2 ** 20:
             return
         bs, parts = self.config["test_batch_size"], []
+        cb = cb or Callbacks()
+        cb.begin("Normal features", n)
         for i in range(0, n, bs):
+            cb.check_cancel()
             parts.append(self._features(self._normals[i:i + bs]))
+            cb.advance(min(n, i + bs))
         self._feat_cache = [torch.cat(p) for p in zip(*parts)]
 
     def _estimate_boundaries(self, rng: np.random.Generator) -> list[float]:

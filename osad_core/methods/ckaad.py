@@ -366,7 +366,7 @@ class CKAAD(Detector):
             return loss.item()
 
         t0 = time.monotonic()
-        self.history = run_loop(step, c["epochs"], steps, callbacks, message=f"training {self.name}")
+        self.history = run_loop(step, c["epochs"], steps, self.progress_callbacks(callbacks))
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         return self

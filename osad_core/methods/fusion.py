@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,7 +57,8 @@ from .base import Detector, Prediction, register
 log = logging.getLogger(__name__)
 
 
-def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) -> torch.Tensor:
+def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0,
+                   report: "Callable[[int], None] | None" = None) -> torch.Tensor:
     """Indices of ``n`` rows of ``x`` chosen by greedy k-centre selection (PatchCore's
     coreset): each next row is the one farthest from those chosen so far. Distances are
     taken on a random Gaussian projection to ``proj_dim`` dimensions (Johnson-Lindenstrauss)
@@ -74,7 +76,9 @@ def greedy_coreset(x: torch.Tensor, n: int, proj_dim: int = 128, seed: int = 0) 
     chosen = [first]
     mind = (sq - 2 * z @ z[first] + sq[first]).clamp_min(0)
     d = torch.empty_like(mind)
-    for _ in range(n - 1):
+    for k in range(n - 1):
+        if report is not None and k % 256 == 0:
+            report(k + 1)
         i = int(torch.argmax(mind))
         chosen.append(i)
         torch.mv(z, z[i], out=d)  # in place: the loop allocates nothing per step
@@ -97,7 +101,7 @@ def nearest_distance(q: torch.Tensor, memory: torch.Tensor, chunk: int = 1024,
         if exclude is not None:
             same = exclude[0][i:i + chunk, None] == exclude[1][None]
             d2 = d2.masked_fill(same, float("inf"))
-        out.append((d2.min(1).values + (qi * qi).sum(1)).clamp_min(0).sqrt())
+        out.append((d2.amin(1) + (qi * qi).sum(1)).clamp_min(0).sqrt())  # amin: no argmin indices
     return torch.cat(out)
 
 
@@ -212,9 +216,12 @@ class Fusion(Detector):
         return torch.cat([self._features(images[i:i + bs]) for i in range(0, len(images), bs)])
 
     # -- training ------------------------------------------------------------------------
+    def training_stages(self):
+        return [("Normal features", 0.6), ("Memory coreset", 0.25), ("Anomaly head", 0.15)]
+
     def fit(self, train_normal, train_anomalies, callbacks: Callbacks | None = None):
         c = self.config
-        cb = callbacks or Callbacks()
+        cb = self.progress_callbacks(callbacks)
         seed_everything(c["seed"])
         S = c["image_size"]
         normals, _, bad_n = IMAGE_CACHE.load_many(train_normal, S)
@@ -228,8 +235,8 @@ class Fusion(Detector):
         n = len(normals)
 
         # per-channel standardisation from (up to 256 of) the normals
-        cb.status(f"reading features of {n} normal images")
         sub = np.sort(rng.choice(n, size=min(n, 256), replace=False))
+        cb.begin("Normal features", len(sub) + n, message="statistics, then the patch pool")
         s1 = s2 = 0.0
         cnt = 0
         bs = c["test_batch_size"]
@@ -238,6 +245,7 @@ class Fusion(Detector):
             s1 = s1 + f.sum((0, 2, 3))
             s2 = s2 + (f * f).sum((0, 2, 3))
             cnt += f.numel() // f.shape[1]
+            cb.advance(min(len(sub), i + bs))
         self.feat_mean = s1 / cnt
         self.feat_std = (s2 / cnt - self.feat_mean ** 2).clamp_min(1e-8).sqrt().clamp_min(1e-3)
 
@@ -270,10 +278,13 @@ class Fusion(Detector):
                     head_feats[j] = f[b]
                 if j in keep_cal:
                     cal_feats[j] = f[b]
+            cb.advance(len(sub) + min(n, i + bs))
         pool_t, owner_t = torch.cat(pool), torch.cat(owner)
         m = min(int(c["memory_max"]), max(1, int(math.ceil(c["coreset_ratio"] * pool_t.shape[0]))))
-        cb.status(f"choosing {m} memory patches of {pool_t.shape[0]}")
-        idx = greedy_coreset(pool_t.cpu(), m, int(c["projection_dim"]), int(c["seed"])).to(self.device)
+        cb.begin("Memory coreset", m, message=f"of {pool_t.shape[0]:,} patches")
+        idx = greedy_coreset(pool_t.cpu(), m, int(c["projection_dim"]), int(c["seed"]),
+                             report=cb.advance).to(self.device)
+        cb.advance(m)
         self.memory = pool_t[idx].contiguous()
         mem_owner = owner_t[idx.cpu()].to(self.device)
         del pool, pool_t
@@ -323,7 +334,7 @@ class Fusion(Detector):
             opt.step()
             return loss.item()
 
-        return run_loop(step, 1, int(c["head_steps"]), cb, message=f"training {self.name} head")
+        return run_loop(step, 1, int(c["head_steps"]), cb, stage="Anomaly head")
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()

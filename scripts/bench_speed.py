@@ -1,0 +1,312 @@
+"""Speed where a person waits, side by side in one run; prints tables and ratios.
+
+Absolute times on a shared machine move from run to run; the ratios are what to compare.
+Independent parts (``--part``, repeatable; default all):
+
+* ``press``: pressing Train on the ELPV demo (2,624 images) as the app does: a fresh
+  data folder and database, the demo project, one job queued with the Train page's
+  defaults (quick preset, seed 42, general setting, 10 shots), a real worker process.
+  Reports when the run's results (AUROC, curves, threshold) were stored, when the job
+  (heatmaps of every image, t-SNE map) ended, and how long each stage took.
+* ``score``: scoring throughput with scores, heatmaps and embeddings (``predict_arrays``)
+  against the bare backbone's forward pass (the detector's own trunk or extractor,
+  inference mode) at the same batch size and resolution, per method.
+* ``train``: training throughput (backbone image-equivalents per second during ``fit``,
+  at the method's resolution) against the bare backbone's forward + backward rate at
+  the method's training batch size, per method.
+
+    OMP_NUM_THREADS=1 python scripts/bench_speed.py --part score --part train --short
+    python scripts/bench_speed.py --part press --press-methods fusion,dra --json out.json
+
+``--short`` keeps it to a check: 32 scored images, a few training steps, and for
+``press`` a 300-image subset of the demo (not the 3-minute question).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("fusion", "dra", "devnet", "saliencycut", "ahl", "bgad", "ckaad")
+# a few steps of each method's training loop: the rate is what counts, not the model
+SHORT_FIT = {
+    "dra": dict(epochs=1, steps_per_epoch=3), "devnet": dict(epochs=1, steps_per_epoch=3),
+    "saliencycut": dict(epochs=1, steps_per_epoch=3),
+    "ahl": dict(epochs=1, n_episodes=2, base_overrides={"epochs": 1, "steps_per_epoch": 3}),
+    "bgad": dict(epochs=1, steps_per_epoch=3), "ckaad": dict(epochs=1, steps_per_epoch=3),
+    "fusion": dict(head_steps=20),
+}
+
+
+def load_cpu() -> str:
+    try:
+        la = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {la[0]:.2f} / {la[1]:.2f} / {la[2]:.2f} on {os.cpu_count()} cores"
+
+
+# --------------------------------------------------------------------------------------
+# press: Train on the ELPV demo, as the app does it
+# --------------------------------------------------------------------------------------
+def elpv_subset(limit: int | None):
+    from osad_core.data import Dataset, import_elpv
+
+    ds = import_elpv(include_uncertain=True)
+    if not limit or limit >= len(ds.records):
+        return ds
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.choice(len(ds.records), size=limit, replace=False))
+    return Dataset(ds.name, [ds.records[i] for i in keep], ds.root)
+
+
+def press(method: str, preset: str, limit: int | None, threads: int | None) -> dict:
+    """One Train press in a fresh data folder; the worker runs as the app starts it."""
+    data = tempfile.mkdtemp(prefix="osad_bench_press_")
+    env = dict(os.environ, OSAD_DATA_DIR=data, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    env.pop("OSAD_DATABASE_URL", None)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    os.environ.update(OSAD_DATA_DIR=data)
+    os.environ.pop("OSAD_DATABASE_URL", None)
+    from db import dispose_engines, init_db, session_scope
+    from db import queries as q
+    from osad_core.store import ensure_project
+    from ui import training
+
+    dispose_engines()
+    init_db()
+    pid = ensure_project(elpv_subset(limit), "ELPV solar cells (demo)")
+    av = training.availability(pid)
+    req = training.TrainRequest(pid, method, preset, 42, "auto", "general", av.default_shots())
+    payload = req.payload()
+    with session_scope() as s:
+        run = q.create_run(s, pid, method, preset, {"overrides": payload["overrides"]}, req.protocol(), "app",
+                           status="queued")
+        job = q.enqueue_job(s, "train", payload, run_id=run.id)
+        run_id, job_id = run.id, job.id
+
+    log = open(Path(data) / "worker.log", "wb")
+    t0 = time.time()
+    worker = subprocess.Popen([sys.executable, "-m", "osad_core", "worker", "--once"], cwd=ROOT, env=env,
+                              stdout=log, stderr=subprocess.STDOUT)
+    stages: dict[str, float] = {}
+    results_at = None
+    while True:
+        with session_scope() as s:
+            j, r = q.get_job(s, job_id), q.get_run(s, run_id)
+            stage = (j.progress_json or {}).get("stage")
+            status, rstatus, error = j.status, r.status, j.error
+        now = time.time() - t0
+        if stage and stage not in stages:
+            stages[stage] = now
+        if results_at is None and rstatus == "done":
+            results_at = now
+        if status in ("done", "failed", "cancelled") or worker.poll() is not None and status != "running":
+            break
+        time.sleep(0.25)
+    job_end = time.time() - t0
+    worker.wait(timeout=60)
+    with session_scope() as s:
+        metrics = q.run_metrics(s, run_id)
+        n_rows = len(q.run_scores(s, run_id))
+    order = sorted(stages.items(), key=lambda kv: kv[1])
+    spans = {name: (order[i + 1][1] if i + 1 < len(order) else job_end) - start for i, (name, start) in enumerate(order)}
+    with session_scope() as s:
+        n_images = len(q.get_images(s, pid))
+    return {"method": method, "preset": preset, "images": n_images, "status": status, "error": error,
+            "results_s": results_at, "job_s": job_end, "stages": spans, "image_auroc": metrics.get("image_auroc"),
+            "rows": n_rows, "data_dir": data}
+
+
+def part_press(a) -> list[dict]:
+    out = []
+    for m in a.press_methods.split(","):
+        print(f"\npress: {m} ({a.preset}) … ({load_cpu()})", flush=True)
+        r = press(m, a.preset, 300 if a.short else a.press_limit, a.threads)
+        out.append(r)
+        print(f"  {r['images']:,} images · results after {r['results_s']:.1f} s · job done after {r['job_s']:.1f} s"
+              f" ({r['status']}{': ' + r['error'] if r['error'] else ''}) · AUROC {r['image_auroc']:.4f} · "
+              f"{r['rows']:,} scored images stored")
+        for name, span in r["stages"].items():
+            print(f"    {name:24s} {span:7.1f} s")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# score / train: a method against its own bare backbone
+# --------------------------------------------------------------------------------------
+def _trunk(det):
+    """The detector's backbone module (what a bare forward pass runs)."""
+    return det.model.trunk if hasattr(det, "model") and hasattr(det.model, "trunk") else (
+        det.base.model.trunk if hasattr(det, "base") else det.extractor)
+
+
+def _fitted(method: str, preset: str, n_normal: int, n_anomaly: int):
+    """``method`` fitted for a few steps on ELPV training images (the rate needs no good model)."""
+    from osad_core.methods.base import make_detector
+    from osad_core.protocol import Protocol, make_split
+
+    ds = elpv_subset(None)
+    split = make_split(ds, Protocol("general", n_anomaly, seed=0))
+    det = make_detector(method, preset, dict(SHORT_FIT.get(method, {}), seed=0))
+    normals = split.train_normal[:n_normal]
+    return det, normals, split.train_anomalies
+
+
+def _rate(fn, n_images: int, repeats: int) -> float:
+    fn()  # warm-up: allocator, oneDNN kernel choice
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return n_images / best
+
+
+def score_one(method: str, preset: str, n: int, repeats: int) -> dict:
+    import torch
+
+    from osad_core import augment
+
+    det, normals, anomalies = _fitted(method, preset, 24, 4)
+    det.fit(normals, anomalies)
+    c = det.config
+    S, bs = int(c["image_size"]), int(c.get("test_batch_size", 32))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, S, S, 3), dtype=np.uint8)
+    trunk = _trunk(det).eval()
+    dev = next(trunk.parameters()).device
+
+    def bare():
+        with torch.inference_mode():
+            for i in range(0, n, bs):
+                trunk(augment.test_transform(images[i:i + bs]).to(dev))
+
+    bare_rate = _rate(bare, n, repeats)
+    full_rate = _rate(lambda: det.predict_arrays(images, bs), n, repeats)
+    return {"method": method, "preset": preset, "image_size": S, "batch": bs, "backbone": det.backbone_info["name"],
+            "bare_img_s": bare_rate, "method_img_s": full_rate, "ratio": full_rate / bare_rate}
+
+
+def train_one(method: str, preset: str, repeats: int) -> dict:
+    import torch
+
+    from osad_core import augment
+    from osad_core.backbones import MultiScaleExtractor, _LiteTrunk, _ResNetTrunk
+
+    det, normals, anomalies = _fitted(method, preset, 64, 4)
+    c = det.config
+    S = int(c["image_size"])
+    seen = [0.0]
+
+    def count(module, args, output):  # backbone image-equivalents at the method's resolution
+        if isinstance(module, (MultiScaleExtractor, _LiteTrunk, _ResNetTrunk)) and args:
+            x = args[0]
+            seen[0] += x.shape[0] * (x.shape[-1] * x.shape[-2]) / (S * S)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        t0 = time.perf_counter()
+        det.fit(normals, anomalies)
+        fit_s = time.perf_counter() - t0
+    finally:
+        hook.remove()
+    rate = seen[0] / fit_s
+    bs = int(c.get("batch_size") or c.get("head_batch") or 16)
+    ref = copy.deepcopy(_trunk(det)).train()  # a trainable copy: frozen trunks are timed as if trained
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    fwd = (lambda t: _unfrozen(ref, t)) if isinstance(ref, MultiScaleExtractor) else ref
+    x = augment.test_transform(np.random.default_rng(0).integers(0, 256, (bs, S, S, 3), dtype=np.uint8))
+    x = x.to(next(ref.parameters()).device)
+
+    def fwd_bwd():
+        out = fwd(x)
+        sum(o.float().mean() for o in (out if isinstance(out, (list, tuple)) else [out])).backward()
+        for p in ref.parameters():
+            p.grad = None
+
+    bare = _rate(fwd_bwd, bs, repeats)
+    return {"method": method, "preset": preset, "image_size": S, "batch": bs, "backbone": det.backbone_info["name"],
+            "fit_s": fit_s, "images_seen": seen[0], "method_img_s": rate, "bare_fwd_bwd_img_s": bare,
+            "ratio": rate / bare}
+
+
+def _unfrozen(ext, x):
+    """A frozen extractor's forward without its no-grad guard (for the backward reference)."""
+    out, h = [], ext.stem(x)
+    for i, stage in enumerate(ext.stages):
+        h = stage(h)
+        if i + 1 in ext.layers:
+            out.append(h)
+    return out
+
+
+def part_score(a) -> list[dict]:
+    out = []
+    print(f"\nscore: {a.n_score} random images per method, best of {a.repeats} ({load_cpu()})", flush=True)
+    print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'bare img/s':>11s} {'method img/s':>13s} {'ratio':>6s}")
+    for m in a.methods.split(","):
+        r = score_one(m, a.preset, a.n_score, a.repeats)
+        out.append(r)
+        print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['bare_img_s']:11.1f} {r['method_img_s']:13.1f} "
+              f"{r['ratio']:6.2f}", flush=True)
+    return out
+
+
+def part_train(a) -> list[dict]:
+    out = []
+    print(f"\ntrain: a few steps of each method on ELPV images ({load_cpu()})", flush=True)
+    print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'fit s':>7s} {'method img/s':>13s} {'bare f+b img/s':>15s} "
+          f"{'ratio':>6s}")
+    for m in a.methods.split(","):
+        r = train_one(m, a.preset, a.repeats)
+        out.append(r)
+        print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['fit_s']:7.1f} {r['method_img_s']:13.1f} "
+              f"{r['bare_fwd_bwd_img_s']:15.1f} {r['ratio']:6.2f}", flush=True)
+    return out
+
+
+PARTS = {"press": part_press, "score": part_score, "train": part_train}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", action="append", choices=(*PARTS, "all"), help="which parts (default all)")
+    p.add_argument("--methods", default=",".join(METHODS), help="methods of the score and train parts")
+    p.add_argument("--press-methods", default="fusion,dra", help="methods of the press part")
+    p.add_argument("--preset", default="quick")
+    p.add_argument("--press-limit", type=int, default=None, help="press on a random subset of the demo's images")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the worker (default: inherited)")
+    p.add_argument("--n-score", type=int, default=128, help="images per scoring measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--short", action="store_true", help="a quick check: fewer images and repeats")
+    p.add_argument("--json", help="also write the numbers here")
+    a = p.parse_args(argv)
+    if a.short:
+        a.n_score, a.repeats = 32, 1
+    parts = list(PARTS) if not a.part or "all" in a.part else a.part
+    import torch
+
+    print(f"bench_speed: parts {', '.join(parts)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{load_cpu()}")
+    results = {name: PARTS[name](a) for name in parts}
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
