@@ -1,8 +1,8 @@
 """Progress of work done in batches (an import, bulk scoring): count, rate and ETA.
 
-One helper for every long batch job, so all of them report the same fields the job
-rows already carry (``done``, ``total``, ``fraction``, ``elapsed_s``, ``eta_s``,
-``message``) and a change of the progress model touches one place. Where the numbers
+One helper for every long batch job, over the one progress model of every job
+(:mod:`osad_core.progress`): the row carries the same stage, step, total, fraction and
+ETA as a training job's, plus ``done``, ``rate`` and a sentence (``message``). Where the numbers
 go is a *sink*: a job row (:func:`job_sink`), a terminal line (:func:`line_sink`), or
 any callable taking the dict.
 """
@@ -13,35 +13,48 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .progress import Tracker
+
 Sink = Callable[[dict[str, Any]], None]
 
 
 class BatchProgress:
     """Call :meth:`update` after each batch; the sink hears at most every ``every_s``
-    seconds (always at the start and with ``force``). The ETA is the remaining count
-    at the mean rate of this run's work so far (items skipped without work, e.g. those
-    an interrupted import already stored, are counted in ``done`` but not in the rate)."""
+    seconds (always at the start and with ``force``). The numbers come from the one
+    stage-aware model (:class:`osad_core.progress.Tracker`, a plan of one stage), so a
+    batch job's row reads like a training job's; on top it adds the count, the rate and
+    a sentence for the page. The ETA is the remaining count at the mean rate of this
+    run's work so far (items skipped without work, e.g. those an interrupted import
+    already stored, are counted in ``done`` but not in the rate)."""
 
     def __init__(self, total: int, sink: Sink | None, what: str = "images", verb: str = "done",
-                 every_s: float = 1.0, already: int = 0):
+                 every_s: float = 1.0, already: int = 0, stage: str = "Working"):
         self.total, self.sink, self.what, self.verb, self.every_s = int(total), sink, what, verb, every_s
-        self.already = int(already)
-        self.t0 = time.monotonic()
+        self.tracker = Tracker([stage])
+        self.tracker.begin(stage, self.total, done=int(already))
         self.last = float("-inf")
-        self.done = self.already
+        self.done = int(already)
+
+    @property
+    def already(self) -> int:
+        """Items counted as done without work (e.g. found stored by a resumed import)."""
+        return self.tracker._stage_step0
+
+    @already.setter
+    def already(self, n: int) -> None:
+        self.tracker._stage_step0 = int(n)  # the stage's rate and ETA leave them out
 
     def fields(self) -> dict[str, Any]:
-        elapsed = time.monotonic() - self.t0
+        p = self.tracker.advance(self.done, self.total).to_dict()
         worked = self.done - self.already
-        rate = worked / elapsed if elapsed > 0 and worked > 0 else None
-        left = max(0, self.total - self.done)
-        eta = left / rate if rate else None
+        rate = worked / p["stage_elapsed_s"] if p["stage_elapsed_s"] > 0 and worked > 0 else None
         msg = f"{self.done:,} of {self.total:,} {self.what} {self.verb}"
         if rate:
             msg += f" · {rate:,.0f} {self.what}/s"
-        return {"done": self.done, "total": self.total, "fraction": self.done / self.total if self.total else 1.0,
-                "elapsed_s": round(elapsed, 2), "eta_s": None if eta is None else round(eta, 1),
-                "rate": None if rate is None else round(rate, 2), "message": msg}
+        p.update(done=self.done, fraction=self.done / self.total if self.total else 1.0,
+                 elapsed_s=round(p["elapsed_s"], 2), eta_s=None if p["eta_s"] is None else round(p["eta_s"], 3),
+                 rate=None if rate is None else round(rate, 2), message=msg)
+        return p
 
     def update(self, done: int, force: bool = False) -> None:
         self.done = int(done)

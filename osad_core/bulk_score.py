@@ -113,7 +113,8 @@ def score_paths(executor, model: str | Path, paths: list[str], csv_path: str | N
             gpu = cluster_has_gpu()
         fn, shared = score_batch, (model_bytes, hashlib.sha256(model_bytes).hexdigest(), device)
     batches = (paths[i:i + batch] for i in range(0, len(paths), batch))  # lazy: one batch made at a time
-    progress = BatchProgress(len(paths), sink if sink is not None else line_sink(), verb="scored")
+    progress = BatchProgress(len(paths), sink if sink is not None else line_sink(), verb="scored",
+                             stage="Scoring")
     t0 = time.monotonic()
     done = scored = 0
     cancelled = False

@@ -76,7 +76,7 @@ def import_dataset(project_id: int, ds: Dataset, *, url: str | None = None, auth
 
     t0 = time.monotonic()
     recs = ds.records
-    progress = BatchProgress(len(recs), sink, what="files", verb="imported")
+    progress = BatchProgress(len(recs), sink, what="files", verb="imported", stage="Import")
     progress.update(0, force=True)
     res = ImportResult(len(recs), 0, 0, list(ds.skipped))
     for i in range(0, len(recs), batch):

@@ -295,11 +295,10 @@ def discard_unfinished(job_id: int, run_id: int | None) -> None:
 
 def run_job_process(job_id: int, worker_id: str) -> int:
     """Body of ``python -m osad_core worker --job N``: run a job claimed by ``worker_id``."""
-    from db import data_dir, init_db, session_scope
+    from db import init_db, session_scope
     from db import queries as q
     from db.retry import with_retry
 
-    from . import artefacts
     from .store import JobGone
     from .train import TrainingCancelled
 
