@@ -67,12 +67,16 @@ def main() -> None:
                "images": len(arr), "batch": a.batch, "threads": a.threads,
                "torch_img_s": round(len(arr) / t_torch, 2), "onnx_img_s": round(len(arr) / t_onnx, 2),
                "max_rel_score_diff": float(np.max(np.abs(ref.scores - s_o) / np.maximum(np.abs(ref.scores), 1e-6))),
+               # z-normalised scores (Fusion) pass through 0, where a relative difference says little
+               "max_abs_score_diff": float(np.max(np.abs(ref.scores - s_o))),
+               "score_std": float(np.std(ref.scores)),
                "max_abs_map_diff": float(np.max(np.abs(ref.maps - m_o)))}
         rows.append(row)
         print(f"{method}: {row['image_size']} px, backbone {row['backbone']}, {len(arr)} images, "
               f"batch {a.batch}, {a.threads} threads: PyTorch {row['torch_img_s']:.1f} img/s, "
               f"ONNX Runtime {row['onnx_img_s']:.1f} img/s; max relative score difference "
-              f"{row['max_rel_score_diff']:.1e}, max map difference {row['max_abs_map_diff']:.1e}", flush=True)
+              f"{row['max_rel_score_diff']:.1e} (absolute {row['max_abs_score_diff']:.1e}, scores' std "
+              f"{row['score_std']:.2g}), max map difference {row['max_abs_map_diff']:.1e}", flush=True)
         if a.json:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text(json.dumps(rows, indent=2))
