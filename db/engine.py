@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +39,8 @@ BUSY_TIMEOUT_MS = 30_000
 # default max_connections=100 with room for maintenance connections.
 DEFAULT_POOL_SIZE = 5
 DEFAULT_MAX_OVERFLOW = 10
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 
 _engines: dict[str, Engine] = {}
 _initialised: set[str] = set()
@@ -46,10 +49,41 @@ _head_revision: str | None = None
 
 
 def data_dir() -> Path:
-    """Folder for the database, checkpoints and caches (``OSAD_DATA_DIR``)."""
+    """Folder for the database, checkpoints and caches (``OSAD_DATA_DIR``); created
+    owner-only (0700): it holds password hashes and the session key."""
     path = Path(os.environ.get("OSAD_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
     return path
+
+
+def _create_private_file(path: Path) -> None:
+    """Create an empty ``path`` owner-only (0600) unless it exists: SQLite would create the
+    database with the umask's mode (often world-readable), and gives its -wal and -shm
+    files the database file's mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
+    except FileExistsError:
+        pass
+
+
+def permission_warnings(url: str | None = None) -> list[str]:
+    """One sentence per data folder or SQLite database file that other local users can
+    read (group or world permissions), with the command that fixes it."""
+    url = _resolve(url)
+    paths = [data_dir()]
+    if is_sqlite(url) and not _is_sqlite_memory(url) and make_url(url).database:
+        paths.append(Path(make_url(url).database).expanduser())
+    out = []
+    for path in paths:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except OSError:
+            continue
+        if mode & 0o077:
+            fix = "700" if path.is_dir() else "600"
+            out.append(f"{path} is readable by other users (mode {mode:o}; it holds password hashes): "
+                       f"chmod {fix} {path}")
+    return out
 
 
 def database_url() -> str:
@@ -135,7 +169,9 @@ def make_engine(url: str | None = None) -> Engine:
         else:
             database = make_url(url).database
             if database:
-                Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+                path = Path(database).expanduser()
+                path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+                _create_private_file(path)
     else:
         kwargs["pool_size"] = _env_int("OSAD_DB_POOL_SIZE", DEFAULT_POOL_SIZE)
         kwargs["max_overflow"] = _env_int("OSAD_DB_MAX_OVERFLOW", DEFAULT_MAX_OVERFLOW)
@@ -257,6 +293,8 @@ def init_db(url: str | None = None) -> Engine:
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
         _initialised.add(url)
+        for warning in permission_warnings(url):  # once per process: at start-up
+            log.warning(warning)
     return engine
 
 

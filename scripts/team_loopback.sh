@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # README "For a team (several GPU machines)", step by step, on this machine's loopback:
-# a throw-away PostgreSQL, a Ray head and one more Ray node on 127.0.0.1, a shared data
-# folder, the first admin, one tiny training job queued as the app queues it, run by a
-# worker on the cluster; then everything is torn down.
+# a throw-away PostgreSQL, a Ray head and one more Ray node on 127.0.0.1 with Ray's token
+# authentication, a client without the token refused, a shared data folder, the first
+# admin, one tiny training job queued as the app queues it, run by a worker on the
+# cluster; then everything is torn down.
 #
 #   scripts/team_loopback.sh
 set -euo pipefail
@@ -34,9 +35,12 @@ export OSAD_DATA_DIR="$WORK/shared"
 mkdir -p "$OSAD_DATA_DIR"
 echo "OSAD_DATA_DIR=$OSAD_DATA_DIR"
 
-step "ray start --head (the machine that runs the app)"
-# Loopback only, one user: no cluster token (on a team keep Ray's token: README "For a team").
-export RAY_AUTH_MODE=disabled
+step "the cluster token (on a team: generated once, copied to each machine, readable by the service user only)"
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$WORK/ray_auth_token"
+(umask 077; $PY -c "import secrets; print(secrets.token_hex(32))" >"$RAY_AUTH_TOKEN_PATH")
+ls -l "$RAY_AUTH_TOKEN_PATH" | awk '{print $1, $NF}'
+
+step "ray start --head (the machine that runs the app; OSAD_DATABASE_URL and OSAD_DATA_DIR are in its environment)"
 $RAY start --head --node-ip-address 127.0.0.1 --port "$PORT" --num-cpus 1 --include-dashboard false \
   --temp-dir "$WORK/ray" --block >"$WORK/ray-head.log" 2>&1 &
 PIDS+=($!)
@@ -44,7 +48,7 @@ for _ in $(seq 60); do grep -q "Ray runtime started" "$WORK/ray-head.log" && bre
 grep -q "Ray runtime started" "$WORK/ray-head.log" || { cat "$WORK/ray-head.log"; exit 1; }
 echo "head at 127.0.0.1:$PORT"
 
-step "ray start --address (on each GPU machine; here a second node on the same loopback)"
+step "ray start --address (on each GPU machine, with the token and its own OSAD_DATABASE_URL and OSAD_DATA_DIR; here a second node on the same loopback)"
 $RAY start --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus 1 --block \
   >"$WORK/ray-node.log" 2>&1 &
 PIDS+=($!)
@@ -59,6 +63,29 @@ for _ in range(60):
 alive = [n for n in ray.nodes() if n["Alive"]]
 print(f"{len(alive)} Ray nodes alive, {ray.cluster_resources().get('CPU', 0):g} CPUs")
 PY
+
+step "a client without the cluster token, and one with a wrong token, are refused"
+mkdir -p "$WORK/stranger"
+refused() {  # $1: what the client has; the rest: its environment
+  local what=$1; shift
+  if env -u RAY_AUTH_TOKEN_PATH -u RAY_AUTH_MODE HOME="$WORK/stranger" "$@" $PY - <<'PY' 2>"$WORK/stranger.log"
+import os, ray
+try:
+    ray.init(address=os.environ["OSAD_RAY_ADDRESS"], include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
+except ConnectionError:
+    raise SystemExit(0)
+raise SystemExit("connected")
+PY
+  then
+    echo "refused: a client with $what ($(grep -o -m1 'Authentication token is missing or incorrect' "$WORK/stranger.log"))"
+  else
+    echo "NOT refused: a client with $what"; exit 1
+  fi
+}
+refused "no token"
+echo "not-the-cluster-token" >"$WORK/stranger/token"
+refused "a wrong token" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$WORK/stranger/token"
 
 step "the first admin"
 echo "loopback-only-$RANDOM$RANDOM" | $PY -m osad_core users add admin --role admin --password-stdin

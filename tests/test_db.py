@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -120,6 +122,45 @@ def test_default_url_lives_in_data_dir_and_pragmas_are_set(tmp_path):
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     assert db.get_engine() is engine
+
+
+def test_the_data_folder_and_database_are_owner_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSAD_DATA_DIR", str(tmp_path / "fresh" / "data"))
+    old = os.umask(0o022)  # the usual umask: files world-readable unless created otherwise
+    try:
+        engine = db.init_db()
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS probe (x INTEGER)")
+        folder = tmp_path / "fresh" / "data"
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        for name in ("osad.db", "osad.db-wal", "osad.db-shm"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
+        assert db_engine.permission_warnings() == []
+    finally:
+        os.umask(old)
+
+
+def test_a_readable_database_is_warned_about_at_start(tmp_path, monkeypatch, caplog):
+    folder = tmp_path / "old"
+    folder.mkdir(mode=0o755)
+    (folder / "osad.db").touch(mode=0o644)
+    os.chmod(folder, 0o755)
+    os.chmod(folder / "osad.db", 0o644)
+    monkeypatch.setenv("OSAD_DATA_DIR", str(folder))
+    with caplog.at_level("WARNING", logger="db.engine"):
+        db.init_db()
+    warned = [r.getMessage() for r in caplog.records if r.name == "db.engine"]
+    assert warned == [f"{folder} is readable by other users (mode 755; it holds password hashes): chmod 700 {folder}",
+                      f"{folder / 'osad.db'} is readable by other users (mode 644; it holds password hashes): "
+                      f"chmod 600 {folder / 'osad.db'}"]
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"), default_timeout=60)
+    at.run()
+    assert f"chmod 600 {folder / 'osad.db'}" in " ".join(w.value for w in at.sidebar.warning)
+    os.chmod(folder / "osad.db", 0o600)
+    os.chmod(folder, 0o700)
+    assert db_engine.permission_warnings() == []
 
 
 def test_in_memory_database_works():

@@ -24,7 +24,7 @@ from db import queries as q  # noqa: E402
 from osad_core import artefacts  # noqa: E402
 from osad_core.cli import main as cli  # noqa: E402
 from osad_core.data import load_folder  # noqa: E402
-from osad_core.executors.ray import RayExecutor, RayJob  # noqa: E402
+from osad_core.executors.ray import RayExecutor, RayJob, task_env  # noqa: E402
 from osad_core.store import image_items  # noqa: E402
 from osad_core.worker import run_worker  # noqa: E402
 
@@ -34,19 +34,54 @@ PROTOCOL = {"setting": "general", "shots": 2, "seed": 0}
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """One two-CPU Ray on loopback for the module; no token file in the home folder."""
-    saved = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def cluster(request, tmp_path_factory):
+    """One two-CPU Ray on loopback per database backend (starting Ray costs seconds); no
+    token file in the home folder.
+
+    The database URL and data folder are in the environment the cluster starts in, as
+    ``ray start`` has them on each machine of a team; tasks never receive them. Yields the
+    executor and that (url, data folder)."""
+    data = tmp_path_factory.mktemp("cluster-data")
+    server = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{data / 'osad.db'}"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        url = server.create()
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "OSAD_DATABASE_URL", "OSAD_DATA_DIR")}
+    os.environ.update(RAY_AUTH_MODE="disabled", OSAD_DATABASE_URL=url, OSAD_DATA_DIR=str(data))
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=False)
-    yield RayExecutor("local")  # joins the running cluster
+    yield RayExecutor("local"), (url, str(data))  # joins the running cluster
     ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = saved
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    if server is not None:
+        import db
+
+        db.dispose_engines()
+        server.drop(url)
+
+
+@pytest.fixture
+def cluster_db(cluster, monkeypatch):
+    """The test runs with the cluster's database and data folder (each test's own project)."""
+    executor, (url, data) = cluster
+    monkeypatch.setenv("OSAD_DATABASE_URL", url)
+    monkeypatch.setenv("OSAD_DATA_DIR", data)
+    return executor
+
+
+@pytest.fixture
+def no_db_cluster(cluster, request):
+    """The cluster for tests that use no database: once, on the first backend."""
+    if request.node.callspec.params["cluster"] != "sqlite":
+        pytest.skip("uses no database: runs once, with the SQLite cluster")
+    return cluster[0]
 
 
 class Spy:
@@ -68,7 +103,7 @@ def _project(root: Path) -> int:
     folder = make_mvtec(root, n_train=8, n_test_good=4, n_defect=3, size=32)
     ds = load_folder(folder)
     with session_scope() as s:
-        p = q.create_project(s, "parts", "folder", root_path=str(folder))
+        p = q.create_project(s, root.parent.name, "folder", root_path=str(folder))  # one database per module
         q.add_images(s, p.id, image_items(ds.records, ds.root))
         holes = [im.id for im in q.get_images(s, p.id) if im.defect_type == "hole"][:2]
         q.set_labels(s, holes, "anomaly", "hole", split="train")
@@ -104,10 +139,10 @@ def _worker_thread(executor) -> threading.Thread:
     return t
 
 
-def test_a_queued_job_runs_on_ray_and_the_results_page_shows_it(cluster, db_url, tmp_path):
+def test_a_queued_job_runs_on_ray_and_the_results_page_shows_it(cluster_db, tmp_path):
     pid = _project(tmp_path / "parts")
     run_id, job_id = _enqueue(pid)
-    spy = Spy(cluster)
+    spy = Spy(cluster_db)
     assert run_worker(once=True, executor=spy) == 0
     assert len(spy.jobs) == 1 and isinstance(spy.jobs[0], RayJob)
     assert ray.get(spy.jobs[0].ref) == 0  # the job process's exit code, returned by its Ray task
@@ -130,7 +165,7 @@ def test_a_queued_job_runs_on_ray_and_the_results_page_shows_it(cluster, db_url,
     assert metrics.get("Image AUROC") not in (None, "—")
 
 
-def test_benchmark_on_ray_gives_the_local_aurocs(cluster, tmp_path):
+def test_benchmark_on_ray_gives_the_local_aurocs(no_db_cluster, tmp_path):
     folder = make_mvtec(tmp_path / "bench", n_train=8, n_test_good=4, n_defect=3, size=32)
     args = ["benchmark", "--data", str(folder), "--methods", "devnet,dra", "--seeds", "0", "1", "--shots", "2",
             "--preset", "tiny", "--weights", "random", "--backbone", "resnet18", "--image-size", "32",
@@ -145,7 +180,7 @@ def test_benchmark_on_ray_gives_the_local_aurocs(cluster, tmp_path):
         assert b["aurocs"] == pytest.approx(a["aurocs"], abs=1e-6), (a["method"], a["aurocs"], b["aurocs"])
 
 
-def test_score_on_ray_streams_every_image_in_order(cluster, tmp_path, capsys):
+def test_score_on_ray_streams_every_image_in_order(no_db_cluster, tmp_path, capsys):
     folder = make_mvtec(tmp_path / "score", n_train=8, n_test_good=4, n_defect=3, size=32)
     model = tmp_path / "m.osad"
     assert cli(["train", "--data", str(folder), "--method", "devnet", "--preset", "tiny", "--shots", "2",
@@ -164,10 +199,10 @@ def test_score_on_ray_streams_every_image_in_order(cluster, tmp_path, capsys):
     assert {r[2] for r in on_ray} <= {"anomaly", "normal"}
 
 
-def test_cancel_reaches_a_running_ray_task(cluster, db_url, tmp_path):
+def test_cancel_reaches_a_running_ray_task(cluster_db, tmp_path):
     pid = _project(tmp_path / "parts")
     run_id, job_id = _enqueue(pid, epochs=500)
-    worker = _worker_thread(cluster)
+    worker = _worker_thread(cluster_db)
     _wait(lambda: (_job(job_id).progress_json or {}).get("epoch") is not None, 120)  # training, on Ray
     t0 = time.monotonic()
     with session_scope() as s:
@@ -197,10 +232,10 @@ def _ray_job_pids(job_id: int) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the Ray worker through /proc")
-def test_a_killed_ray_worker_leaves_the_job_failed_never_lost(cluster, db_url, tmp_path):
+def test_a_killed_ray_worker_leaves_the_job_failed_never_lost(cluster_db, tmp_path):
     pid = _project(tmp_path / "parts")
     run_id, job_id = _enqueue(pid, epochs=500)
-    worker = _worker_thread(cluster)
+    worker = _worker_thread(cluster_db)
     _wait(lambda: (_job(job_id).progress_json or {}).get("epoch") is not None, 120)
     pids = _wait(lambda: _ray_job_pids(job_id), 10)
     os.kill(pids[0], signal.SIGKILL)
@@ -216,11 +251,11 @@ def test_a_killed_ray_worker_leaves_the_job_failed_never_lost(cluster, db_url, t
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the Ray worker through /proc")
-def test_a_cancel_the_task_cannot_answer_ends_it_through_ray_cancel(cluster, db_url, tmp_path, monkeypatch):
+def test_a_cancel_the_task_cannot_answer_ends_it_through_ray_cancel(cluster_db, tmp_path, monkeypatch):
     monkeypatch.setenv("OSAD_JOB_CANCEL_GRACE_S", "2")
     pid = _project(tmp_path / "parts")
     run_id, job_id = _enqueue(pid, epochs=500)
-    worker = _worker_thread(cluster)
+    worker = _worker_thread(cluster_db)
     _wait(lambda: (_job(job_id).progress_json or {}).get("epoch") is not None, 120)
     task_pid = _wait(lambda: _ray_job_pids(job_id), 10)[0]
     os.kill(task_pid, signal.SIGSTOP)  # a hung step: the task never reads the cancel request
@@ -231,3 +266,30 @@ def test_a_cancel_the_task_cannot_answer_ends_it_through_ray_cancel(cluster, db_
     _wait(lambda: not Path(f"/proc/{task_pid}").exists() or b"zombie" in Path(f"/proc/{task_pid}/status").read_bytes(), 30)
     worker.join(30)
     assert not worker.is_alive()
+
+
+def test_a_task_gets_the_job_id_and_never_the_database_url(cluster_db, monkeypatch):
+    monkeypatch.setenv("OSAD_JOB_MAX_S", "120")
+    env = task_env()["env_vars"]
+    assert env["OSAD_JOB_MAX_S"] == "120" and str(REPO) in env["PYTHONPATH"]
+    for secret in ("OSAD_DATABASE_URL", "OSAD_DATA_DIR", "OSAD_TEST_POSTGRES_URL", "OSAD_RAY_ADDRESS"):
+        assert secret not in env
+    assert os.environ["OSAD_DATABASE_URL"] not in json.dumps(task_env())
+
+
+def test_a_ray_machine_without_a_database_url_fails_the_job_with_one_sentence(cluster_db, tmp_path, monkeypatch):
+    """A machine whose ``ray start`` had no OSAD_DATABASE_URL (here: a task environment that
+    blanks it) cannot reach the job row, so the worker fails the job with the reason."""
+    pid = _project(tmp_path / "parts")
+    run_id, job_id = _enqueue(pid)
+    import osad_core.executors.ray as ray_executor
+
+    blank = {"env_vars": {**task_env()["env_vars"], "OSAD_DATABASE_URL": ""}}
+    monkeypatch.setattr(ray_executor, "task_env", lambda: blank)
+    assert run_worker(once=True, executor=cluster_db) == 0
+    job = _job(job_id)
+    assert job.status == "failed"
+    assert "has no OSAD_DATABASE_URL: set them in the environment `ray start` runs in" in job.error, job.error
+    assert "Traceback" not in job.error and len(job.error.splitlines()) == 1
+    with session_scope() as s:
+        assert q.get_run(s, run_id).status == "failed"

@@ -164,11 +164,13 @@ def score_histogram(df: pd.DataFrame, by: str = "label_name", threshold: float |
     if threshold is not None:
         fig.add_vline(x=threshold, line_dash="dash", line_color="#111", annotation_text="threshold")
     if reference is not None:
+        # above the bars, left of its line (the threshold's label sits right of its own)
         fig.add_vline(x=reference, line_dash="dot", line_color="#888", annotation_text="best F1 (reference)",
-                      annotation_position="bottom right")
+                      annotation_position="top left")
     fig.update_layout(title=title, xaxis_title="anomaly score",
                       yaxis_title="share of images" if histnorm else "images", height=340,
                       legend_title_text="", **_LAYOUT)
+    fig.update_layout(legend=dict(x=1, xanchor="right"))  # right of the title, not over it
     return fig
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from db import session_scope
+from db.engine import permission_warnings
 from db import queries as q
 
 from . import common, training
@@ -85,3 +86,5 @@ def render_facts() -> None:
     elif w.warning:
         st.warning(w.warning, icon=":material/warning:")
     st.caption(f"Database: `{common.database_location()}`")
+    for warning in permission_warnings():
+        st.warning(warning, icon=":material/lock_open:")

@@ -1,11 +1,18 @@
 """The Ray executor: training jobs, benchmark cells and scoring batches as Ray tasks.
 
 Set-up for a team (README, "For a team"): ``ray start --head`` on one machine, ``ray start
---address HEAD:6379`` on each GPU machine, OSAD Studio installed at the same path on every
-machine, PostgreSQL as ``OSAD_DATABASE_URL`` and ``OSAD_DATA_DIR`` on shared storage.
+--address HEAD:6379`` on each GPU machine, all with Ray's token authentication
+(``RAY_AUTH_MODE=token`` and the cluster's token file), OSAD Studio installed at the same
+path on every machine, PostgreSQL as ``OSAD_DATABASE_URL`` and ``OSAD_DATA_DIR`` on shared
+storage.
 
-A task gets this process's ``OSAD_*`` and OpenMP settings through its runtime environment,
-so it reads and writes the same database and artefact folder as the app. A training job's
+The database URL holds its password, so it never travels with a task: Ray keeps a task's
+runtime environment in its control store, where anyone who can reach the cluster reads it.
+Every machine sets ``OSAD_DATABASE_URL`` and ``OSAD_DATA_DIR`` in the environment its
+``ray start`` runs in (Ray's worker processes inherit it); a job task receives only the job
+id and fails with one sentence where they are missing (:func:`machine_settings`). The
+runtime environment carries the rest of this process's ``OSAD_*`` settings (limits, pool
+sizes), the OpenMP settings and the code path. A training job's
 task is the job process of the local worker (:func:`osad_core.worker.run_job_process`),
 in a fresh Ray worker process per job (``max_calls=1``: a finished job returns all of its
 memory, CUDA context included). Ray never retries a job task: whether a job is re-run is
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,10 +33,18 @@ from .local import REPO_ROOT
 log = logging.getLogger(__name__)
 
 CPUS_PER_TASK_ENV = "OSAD_RAY_CPUS_PER_TASK"
+DATABASE_URL_ENV = "OSAD_DATABASE_URL"
+DATA_DIR_ENV = "OSAD_DATA_DIR"
+# Settings each machine has of its own; never copied into a task's runtime environment.
+MACHINE_OWN = (DATABASE_URL_ENV, DATA_DIR_ENV, "OSAD_RAY_ADDRESS", "OSAD_TEST_POSTGRES_URL")
 
 
 class RayUnavailable(ValueError):
     """Ray is not installed or the cluster cannot be reached (one sentence for the user)."""
+
+
+class MachineNotConfigured(RuntimeError):
+    """A Ray machine lacks the database URL or data folder (one sentence for the job's error)."""
 
 
 def _ray():
@@ -48,25 +64,40 @@ def connect(address: str) -> bool:
     kw: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
     try:
         if address == "local":
+            # The cluster's processes are this process's children and inherit its environment:
+            # its database and data folder are theirs, as ``ray start`` gives them on a team.
+            from db import data_dir, database_url
+
+            os.environ.setdefault(DATABASE_URL_ENV, database_url())
+            os.environ.setdefault(DATA_DIR_ENV, str(data_dir().resolve()))
             ray.init(_node_ip_address="127.0.0.1", **kw)
         else:
             ray.init(address=address, **kw)
     except ConnectionError as exc:
-        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: {exc}") from None
+        # Ray reports a missing or wrong cluster token the same way (its log says which).
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address} (is this machine's RAY_AUTH_MODE=token "
+                             f"and RAY_AUTH_TOKEN_PATH the cluster's token?): {exc}") from None
     return True
 
 
 def task_env() -> dict:
-    """The runtime environment of every task: this process's database, data folder and
-    thread settings, and OSAD Studio's code on the path."""
-    from db import data_dir, database_url
-
-    env = {k: v for k, v in os.environ.items() if k.startswith(("OSAD_", "OMP_", "MKL_"))}
-    env.pop("OSAD_RAY_ADDRESS", None)  # a task never starts a cluster of its own
-    env["OSAD_DATA_DIR"] = str(data_dir().resolve())
-    env["OSAD_DATABASE_URL"] = database_url()
+    """The runtime environment of every task: this process's ``OSAD_*`` and thread settings
+    and OSAD Studio's code on the path; not the database URL, data folder or cluster address
+    (:data:`MACHINE_OWN`), which each machine has in its own environment."""
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("OSAD_", "OMP_", "MKL_")) and k not in MACHINE_OWN}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     return {"env_vars": env}
+
+
+def machine_settings() -> tuple[str, str]:
+    """This Ray machine's database URL and data folder, from its own environment."""
+    missing = [k for k in (DATABASE_URL_ENV, DATA_DIR_ENV) if not os.environ.get(k)]
+    if missing:
+        raise MachineNotConfigured(
+            f"the Ray machine {socket.gethostname()} has no {' and no '.join(missing)}: set them in the "
+            "environment `ray start` runs in on that machine (README, \"For a team\")")
+    return os.environ[DATABASE_URL_ENV], os.environ[DATA_DIR_ENV]
 
 
 def cpus_per_task() -> float:
@@ -94,6 +125,7 @@ def wants_gpu(payload: dict) -> bool:
 
 def _run_job_task(job_id: int, worker_id: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    machine_settings()
     from ..worker import run_job_process
 
     return run_job_process(job_id, worker_id)
@@ -117,6 +149,13 @@ class RayJob(JobHandle):
             return int(ray.get(self.ref))
         except ray.exceptions.TaskCancelledError:
             self.why = "its Ray task was cancelled"
+        except ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, MachineNotConfigured):
+                self.why = str(cause)
+            else:
+                first = str(cause or exc).strip().splitlines()
+                self.why = f"its Ray task failed: {type(cause or exc).__name__}{': ' + first[0][:200] if first else ''}"
         except ray.exceptions.RayError as exc:  # the worker process or its machine died
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             self.why = f"its Ray worker died: {type(exc).__name__}{': ' + first[:200] if first else ''}"

@@ -209,7 +209,6 @@ def topk_pixel_mean(maps: torch.Tensor, k: int) -> torch.Tensor:
 @register
 class CKAAD(Detector):
     name = "ckaad"
-    not_exportable_reason = "its anomaly map is smoothed with SciPy after the network, outside any traced graph"
     description = "CKAAD — feature reconstruction with an energy discriminator; smooth pixel maps from image labels"
     defaults = dict(
         image_size=256,
@@ -413,6 +412,21 @@ class CKAAD(Detector):
         scores = topk_pixel_mean(torch.from_numpy(maps), self.topk()).numpy() if len(maps) else np.zeros(0, np.float32)
         return Prediction(scores, maps, np.concatenate(embs) if embs else np.zeros((0, self.ae.z_channels), np.float32),
                           f"global average pool of the auto-encoder code z ({self.ae.z_channels}-d)")
+
+    # -- ONNX export (osad_core.export) --------------------------------------------------
+    def prepare_export(self) -> None:
+        self.extractor.eval()
+        self.ae.eval()
+
+    def export_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images -> (scores, maps), as :meth:`predict_arrays` computes them
+        (SciPy's smoothing as convolutions in the graph)."""
+        from ..smoothing import gaussian_blur
+
+        feats = self._features(x)
+        recs, _ = self.ae(feats)
+        m = gaussian_blur(cosine_map(feats, recs, self.config["map_size"]).float(), self.smoothing_sigma())
+        return topk_pixel_mean(m, self.topk()), m
 
     # -- persistence ---------------------------------------------------------------------
     def state(self) -> dict:

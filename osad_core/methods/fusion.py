@@ -199,7 +199,8 @@ class Fusion(Detector):
     def _raw_features(self, images: np.ndarray) -> torch.Tensor:
         """(B, C, h, w) patch features at the shallowest selected level's stride."""
         p = int(self.config["neighbourhood"])
-        feats = self.extractor(augment.test_transform(images).to(self.device))
+        x = images if isinstance(images, torch.Tensor) else augment.test_transform(images)  # a tensor: ONNX export
+        feats = self.extractor(x.to(self.device))
         if p > 1:
             feats = [F.avg_pool2d(f, p, 1, p // 2, count_include_pad=False) for f in feats]
         h, w = feats[0].shape[-2:]
@@ -370,6 +371,35 @@ class Fusion(Detector):
             embs.append(e.float().cpu().numpy())
         return Prediction(np.concatenate(scores).astype(np.float32), np.concatenate(maps), np.concatenate(embs),
                           f"per-image mean of the standardised patch features ({self.dim}-d)")
+
+    # -- ONNX export (osad_core.export) --------------------------------------------------
+    def prepare_export(self) -> None:
+        self.extractor.eval()
+        self.head.eval()
+
+    def export_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images -> (scores, maps), as :meth:`predict_arrays` computes them: the
+        nearest memory patch by one matrix product and a min over the memory (every batch
+        size in one graph: no chunks), SciPy's smoothing as convolutions."""
+        from ..smoothing import gaussian_blur
+
+        c, cal = self.config, self.calib
+        f = self._features(x)
+        C, h, w = (int(v) for v in f.shape[1:])  # fixed by the image size: constants of the graph
+        q = f.permute(0, 2, 3, 1).reshape(-1, C)
+        d2 = torch.addmm((self.memory * self.memory).sum(1)[None], q, self.memory.T, beta=1, alpha=-2)
+        knn = (d2.min(1).values + (q * q).sum(1)).clamp_min(0).sqrt().view(-1, h, w)
+        score = _z(knn.flatten(1).max(1).values, cal["knn_img"])
+        pmap = _z(knn, cal["knn_patch"])
+        if self.has_head:
+            hm = self.head(f)
+            wgt = float(c["head_weight"])
+            k = max(1, int(round(c["head_topk"] * h * w)))  # topk_mean's k, as a constant
+            score = (1 - wgt) * score + wgt * _z(hm.flatten(1).topk(k, dim=1).values.mean(1), cal["head_img"])
+            pmap = (1 - wgt) * pmap + wgt * _z(hm, cal["head_patch"])
+        S = int(c["map_size"])
+        up = F.interpolate(pmap[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+        return score, gaussian_blur(up, float(c["smooth_sigma"]) * S / 256)
 
     # -- persistence ---------------------------------------------------------------------
     def state(self) -> dict:

@@ -1,0 +1,33 @@
+"""The operating-point table of docs/BENCHMARKS.md from scripts/operating_point_check.py's JSON.
+
+    python scripts/operating_point_table.py bench_results/operating_point/*.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DATA = {"headct": "HeadCT", "elpv": "ELPV", "magnetic_tile": "magnetic tile"}
+METHODS = ["fusion", "dra", "devnet", "bgad", "ckaad", "saliencycut", "ahl"]
+
+
+def main(paths: list[str]) -> None:
+    rows = [r for p in paths for r in json.loads(Path(p).read_text()) if r.get("promised_frr") is not None]
+    rows.sort(key=lambda r: (list(DATA).index(r["data"]) if r["data"] in DATA else 9,
+                             METHODS.index(r["method"]) if r["method"] in METHODS else 9, r["seed"]))
+    print("| data | method | seed | image AUROC | calibration normals | promised FRR | test normals | "
+          "expected rejects (95 % interval) | measured rejects | measured FRR | recall at the point | "
+          "best-F1 threshold rejects |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        lo, hi = r["interval"]
+        promised = f"{100 * r['promised_frr']:.2f} %" + (" (floor)" if r.get("limited") else "")
+        print(f"| {DATA.get(r['data'], r['data'])} | {r['method']} | {r['seed']} | {r['auroc']:.3f} | "
+              f"{r['n_calibration']} | {promised} | {r['test_good']} | {r['expected_rejects']:.2f} ({lo}–{hi}) | "
+              f"{r['rejected_test_good']} | {100 * r['measured_frr']:.2f} % | "
+              f"{100 * r['recall']:.1f} % | {r.get('best_f1_rejected_test_good', '—')} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
