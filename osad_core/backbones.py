@@ -13,6 +13,7 @@ import copy
 import hashlib
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ _TORCHVISION_WEIGHTS = {
 }
 
 _DOWNLOAD_FAILED: set[str] = set()
+DOWNLOAD_RETRY_S = 6 * 3600  # after a failed download, look again only this much later
 
 
 @dataclass
@@ -177,7 +179,8 @@ def _torchvision_state(arch: str, allow_download: bool) -> tuple[dict | None, st
     cache = Path(torch.hub.get_dir()) / "checkpoints" / fname
     if cache.is_file():
         return torch.load(cache, map_location="cpu", weights_only=True), str(cache)
-    if not allow_download or _offline() or arch in _DOWNLOAD_FAILED:
+    failed_mark = cache.parent / f".osad-download-failed-{arch}"
+    if not allow_download or _offline() or arch in _DOWNLOAD_FAILED or _recent(failed_mark, DOWNLOAD_RETRY_S):
         return None, None
     import contextlib
     import io
@@ -197,7 +200,19 @@ def _torchvision_state(arch: str, allow_download: bool) -> tuple[dict | None, st
     except Exception as exc:  # no network: fall through to the next source
         log.info("torchvision weights for %s not downloadable (%s): %s", arch, said.getvalue().strip(), exc)
         _DOWNLOAD_FAILED.add(arch)  # ask once per process, not once per run
+        try:  # and not in every job process either: an offline machine waits on the network each time
+            failed_mark.parent.mkdir(parents=True, exist_ok=True)
+            failed_mark.touch()
+        except OSError:
+            pass
         return None, None
+
+
+def _recent(path: Path, max_age_s: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < max_age_s
+    except OSError:
+        return False
 
 
 def _build_arch(arch: str) -> nn.Module:
