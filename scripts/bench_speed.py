@@ -14,6 +14,11 @@ Independent parts (``--part``, repeatable; default all):
 * ``train``: training throughput (backbone image-equivalents per second during ``fit``,
   at the method's resolution) against the bare backbone's forward + backward rate at
   the method's training batch size, per method.
+* ``tsne``: the t-SNE map of 1k / 5k / 10k embeddings (``scripts/bench_ui_speed.py``).
+* ``paint``: a cold app's first paint in headless Chromium (``scripts/bench_ui_speed.py``).
+* ``scale``: 1k / 10k / 100k-image projects: import, Label queries, Projects counts,
+  scoring, database size and peak memory (``scripts/bench_scale.py``; add PostgreSQL
+  by running it directly with ``--pg-tmp``).
 
     OMP_NUM_THREADS=1 python scripts/bench_speed.py --part score --part train --short
     python scripts/bench_speed.py --part press --press-methods fusion,dra --json out.json
@@ -279,7 +284,30 @@ def part_train(a) -> list[dict]:
     return out
 
 
-PARTS = {"press": part_press, "score": part_score, "train": part_train}
+def _script(name: str, *args: str) -> list[dict]:
+    """A part measured by its own script (it prints its own table); its JSON when it writes one."""
+    cmd = [sys.executable, str(ROOT / "scripts" / name), *args]
+    print(f"\n--- {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return [{"script": name, "args": list(args)}]
+
+
+def part_tsne(a) -> list[dict]:
+    return _script("bench_ui_speed.py", "--only", "tsne", "--sizes", *(["1000"] if a.short else ["1000", "5000", "10000"]))
+
+
+def part_paint(a) -> list[dict]:
+    return _script("bench_ui_speed.py", "--only", "paint", "--repeats", "1" if a.short else "3")
+
+
+def part_scale(a) -> list[dict]:
+    out = Path(tempfile.mkdtemp(prefix="osad-bench-scale-")) / "scale.json"
+    _script("bench_scale.py", "--sizes", *(["1000"] if a.short else ["1000", "10000", "100000"]), "--json", str(out))
+    return json.loads(out.read_text()) if out.is_file() else []
+
+
+PARTS = {"press": part_press, "score": part_score, "train": part_train,
+         "tsne": part_tsne, "paint": part_paint, "scale": part_scale}
 
 
 def main(argv=None) -> int:
