@@ -114,7 +114,7 @@ class EfficientNetLite(nn.Module):
     def __init__(self, arch: str = "efficientnet_lite0", num_classes: int = 1000):
         super().__init__()
         stages = _LITE_STAGES[arch]
-        self.out_channels = stages[-1][-1]
+        self.arch, self.out_channels = arch, stages[-1][-1]
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **_BN)
         blocks = []
@@ -376,8 +376,8 @@ _LEVEL_CHANNELS = {
     "efficientnet_lite2": (24, 48, 120, 352),
 }
 _LEVEL_STRIDES = (4, 8, 16, 32)
-# index after the last MBConv block of each level
-_LITE_LEVEL_ENDS = {"efficientnet_lite0": (3, 5, 11, 16), "efficientnet_lite1": (4, 7, 15, 21),
+# index after the last MBConv block of each level (stride 4, 8, 16, 32)
+LITE_LEVEL_ENDS = {"efficientnet_lite0": (3, 5, 11, 16), "efficientnet_lite1": (4, 7, 15, 21),
                     "efficientnet_lite2": (4, 7, 15, 21)}
 
 
@@ -402,9 +402,9 @@ class MultiScaleExtractor(nn.Module):
         super().__init__()
         self.arch, self.layers = arch, tuple(layers)
         deepest = max(self.layers)
-        if arch in _LITE_LEVEL_ENDS:
+        if arch in LITE_LEVEL_ENDS:
             self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
-            ends = (0,) + _LITE_LEVEL_ENDS[arch]
+            ends = (0,) + LITE_LEVEL_ENDS[arch]
             self.stages = nn.ModuleList(
                 nn.Sequential(*net._blocks[ends[i]:ends[i + 1]]) for i in range(deepest))
         else:

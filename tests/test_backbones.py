@@ -114,6 +114,12 @@ def test_larger_lite_packages_classify_chelsea_and_give_four_levels(arch, size, 
     maps = ext(torch.zeros(1, 3, 64, 64))
     assert [m.shape[1] for m in maps] == list(levels) and [m.shape[-1] for m in maps] == [16, 8, 4, 2]
     assert mi.layer_channels == levels
+    from osad_core.methods.drafamily import freeze_levels
+
+    trunk, _ = build_backbone(arch)
+    frozen = freeze_levels(trunk, 2)  # the DRA family's quick preset: up to the end of stride 8
+    assert frozen[-1]._project_conv.out_channels == levels[1]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
 
 
 def test_missing_lite_package_says_which_to_install(monkeypatch):

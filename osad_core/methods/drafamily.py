@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import augment
-from ..backbones import build_arch_only, build_backbone
+from ..backbones import LITE_LEVEL_ENDS, build_arch_only, build_backbone
 from ..data import IMAGE_CACHE, DataError, ImageRecord
 from ..train import Callbacks, InfiniteStream, Resumable, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction
@@ -80,9 +80,8 @@ class TwoScaleModel(nn.Module):
 def _level_modules(trunk: nn.Module, levels: int) -> list[nn.Module]:
     if hasattr(trunk, "body"):  # torchvision ResNet: conv1, bn1, relu, maxpool, layer1..layer4
         return list(trunk.body.children())[: 4 + levels]
-    net = trunk.net  # EfficientNet-Lite0: blocks 0-2 end at stride 4, 3-4 at 8, 5-10 at 16
-    ends = {1: 3, 2: 5, 3: 11}
-    return [net._conv_stem, net._bn0, *net._blocks[: ends[levels]]]
+    net = trunk.net  # EfficientNet-Lite: its blocks end each stride level at LITE_LEVEL_ENDS
+    return [net._conv_stem, net._bn0, *net._blocks[: LITE_LEVEL_ENDS[net.arch][levels - 1]]]
 
 
 def freeze_levels(trunk: nn.Module, levels: int) -> list[nn.Module]:
