@@ -146,9 +146,15 @@ class _LiteTrunk(nn.Module):
     def __init__(self, net: EfficientNetLite):
         super().__init__()
         self.net = net
+        self.upto = None  # blocks run; None = all (stride 32)
 
     def forward(self, x):
-        return self.net.features(x)
+        if self.upto is None:
+            return self.net.features(x)
+        x = self.net.act(self.net._bn0(self.net._conv_stem(x)))
+        for b in self.net._blocks[:self.upto]:
+            x = b(x)
+        return x
 
 
 class _ResNetTrunk(nn.Module):
@@ -346,6 +352,22 @@ def build_backbone(
     net, arch, info = load_full_network(backbone, weights, weights_path, allow_download)
     trunk, _ = _trunk(arch, net)
     return trunk, info
+
+
+def cut_trunk(trunk: nn.Module, stride: int) -> int:
+    """Make a trunk of :func:`build_backbone` end at stride 16 (after level 3) instead of 32,
+    for a finer feature map at the same input size; returns its output channels."""
+    if stride not in (16, 32):
+        raise ValueError(f"trunk stride must be 16 or 32, got {stride}")
+    if isinstance(trunk, _LiteTrunk):
+        if stride == 16:
+            trunk.upto = LITE_LEVEL_ENDS[trunk.net.arch][2]
+        last = trunk.net._blocks[(trunk.upto or len(trunk.net._blocks)) - 1]
+    else:
+        if stride == 16:
+            trunk.body = trunk.body[:7]  # conv1 … layer3
+        last = trunk.body[-1][-1]
+    return [m for m in last.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
 
 
 def build_arch_only(info: dict) -> nn.Module:

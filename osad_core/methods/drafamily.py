@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import augment
-from ..backbones import LITE_LEVEL_ENDS, build_arch_only, build_backbone
+from ..backbones import LITE_LEVEL_ENDS, build_arch_only, build_backbone, cut_trunk
 from ..data import IMAGE_CACHE, DataError, ImageRecord
 from ..train import Callbacks, InfiniteStream, Resumable, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction
@@ -48,6 +48,7 @@ FAMILY_DEFAULTS = dict(
     weights="auto",
     weights_path=None,
     freeze_levels=0,  # 0 = fine-tune everything, as the papers do; only applied to pretrained trunks
+    trunk_stride=32,  # 16: the trunk ends after its stride-16 level (a 14×14 map at 224 px)
     device="auto",
     seed=42,
     map_size=64,
@@ -129,7 +130,8 @@ class DRAFamilyDetector(Detector):
             self.backbone_info = info.to_dict()
         else:
             trunk = build_arch_only(self.backbone_info)
-        heads = self.make_heads(self.backbone_info["channels"])
+        self.channels = cut_trunk(trunk, int(c.get("trunk_stride", 32)))
+        heads = self.make_heads(self.channels)
         self.model = TwoScaleModel(trunk, heads, c["n_scales"])
         # freezing random weights would only hurt: a random-init trunk is always trained
         pretrained = bool(self.backbone_info.get("pretrained"))
@@ -312,7 +314,7 @@ class DRAFamilyDetector(Detector):
             torch.cat(scores).numpy(),
             torch.cat(maps).numpy(),
             torch.cat(embs).numpy(),
-            f"global average pool of the scale-0 backbone map ({self.backbone_info['channels']}-d)",
+            f"global average pool of the scale-0 backbone map ({self.channels}-d)",
             extra={k: torch.cat(v).numpy() for k, v in extra.items()},
         )
 
