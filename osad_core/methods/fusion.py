@@ -40,7 +40,8 @@ over Lite0 on three data sets with seeds 0-2 at the quick preset, nothing else c
 (docs/BENCHMARKS.md, "Fusion on larger backbones"): image AUROC HeadCT general 10 0.949
 against 0.937 (1 shot: 0.904 against 0.858), ELPV general 10 0.891 against 0.881, magnetic tile general 10 0.872 against
 0.852 (pixel AUROC 0.745 against 0.710, PRO 0.623 against 0.575); higher in 7 of the 9
-(data, seed) pairs of the 10-shot cells. Lite1 scored below Lite0 on HeadCT general 10 (0.884). Its two levels cost about 1.3× Lite0's feature extraction
+(data, seed) pairs of the 10-shot cells. Lite1 scored below Lite0 on HeadCT general 10 (0.884).
+Measured after the choice: HeadCT general 1 0.904 (Lite0 0.858), ELPV hard 10 0.860 (0.838). Its two levels cost about 1.3× Lite0's feature extraction
 (scripts/bench_backbone_speed.py). ``backbone="efficientnet_lite0"`` restores the former model.
 """
 from __future__ import annotations
