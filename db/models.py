@@ -44,7 +44,8 @@ RUN_STATUSES = STATUSES
 JOB_STATUSES = STATUSES
 TERMINAL_STATUSES = ("done", "failed", "cancelled")
 RUN_SOURCES = ("app", "cli", "benchmark")
-WEIGHTS_SOURCES = ("explicit", "torchvision", "efficientnet_lite0_package", "random")
+WEIGHTS_SOURCES = ("explicit", "torchvision", "efficientnet_lite0_package", "efficientnet_lite1_package",
+                   "efficientnet_lite2_package", "random")
 JOB_KINDS = ("train", "score", "import")  # import: a large server folder, in batches
 # calibration: training normals held out from fitting; they set the operating point
 SCORE_ROLES = ("train_normal", "train_anomaly", "calibration", "test", "scored")

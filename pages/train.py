@@ -71,6 +71,10 @@ def train_form(project_id: int, av: training.Availability) -> None:
             device = st.selectbox(
                 "Device", compute["options"], key="t_device",
                 format_func=lambda d: f"auto — found {compute['label']}" if d == "auto" else d)
+            backbones = training.backbone_choices()
+            backbone = st.selectbox("Backbone", list(backbones), format_func=backbones.get, key="t_backbone",
+                                    help="Frozen ImageNet features the detector builds on; a larger one is "
+                                         "slower (docs/BENCHMARKS.md).")
         c3, c4, c5 = st.columns(3)
         setting = c3.radio("Protocol", list(training.SETTING_HINTS), format_func=training.SETTING_HINTS.get,
                            key="t_setting", help="The papers' protocols. The hard setting trains on one defect "
@@ -94,7 +98,8 @@ def train_form(project_id: int, av: training.Availability) -> None:
         st.caption(f"{from_tagged} tagged for training + {drawn} drawn from held-out anomalies"
                    + (f" of type {known}" if known else ""))
 
-        req = training.TrainRequest(project_id, method, preset, int(seed), device, setting, int(shots), known)
+        req = training.TrainRequest(project_id, method, preset, int(seed), device, setting, int(shots), known,
+                                    backbone)
         problem = None
         try:
             summary, warnings = training.check(req)

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
 # Fusion against the other detectors: every cell of the Measured-so-far table plus magnetic tile.
 # Usage: scripts/bench_fusion.sh CELL...   (cells: headct10 headct1 elpv10 elpv1 elpvhard_mono elpvhard_poly mtile10 mtile10_bgad)
+# BACKBONE=efficientnet_lite2 (or _lite1) runs Fusion on that backbone into bench_results/fusion_backbones/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 OUT=bench_results/fusion_quick
+EXTRA=()
+SUFFIX=
+if [ -n "${BACKBONE:-}" ]; then
+  OUT=bench_results/fusion_backbones EXTRA=(--backbone "$BACKBONE") SUFFIX=_${BACKBONE#efficientnet_}
+fi
 MT=${MAGNETIC_TILE:-../shared/datasets/magnetic_tile}
 HEADCT=${HEADCT:-../shared/datasets/headct}
 mkdir -p "$OUT"
 run() {  # name data setting shots method [extra args]
   local name=$1 data=$2 setting=$3 shots=$4 method=$5; shift 5
   .venv/bin/python -m osad_core benchmark --data "$data" --setting "$setting" --shots "$shots" --methods "$method" \
-    --preset quick --seeds 0 1 2 --no-db --json "$OUT/$name.json" "$@"
+    --preset quick --seeds 0 1 2 --no-db --json "$OUT/$name$SUFFIX.json" "${EXTRA[@]}" "$@"
 }
 for cell in "$@"; do
   case $cell in

@@ -281,6 +281,9 @@ def test_train_request_payload_is_what_the_worker_reads(tmp_path):
     summary, warnings = training.check(req)
     assert "train 3 normal + 1 anomalies (hole)" in summary
     assert training.TrainRequest(c.project_id, "dra", "tiny").payload()["overrides"] == {}
+    lite2 = training.TrainRequest(c.project_id, "fusion", "tiny", device="cpu", backbone="efficientnet_lite2")
+    assert lite2.payload()["overrides"] == {"device": "cpu", "backbone": "efficientnet_lite2"}
+    assert "auto" in training.backbone_choices()
     av = training.availability(c.project_id)
     assert (av.normal_train, av.normal_test, av.n_tagged, av.n_held_out) == (3, 2, 0, 4)
     assert av.default_shots() == 4

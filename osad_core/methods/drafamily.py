@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import augment
-from ..backbones import build_arch_only, build_backbone, fold_batchnorm
+from ..backbones import LITE_LEVEL_ENDS, build_arch_only, build_backbone, cut_trunk, fold_batchnorm
 from ..data import IMAGE_CACHE, DataError, ImageRecord
 from ..train import Callbacks, InfiniteStream, Resumable, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction
@@ -50,6 +50,7 @@ FAMILY_DEFAULTS = dict(
     weights="auto",
     weights_path=None,
     freeze_levels=0,  # 0 = fine-tune everything, as the papers do; only applied to pretrained trunks
+    trunk_stride=32,  # 16: the trunk ends after its stride-16 level (a 14×14 map at 224 px)
     device="auto",
     seed=42,
     map_size=64,
@@ -82,9 +83,8 @@ class TwoScaleModel(nn.Module):
 def _level_modules(trunk: nn.Module, levels: int) -> list[nn.Module]:
     if hasattr(trunk, "body"):  # torchvision ResNet: conv1, bn1, relu, maxpool, layer1..layer4
         return list(trunk.body.children())[: 4 + levels]
-    net = trunk.net  # EfficientNet-Lite0: blocks 0-2 end at stride 4, 3-4 at 8, 5-10 at 16
-    ends = {1: 3, 2: 5, 3: 11}
-    return [net._conv_stem, net._bn0, *net._blocks[: ends[levels]]]
+    net = trunk.net  # EfficientNet-Lite: its blocks end each stride level at LITE_LEVEL_ENDS
+    return [net._conv_stem, net._bn0, *net._blocks[: LITE_LEVEL_ENDS[net.arch][levels - 1]]]
 
 
 def freeze_levels(trunk: nn.Module, levels: int) -> list[nn.Module]:
@@ -133,7 +133,8 @@ class DRAFamilyDetector(Detector):
             self.backbone_info = info.to_dict()
         else:
             trunk = build_arch_only(self.backbone_info)
-        heads = self.make_heads(self.backbone_info["channels"])
+        self.channels = cut_trunk(trunk, int(c.get("trunk_stride", 32)))
+        heads = self.make_heads(self.channels)
         self.model = TwoScaleModel(trunk, heads, c["n_scales"])
         # freezing random weights would only hurt: a random-init trunk is always trained
         pretrained = bool(self.backbone_info.get("pretrained"))
@@ -335,7 +336,7 @@ class DRAFamilyDetector(Detector):
             torch.cat(scores).numpy(),
             torch.cat(maps).numpy(),
             torch.cat(embs).numpy(),
-            f"global average pool of the scale-0 backbone map ({self.backbone_info['channels']}-d)",
+            f"global average pool of the scale-0 backbone map ({self.channels}-d)",
             extra={k: torch.cat(v).numpy() for k, v in extra.items()},
         )
 

@@ -153,11 +153,16 @@ class SaliencyCut(DRAFamilyDetector):
         "paper": {},
         # DRA's quick preset, so the two compare at equal cost
         "quick": {k: v for k, v in DRA.presets["quick"].items() if k in FAMILY_DEFAULTS},
+        # quick's 160 px on a stride-32 trunk leaves the residual head a 5×5 map (blocks of 3);
+        # a stride-16 trunk at 224 px gives 14×14 (blocks of 7, as the paper's 448 px at stride 32)
+        "quick14": dict({k: v for k, v in DRA.presets["quick"].items() if k in FAMILY_DEFAULTS},
+                        image_size=224, trunk_stride=16),
         "tiny": dict(image_size=64, epochs=2, steps_per_epoch=3, batch_size=9, lr_step_epochs=10, map_size=32,
                      test_layouts=4),
     }
     preset_notes = {
         "quick": "as DRA's quick preset",
+        "quick14": "DRA's quick preset at 224 px on a stride-16 trunk: a 14×14 map for the patch residual",
         "tiny": "smoke tests only: 64 px, 4 test layouts",
     }
     map_heads = ("anomaly",)
