@@ -66,6 +66,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=4, help="seeds per method (cells = 2 x seeds)")
     ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=3, help="epochs per cell: longer cells amortise Ray's start-up")
     a = ap.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", OSAD_OFFLINE="1",
                OSAD_RAY_CPUS_PER_TASK="1", RAY_worker_niceness="0")
@@ -77,8 +78,8 @@ def main() -> int:
         seeds = [str(s) for s in range(a.seeds)]
         common = ["benchmark", "--data", str(data), "--methods", "devnet,dra", "--seeds", *seeds, "--shots", "2",
                   "--preset", "tiny", "--weights", "random", "--backbone", "resnet18", "--image-size", "64",
-                  "--epochs", "3", "--steps-per-epoch", "4", "--device", "cpu", "--no-db"]
-        print(f"sweep: 2 methods x {a.seeds} seeds = {2 * a.seeds} cells (tiny preset, 64 px, 3x4 steps, CPU, 1 thread)")
+                  "--epochs", str(a.epochs), "--steps-per-epoch", "4", "--device", "cpu", "--no-db"]
+        print(f"sweep: 2 methods x {a.seeds} seeds = {2 * a.seeds} cells (tiny preset, 64 px, {a.epochs}x4 steps, CPU, 1 thread)")
         t_serial, _ = cli(*common, "--json", str(tmp / "serial.json"), env=env)
         t_ray, _ = cli(*common, "--json", str(tmp / "ray.json"), "--ray", "local", env=env)
         serial, on_ray = (json.loads((tmp / f"{n}.json").read_text()) for n in ("serial", "ray"))
