@@ -102,7 +102,7 @@ def main() -> int:
                        env=env)
         t_many, err = cli("score", "--model", str(model), str(folder), "--csv", str(tmp / "ray.csv"), "--device",
                           "cpu", "--ray", "local", env=env)
-        inner = re.search(r"scored \d+ images in [\d.]+ s: ([\d.]+) images/s", err)
+        inner = re.search(r"scored \d+(?:/\d+)? images in [\d.]+ s: ([\d.]+) images/s", err)
         print(f"  one process       {t_one:7.1f} s  {a.images / t_one:7.1f} images/s")
         print(f"  Ray, {workers} workers    {t_many:7.1f} s  {a.images / t_many:7.1f} images/s"
               + (f"  ({inner.group(1)} images/s once Ray runs)" if inner else ""))
