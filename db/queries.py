@@ -1368,9 +1368,9 @@ def recover_stale_jobs(
     a job that resumes further each time is never given up on, while one that dies
     before saving anything new (a crash in start-up, scoring or saving) is failed after
     ``max_attempts`` such attempts with an error starting "worker stopped responding".
-    A stale job whose cancellation was requested becomes ``cancelled``; one whose run is
-    already ``done`` becomes ``done`` (a finished run never flips back). Returns the
-    ids of the jobs changed.
+    A stale job whose cancellation was requested becomes ``cancelled``. A run already
+    ``done`` never flips back: its re-queued job only completes the later phase. Returns
+    the ids of the jobs changed.
     """
     cutoff = utcnow() - timedelta(seconds=stale_after_s)
     last_sign = func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
@@ -1390,12 +1390,11 @@ def recover_stale_jobs(
         fruitless = int(progress.get("fruitless_attempts") or 0)
         if ckpt <= int(progress.get("checkpoint_epoch_at_start") or 0):
             fruitless += 1
-        run_status = s.scalar(select(Run.status).where(Run.id == job.run_id)) if job.run_id else None
+        # A run stored done whose job still runs crashed in the job's later phase (the other
+        # images, the t-SNE map): the job is re-queued like any other to finish that phase;
+        # the run itself stays done whatever happens to the job (_set_run_for_job).
         run_values: dict[str, Any] | None
-        if run_status == "done":
-            values = {"status": "done", "finished_at": now, "error": None}
-            run_values = None
-        elif job.cancel_requested:
+        if job.cancel_requested:
             values = {"status": "cancelled", "finished_at": now, "error": f"cancelled ({STALE_WORKER_ERROR})"}
             run_values = {"status": "cancelled", "finished_at": now, "error": values["error"]}
         elif fruitless < max_attempts:

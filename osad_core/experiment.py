@@ -134,22 +134,27 @@ def train_and_score(
     calibration_fraction: float = DEFAULT_CALIBRATION_FRACTION,
     target_frr: float = DEFAULT_TARGET_FRR,
     saving: bool = False,
+    detector: Detector | None = None,
 ) -> RunResult:
     """The part of a run a person waits for: train, score the held-out test and
     calibration images, metrics, curves and the operating point. Training images,
     unlabelled images and the t-SNE map are left to :func:`score_rest`. ``saving``: the
-    caller stores results between the two (its stages join the progress plan)."""
+    caller stores results between the two (its stages join the progress plan).
+    ``detector``: one already trained on this split (a job whose results were stored
+    before a crash): it is not trained again, only the split and the held-out
+    predictions that :func:`score_rest` needs are rebuilt."""
     split = make_split(dataset, protocol, require_test=require_test)
     fit_normal, calibration = split_calibration(split.train_normal, calibration_fraction, protocol.seed)
     split = replace(split, train_normal=fit_normal)
     overrides = dict(overrides or {})
     overrides.setdefault("seed", protocol.seed)
-    det = make_detector(method, preset, overrides)
+    det = detector or make_detector(method, preset, overrides)
     cb = callbacks or Callbacks()
     cb.plan(job_plan(det, saving))
     log.info("%s: %s", dataset.name, split.summary())
     t0 = time.monotonic()
-    det.fit(split.train_normal, split.train_anomalies, cb)
+    if detector is None:
+        det.fit(split.train_normal, split.train_anomalies, cb)
     train_s = time.monotonic() - t0
 
     bs = det.config.get("test_batch_size", 32)

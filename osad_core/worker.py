@@ -185,6 +185,7 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
 
     from . import artefacts
     from .experiment import score_rest, train_and_score
+    from .methods.base import load_detector
     from .protocol import Protocol
     from .store import JobGone, record_rest, record_run
     from .train import Callbacks, TrainingCancelled
@@ -226,22 +227,32 @@ def execute_train_job(job_id: int, run_id: int | None, payload: dict, worker_id:
 
     ckpt = artefacts.checkpoint_path(data_dir(), job_id)
     cb = Callbacks(on_progress, should_stop, every_s=1.0, checkpoint_path=ckpt, on_checkpoint=on_checkpoint)
+    stored = None  # the model of a run stored done before a crash: only the later phase is left to do
+    if run_id is not None:
+        with session_scope() as s:
+            run = q.get_run(s, run_id)
+            if run is not None and run.status == "done" and run.model_path and Path(run.model_path).is_file():
+                stored = run.model_path
     # results first: what the Results page needs (held-out scores, metrics, curves, the
     # operating point) is stored as a done run before the other images and the t-SNE map
     res = train_and_score(ds, proto, payload["method"], payload.get("preset", "quick"), payload.get("overrides"),
-                          cb, require_test=False, saving=True)
+                          cb, require_test=False, saving=True,
+                          detector=load_detector(stored, "auto") if stored else None)
     cb.check_cancel()
     if cb.resumed_from:
         write_progress("resume note", resumed_from_epoch=cb.resumed_from)
     def skipped_note() -> str:  # unreadable images never fail a job; the job says how many were left out
         return f"skipped {len(res.skipped)} unreadable image(s), e.g. {res.skipped[0][1]}" if res.skipped else ""
 
-    cb.begin("Saving results", 1, message=skipped_note())
-    model_path = artefacts.model_path(data_dir(), run_id or job_id)
-    res.detector.save(model_path)  # atomic: a kill never leaves half a model under that name
-    run_id = record_run(res, ds, source="app", run_id=run_id, model_path=model_path, job_id=job_id,
-                        worker_id=worker_id, finish_job=False)
-    ckpt.unlink(missing_ok=True)
+    if stored:
+        log.info("job %s: run %s was stored before the crash; computing its other images and map", job_id, run_id)
+    else:
+        cb.begin("Saving results", 1, message=skipped_note())
+        model_path = artefacts.model_path(data_dir(), run_id or job_id)
+        res.detector.save(model_path)  # atomic: a kill never leaves half a model under that name
+        run_id = record_run(res, ds, source="app", run_id=run_id, model_path=model_path, job_id=job_id,
+                            worker_id=worker_id, finish_job=False)
+        ckpt.unlink(missing_ok=True)
     # The run is done from here on: whatever happens below (a crash, a cancel, an error)
     # leaves it and its model as stored, and ends only the job.
     try:

@@ -353,6 +353,34 @@ def test_cancel_in_every_phase_ends_cancelled_quickly(db_url, tmp_path):
     print(f"\ncancels {len(times)}: {outcomes}; max time to a final status {max(times):.2f} s")
 
 
+def test_a_kill_after_the_results_were_stored_is_finished_by_the_next_worker(db_url, tmp_path):
+    """Killed in the job's later phase (the run already stored done): the next worker
+    re-runs only that phase from the stored model; nothing is trained again, and the run
+    ends whole with the metrics of an uninterrupted run."""
+    pid = _project(db_url, tmp_path / "parts")
+    log = tmp_path / "worker.log"
+    env = _env(db_url)
+    ref_run, _ = _enqueue(db_url, pid, "devnet", epochs=6)
+    assert _start_worker(env, log, "--idle-exit", "0").wait(timeout=300) == 0
+    reference = _check_run_complete(db_url, ref_run)
+
+    run_id, job_id = _enqueue(db_url, pid, "devnet", epochs=6)
+    proc = _start_worker(env, log)
+    _wait(lambda: _run_status(db_url, run_id) == "done"
+          and (_job(db_url, job_id).progress_json or {}).get("stage") in ("Scoring other images", "t-SNE map"),
+          120, poll=0.02)
+    _kill(proc)
+    assert _job(db_url, job_id).status == "running" and _run_status(db_url, run_id) == "done"
+    assert _start_worker(env, log, "--idle-exit", "0").wait(timeout=300) == 0
+    job = _job(db_url, job_id)
+    assert (job.status, job.error) == ("done", None)
+    metrics = _check_run_complete(db_url, run_id)
+    for m in (metrics, reference):
+        m.pop("test_images_per_s")  # a timing
+    np.testing.assert_equal(metrics, reference)
+    assert "stored before the crash" in log.read_text()
+
+
 # --- a hung job and a job over its time limit -------------------------------------------------
 
 
