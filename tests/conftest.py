@@ -5,6 +5,7 @@ The repository root is importable through pytest.ini's ``pythonpath``.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,17 @@ os.environ["OSAD_OFFLINE"] = "1"  # tests never download weights
 # times faster when other processes share the two cores (spinning threads fight them).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def wait_until(pred, timeout: float, poll: float = 0.05):
+    """``pred()``'s first truthy value within ``timeout`` seconds, else an AssertionError."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"condition not met within {timeout} s")
 
 
 def cross_device_tol(device, rtol: float = 1e-5, atol: float = 1e-5, cuda_atol: float = 2e-2) -> dict:

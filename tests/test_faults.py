@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_mvtec
+from conftest import make_mvtec, wait_until
 
 from db import init_db, session_scope
 from db import queries as q
@@ -100,14 +100,7 @@ def _job(db_url: str, job_id: int):
         return q.get_job(s, job_id)
 
 
-def _wait(pred, timeout: float, poll: float = 0.05):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s")
+_wait = wait_until
 
 
 def _check_run_complete(db_url: str, run_id: int) -> dict:

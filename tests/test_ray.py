@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_mvtec
+from conftest import make_mvtec, wait_until
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements-cluster.txt)")
 
@@ -124,13 +124,7 @@ def _job(job_id: int):
 
 
 def _wait(pred, timeout: float, poll: float = 0.1):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        value = pred()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"condition not met within {timeout} s")
+    return wait_until(pred, timeout, poll)
 
 
 def _worker_thread(executor) -> threading.Thread:
