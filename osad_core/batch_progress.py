@@ -38,11 +38,11 @@ class BatchProgress:
     @property
     def already(self) -> int:
         """Items counted as done without work (e.g. found stored by a resumed import)."""
-        return self.tracker._stage_step0
+        return self.tracker.stage_start_step
 
     @already.setter
     def already(self, n: int) -> None:
-        self.tracker._stage_step0 = int(n)  # the stage's rate and ETA leave them out
+        self.tracker.stage_start_step = n
 
     def fields(self) -> dict[str, Any]:
         p = self.tracker.advance(self.done, self.total).to_dict()

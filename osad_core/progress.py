@@ -135,6 +135,16 @@ class Tracker:
         self.step, self.total = int(done), int(total)
         self._stage_t0, self._stage_step0 = time.monotonic(), int(done)
 
+    @property
+    def stage_start_step(self) -> int:
+        """Steps counted as done when the stage began (e.g. found already done by a resume);
+        the stage's rate and ETA leave them out."""
+        return self._stage_step0
+
+    @stage_start_step.setter
+    def stage_start_step(self, n: int) -> None:
+        self._stage_step0 = int(n)
+
     def advance(self, step: int, total: int | None = None, metrics: dict | None = None,
                 epoch: int | None = None, epochs: int | None = None, curve_point: int | None = None,
                 message: str = "") -> Progress:
