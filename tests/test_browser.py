@@ -243,8 +243,10 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     _settle(page)
     page.locator(f".st-key-sel_{page_ids[5]} label").click(modifiers=["Shift"])
     expect(page.get_by_text("5 selected")).to_be_visible()
-    assert [page.locator(f".st-key-sel_{i} input").is_checked() for i in page_ids[:7]] == [False] + [True] * 5 + [
-        False]
+    # the count is drawn before the grid in the same run: wait for each box, do not sample once
+    for i, want in zip(page_ids[:7], [False] + [True] * 5 + [False]):
+        box = expect(page.locator(f".st-key-sel_{i} input"))
+        box.to_be_checked() if want else box.not_to_be_checked()
     shot("03b_label_shift_click")
     page.get_by_role("button", name="Clear").click()
     expect(page.get_by_text("0 selected")).to_be_visible()
@@ -304,13 +306,13 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
     roc = page.locator(".st-key-roc .js-plotly-plot")
     expect(roc).to_be_visible()
     expect(roc).to_contain_text("ROC curve")
-    assert roc.locator(".scatterlayer .trace").count() >= 2  # chance line + the run's curve
+    expect(roc.locator(".scatterlayer .trace").nth(1)).to_be_attached()  # chance line + the run's curve
     shot("07_results_curves")
     page.get_by_role("tab", name="Embedding map (t-SNE)").click()
     tsne = page.locator(".st-key-tsne_1 .js-plotly-plot")
     expect(tsne).to_be_visible()
     expect(tsne).to_contain_text("t-SNE")
-    assert tsne.locator(".scatterlayer .point").count() >= 20  # every image of the run
+    expect(tsne.locator(".scatterlayer .point").nth(19)).to_be_attached()  # every image of the run (20+)
     tsne.locator(".scatterlayer .point").first.click(force=True)
     heat = page.locator(".st-key-tsne_overlay .js-plotly-plot")  # the clicked image with its heatmap
     expect(heat).to_be_visible()
