@@ -1215,6 +1215,15 @@ def latest_jobs(s: Session, kind: str, by: str) -> dict[int, Job]:
     return out
 
 
+def payload_jobs(s: Session, kind: str, by: str, values: Iterable[int]) -> list[Job]:
+    """Every job of ``kind`` whose payload's ``by`` key is one of ``values`` (a project's
+    ``import`` jobs by ``project_id``, its folder ``score`` jobs by ``run_id``)."""
+    _check(kind, JOB_KINDS, "job kind")
+    wanted = {int(v) for v in values}
+    return [job for job in s.scalars(select(Job).where(Job.kind == kind).order_by(Job.id))
+            if (job.payload_json or {}).get(by) is not None and int(job.payload_json[by]) in wanted]
+
+
 def last_import_job(s: Session, project_id: int) -> Job | None:
     return latest_jobs(s, "import", "project_id").get(int(project_id))
 

@@ -92,9 +92,24 @@ def test_delete_removes_uploads_and_models_but_never_server_images(tmp_path):
         model.write_bytes(b"m")
         run = q.create_run(s, c.project_id, "dra", "tiny", {}, {}, "app", status="done", model_path=str(model))
         assert run.id
+        # a finished folder-scoring job left its CSV; a queued one is still waiting
+        done = q.enqueue_job(s, "score", {"run_id": run.id, "folder": "x"})
+        waiting = q.enqueue_job(s, "score", {"run_id": run.id, "folder": "y"})
+        other = q.enqueue_job(s, "score", {"run_id": run.id + 1000, "folder": "z"})  # another project's run
+        done.status = "done"
+        ids = (done.id, waiting.id, other.id)
+    from osad_core.bulk_score import scores_csv
+
+    for job_id in ids:
+        scores_csv(data_dir(), job_id).parent.mkdir(parents=True, exist_ok=True)
+        scores_csv(data_dir(), job_id).write_text("path,score\n")
     assert folder.is_dir()
     assert ingest.delete_project(c.project_id) == "up"
     assert not folder.exists() and not model.exists()
+    assert not scores_csv(data_dir(), ids[0]).exists() and not scores_csv(data_dir(), ids[1]).exists()
+    assert scores_csv(data_dir(), ids[2]).exists()  # not this project's
+    with session_scope() as s:
+        assert q.get_job(s, ids[1]).status == "cancelled" and q.get_job(s, ids[2]).status == "queued"
 
     parts = make_mvtec(tmp_path / "parts", n_train=2, n_test_good=1, n_defect=1)
     files = sorted(parts.rglob("*"))

@@ -434,15 +434,28 @@ def owned_folder(source: str, root_path: str | None) -> Path | None:
 
 def delete_project(project_id: int) -> str:
     """Delete a project with its labels, runs and jobs; also remove the files the app
-    made for it (its upload folder, model checkpoints under the data dir). Images that
-    it imported from elsewhere are never touched. Returns the project's name."""
+    made for it (its upload folder, model checkpoints under the data dir, the CSVs of its
+    folder-scoring jobs). Its import and scoring jobs still queued or running are
+    cancelled first. Images that it imported from elsewhere are never touched. Returns
+    the project's name."""
+    from osad_core.bulk_score import scores_csv
+
     with session_scope() as s:
         project = q.get_project(s, project_id)
         if project is None:
             raise IngestError("That project no longer exists.")
         name, owned = project.name, owned_folder(project.source, project.root_path)
-        models = [r.run.model_path for r in q.list_runs(s, project_id) if r.run.model_path]
+        runs = q.list_runs(s, project_id)
+        models = [r.run.model_path for r in runs if r.run.model_path]
+        jobs = (q.payload_jobs(s, "score", "run_id", [r.run.id for r in runs])
+                + q.payload_jobs(s, "import", "project_id", [project_id]))
+        for job in jobs:
+            if job.status in ("queued", "running"):
+                q.request_cancel(s, job.id)
+        score_files = [scores_csv(data_dir(), job.id) for job in jobs if job.kind == "score"]
         q.delete_project(s, project_id)
+    for f in score_files:
+        f.unlink(missing_ok=True)
     base = data_dir().resolve()
     for m in models:
         p = Path(m).resolve()
