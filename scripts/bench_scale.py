@@ -6,7 +6,8 @@ defect types; seeded) under a temporary folder, then on SQLite and, with ``--pg`
 ``--pg-tmp``, on PostgreSQL:
 
 * **import**: ``osad_core.folder_import`` as the app's import job runs it (batches of
-  500, every file checked, decoded at reduced size and hashed): seconds, files/s;
+  500, every file checked, decoded at reduced size, hashed and its grid thumbnail
+  written to a scratch data directory): seconds, files/s;
 * **queries**: the Label page's filters / sorts / pages (``db.queries.image_page``),
   its grouped counts and the Projects page's ``list_projects``, after a run's scores
   for every image were stored: first call and median of 5 (ms);
@@ -202,10 +203,13 @@ def db_size_mb(url: str) -> float:
     return round(size / 2**20, 1)
 
 
-def child(phase: str, *args: str) -> dict:
-    """Run one phase in a fresh interpreter (so its peak RSS is its own)."""
+def child(phase: str, *args: str, data_dir: Path | None = None) -> dict:
+    """Run one phase in a fresh interpreter (so its peak RSS is its own); ``data_dir``:
+    where it may write (the import's thumbnails), never the user's own data directory."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    if data_dir is not None:
+        env["OSAD_DATA_DIR"] = str(data_dir)
     proc = subprocess.run([sys.executable, __file__, "--phase", phase, *args], capture_output=True, text=True,
                           check=False, env=env, cwd=str(REPO))
     if proc.returncode != 0:
@@ -262,19 +266,15 @@ def main() -> int:
             row: dict = {"n": n}
             backends = [("sqlite", None)] + ([("postgresql", scratch)] if scratch else [])
             for name, srv in backends:
-                if srv is None:
-                    dbdir = Path(tempfile.mkdtemp(prefix="osad-scale-db-"))
-                    url = f"sqlite:///{dbdir / 'osad.db'}"
-                else:
-                    url = srv.create()
+                dbdir = Path(tempfile.mkdtemp(prefix="osad-scale-db-"))  # the scratch data directory
+                url = f"sqlite:///{dbdir / 'osad.db'}" if srv is None else srv.create()
                 try:
-                    imp = child("import", url, str(folder))
-                    qs = child("queries", url)
+                    imp = child("import", url, str(folder), data_dir=dbdir)
+                    qs = child("queries", url, data_dir=dbdir)
                     size = db_size_mb(url)
                 finally:
-                    if srv is None:
-                        shutil.rmtree(dbdir, ignore_errors=True)
-                    else:
+                    shutil.rmtree(dbdir, ignore_errors=True)
+                    if srv is not None:
                         srv.drop(url)
                 row[name] = {"import": imp, "queries": qs, "db_mb": size}
                 print(f"{name:>10}: import {imp['import_s']:.1f} s ({imp['files_per_s']:,.0f} files/s, "
