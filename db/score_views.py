@@ -217,6 +217,17 @@ def map_points(s: Session, run_id: int, image_ids: Sequence[int] | None = None) 
     return sorted(out, key=lambda r: r["image_id"])
 
 
+def map_sample(s: Session, run_id: int, draw_max: int) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray,
+                                                                   np.ndarray]:
+    """What the map view reads: the rows of the points to draw (all, or a sample of
+    ``draw_max`` seeded by the run id) and :func:`map_coordinates` of every point."""
+    ids, x, y = map_coordinates(s, run_id)
+    if len(ids) <= draw_max:
+        return map_points(s, run_id), ids, x, y
+    pick = np.sort(np.random.default_rng(run_id).choice(len(ids), draw_max, replace=False))
+    return map_points(s, run_id, ids[pick].tolist()), ids, x, y
+
+
 def find_on_map(s: Session, run_id: int, text: str, limit: int = 20) -> list[dict[str, Any]]:
     """Points of the run's map whose file name contains ``text`` (any case), by name: a
     way to every point, drawn or not."""
@@ -236,5 +247,5 @@ def held_out_rows(s: Session, run_id: int) -> list[dict[str, Any]]:
 
 
 __all__ = ["EVAL_LABELS", "confusion_counts", "embeddings_of", "evaluation_groups", "evaluation_histogram",
-           "find_on_map", "held_out_rows", "labelled_embedding_ids", "map_coordinates", "map_count", "map_points", "rank_of",
+           "find_on_map", "held_out_rows", "labelled_embedding_ids", "map_coordinates", "map_count", "map_points", "map_sample", "rank_of",
            "ranked_count", "ranked_rows", "role_counts", "role_scores", "unlabelled_pool", "unlabelled_scored_ids"]

@@ -244,12 +244,7 @@ def _map_data(run_id: int) -> tuple[pd.DataFrame, tuple[np.ndarray, np.ndarray, 
     """The points to draw (all, or a seeded sample of ``TSNE_DRAW_MAX``) and the id, x and
     y of every point on the map."""
     with session_scope() as s:
-        ids, x, y = sv.map_coordinates(s, run_id)
-        if len(ids) > TSNE_DRAW_MAX:
-            pick = np.sort(np.random.default_rng(run_id).choice(len(ids), TSNE_DRAW_MAX, replace=False))
-            rows = sv.map_points(s, run_id, ids[pick].tolist())
-        else:
-            rows = sv.map_points(s, run_id)
+        rows, ids, x, y = sv.map_sample(s, run_id, TSNE_DRAW_MAX)
     return figures.scores_frame(rows), (ids, x, y)
 
 

@@ -149,5 +149,10 @@ def test_the_map_reads_coordinates_a_sample_and_found_names(run):
         found = sv.find_on_map(s, run.id, "PART_00")  # any case
         assert found and all("part_00" in r["rel_path"] for r in found) and len(found) <= 20
         assert sv.find_on_map(s, run.id, "%") == []  # a wildcard is a character like any other
+        rows, all_ids, _, _ = sv.map_sample(s, run.id, 100)  # a seeded sample of 100 over all coordinates
+        again = [r["image_id"] for r in sv.map_sample(s, run.id, 100)[0]]
+        assert len(rows) == 100 and [r["image_id"] for r in rows] == again and len(all_ids) == len(ids)
+        assert set(again) < set(ids.tolist())
+        assert len(sv.map_sample(s, run.id, 10_000)[0]) == len(ids)  # under the cap: every point
         held = sv.held_out_rows(s, run.id)
     assert [r["image_id"] for r in held] == sorted(df.loc[df["role"] == "test", "image_id"])
