@@ -11,6 +11,7 @@ Like :mod:`db.queries`, every function takes a session first and never commits.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from sqlalchemy import Integer, and_, case, cast, func, or_, select
 from sqlalchemy.orm import Session
 
 from .heatmaps import decode_vector
-from .models import Embedding, Image, ImageScore
+from .models import Embedding, Image, ImageScore, Run
 
 _CHUNK = 500  # ids per IN list
 
@@ -76,11 +77,13 @@ def confusion_counts(groups: Sequence[dict[str, Any]]) -> dict[str, int]:
     return c
 
 
-def _bin(s: Session, lo: float, width: float, bins: int):
-    x = (ImageScore.score - lo) / width
-    # floor: SQLite's CAST truncates (scores are >= lo, so that is floor); PostgreSQL's rounds
+def _floor_bin(s: Session, x, lo: float, width: float, bins: int):
+    """The bin of ``x`` among ``bins`` equal bins from ``lo`` (``x`` >= ``lo``); the top edge
+    falls in the last bin, as in numpy's histograms."""
+    x = (x - lo) / width
+    # floor: SQLite's CAST truncates (x >= 0 here, so that is floor); PostgreSQL's rounds
     b = cast(x, Integer) if s.get_bind().dialect.name == "sqlite" else cast(func.floor(x), Integer)
-    return case((b >= bins, bins - 1), (b < 0, 0), else_=b)
+    return case((b >= bins, bins - 1), else_=b)
 
 
 def evaluation_histogram(s: Session, run_id: int, lo: float, hi: float, bins: int = 40) -> list[dict[str, Any]]:
@@ -88,7 +91,7 @@ def evaluation_histogram(s: Session, run_id: int, lo: float, hi: float, bins: in
     [lo, hi] (a score equal to ``hi`` falls in the last), counted in SQL per bin and per
     (label, defect type, seen). Rows: bin, label_at_run, defect_type_at_run, seen, n."""
     width = (hi - lo) / bins if hi > lo else 1.0
-    b = _bin(s, lo, width, bins).label("bin")
+    b = _floor_bin(s, ImageScore.score, lo, width, bins).label("bin")
     q = (select(b, ImageScore.label_at_run, ImageScore.defect_type_at_run, ImageScore.seen, func.count())
          .where(_evaluation(run_id))
          .group_by(b, ImageScore.label_at_run, ImageScore.defect_type_at_run, ImageScore.seen))
@@ -145,13 +148,23 @@ def rank_of(s: Session, run_id: int, image_id: int, roles: Iterable[str] | None 
 def unlabelled_pool(s: Session, run_id: int, strategy: str, threshold: float | None, limit: int) -> list[tuple[int, float]]:
     """(image id, score) of the ``limit`` images the run scored that are unlabelled now and
     rank first under ``strategy`` (``uncertain``: closest to ``threshold``; ``anomalous``:
-    highest score), ties by image id: the pool that ``osad_core.active`` picks a queue from."""
-    key = {"uncertain": lambda: func.abs(ImageScore.score - float(threshold)),
-           "anomalous": lambda: -ImageScore.score}[strategy]()
-    q = (select(ImageScore.image_id, ImageScore.score).join(Image, Image.id == ImageScore.image_id)
-         .where(ImageScore.run_id == run_id, Image.label == "unlabeled")
-         .order_by(key, ImageScore.image_id).limit(int(limit)))
-    return [(int(i), float(sc)) for i, sc in s.execute(q)]
+    highest score), ties by image id: the pool that ``osad_core.active`` picks a queue from.
+
+    Each part is read in the order of the (run, score) index and stops at ``limit``: the
+    closest to the threshold are the ``limit`` closest above it merged with the ``limit``
+    closest below, so nothing is sorted by distance in the database."""
+    base = (select(ImageScore.image_id, ImageScore.score).join(Image, Image.id == ImageScore.image_id)
+            .where(ImageScore.run_id == run_id, Image.label == "unlabeled"))
+    if strategy == "anomalous":
+        q = base.order_by(ImageScore.score.desc(), ImageScore.image_id).limit(int(limit))
+        return [(int(i), float(sc)) for i, sc in s.execute(q)]
+    if strategy != "uncertain":
+        raise ValueError(f"Unknown strategy {strategy!r}.")
+    thr = float(threshold)
+    above = base.where(ImageScore.score >= thr).order_by(ImageScore.score.asc(), ImageScore.image_id)
+    below = base.where(ImageScore.score < thr).order_by(ImageScore.score.desc(), ImageScore.image_id)
+    rows = [(int(i), float(sc)) for part in (above, below) for i, sc in s.execute(part.limit(int(limit)))]
+    return sorted(rows, key=lambda r: (abs(r[1] - thr), r[0]))[:int(limit)]
 
 
 def unlabelled_scored_ids(s: Session, run_id: int) -> list[int]:
@@ -193,17 +206,6 @@ def map_count(s: Session, run_id: int) -> int:
     return int(s.scalar(select(func.count()).select_from(ImageScore).where(_on_map(run_id))) or 0)
 
 
-def map_coordinates(s: Session, run_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image ids, x, y) of every point on the run's map: three numeric columns, for the
-    density layer and for finding the points inside a selected box."""
-    rows = s.execute(select(ImageScore.image_id, ImageScore.tsne_x, ImageScore.tsne_y).where(_on_map(run_id))
-                     .order_by(ImageScore.image_id)).all()
-    if not rows:
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
-    a = np.asarray(rows, dtype=np.float64)
-    return a[:, 0].astype(np.int64), a[:, 1], a[:, 2]
-
-
 def map_points(s: Session, run_id: int, image_ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Rows of the map's points (all, or those of ``image_ids``) with what their hover and
     colours need, in image id order."""
@@ -217,23 +219,59 @@ def map_points(s: Session, run_id: int, image_ids: Sequence[int] | None = None) 
     return sorted(out, key=lambda r: r["image_id"])
 
 
-def map_sample(s: Session, run_id: int, draw_max: int) -> tuple[list[dict[str, Any]], np.ndarray, np.ndarray,
-                                                                   np.ndarray]:
-    """What the map view reads: the rows of the points to draw (all, or a sample of
-    ``draw_max`` seeded by the run id) and :func:`map_coordinates` of every point."""
-    ids, x, y = map_coordinates(s, run_id)
-    if len(ids) <= draw_max:
-        return map_points(s, run_id), ids, x, y
-    pick = np.sort(np.random.default_rng(run_id).choice(len(ids), draw_max, replace=False))
-    return map_points(s, run_id, ids[pick].tolist()), ids, x, y
+def map_density(s: Session, run_id: int, bins: int = 80) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every point of the map counted on a ``bins`` × ``bins`` grid over its extent, in
+    SQL: (x centres, y centres, counts[y, x]); None for an empty map."""
+    x0, x1, y0, y1 = s.execute(select(func.min(ImageScore.tsne_x), func.max(ImageScore.tsne_x),
+                                      func.min(ImageScore.tsne_y), func.max(ImageScore.tsne_y))
+                               .where(_on_map(run_id))).one()
+    if x0 is None:
+        return None
+    wx, wy = ((x1 - x0) or 1.0) / bins, ((y1 - y0) or 1.0) / bins
+    bx, by = _floor_bin(s, ImageScore.tsne_x, x0, wx, bins), _floor_bin(s, ImageScore.tsne_y, y0, wy, bins)
+    z = np.zeros((bins, bins))
+    for i, j, n in s.execute(select(bx, by, func.count()).where(_on_map(run_id)).group_by(bx, by)):
+        z[j, i] = n
+    return x0 + wx * (np.arange(bins) + 0.5), y0 + wy * (np.arange(bins) + 0.5), z
+
+
+_HASH_MUL, _HASH_MOD = 2654435761, 4294967291  # Knuth's multiplicative hash, modulo a prime
+
+
+def map_sample(s: Session, run_id: int, draw_max: int) -> tuple[list[dict[str, Any]], int]:
+    """The rows of the points the map view draws, and how many points the map has: all
+    of them, or about ``draw_max`` whose image id hashes below a cut-off (the same sample
+    on every visit, spread evenly over the images, and found without sorting the run)."""
+    total = map_count(s, run_id)
+    q = select(*_MAP_COLUMNS).join(Image, Image.id == ImageScore.image_id).where(_on_map(run_id))
+    if total > draw_max:
+        cut = int(_HASH_MOD * draw_max / total)
+        q = q.where((ImageScore.image_id * _HASH_MUL) % _HASH_MOD < cut)
+    return [dict(r._mapping) for r in s.execute(q.order_by(ImageScore.image_id))], total
+
+
+def map_region(s: Session, run_id: int, x0: float, x1: float, y0: float, y1: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image ids, x, y) of the map's points inside a box: what a box or a lasso (its
+    bounding box, then the polygon) selects on a map that draws a sample."""
+    rows = s.execute(select(ImageScore.image_id, ImageScore.tsne_x, ImageScore.tsne_y).where(
+        _on_map(run_id), ImageScore.tsne_x.between(x0, x1), ImageScore.tsne_y.between(y0, y1))
+        .order_by(ImageScore.image_id)).tuples().all()
+    # from a flat iterator: numpy would read a list of many rows one element at a time
+    a = np.fromiter(chain.from_iterable(rows), np.float64, count=3 * len(rows)).reshape(-1, 3)
+    return a[:, 0].astype(np.int64), a[:, 1], a[:, 2]
 
 
 def find_on_map(s: Session, run_id: int, text: str, limit: int = 20) -> list[dict[str, Any]]:
     """Points of the run's map whose file name contains ``text`` (any case), by name: a
-    way to every point, drawn or not."""
-    q = (select(*_MAP_COLUMNS).join(Image, Image.id == ImageScore.image_id)
-         .where(_on_map(run_id), Image.rel_path.icontains(text.strip(), autoescape=True))
-         .order_by(Image.rel_path, ImageScore.image_id).limit(int(limit)))
+    way to every point, drawn or not. Read along the project's images by name (an index),
+    stopping at ``limit`` matches."""
+    project = select(Run.project_id).where(Run.id == run_id).scalar_subquery()
+    q = (select(*_MAP_COLUMNS).select_from(Image)
+         .join(ImageScore, and_(ImageScore.image_id == Image.id, ImageScore.run_id == run_id))
+         .where(Image.project_id == project, Image.rel_path.icontains(text.strip(), autoescape=True),
+                ImageScore.tsne_x.is_not(None), ImageScore.tsne_y.is_not(None))
+         .order_by(Image.rel_path, Image.id).limit(int(limit)))
     return [dict(r._mapping) for r in s.execute(q)]
 
 
@@ -247,5 +285,5 @@ def held_out_rows(s: Session, run_id: int) -> list[dict[str, Any]]:
 
 
 __all__ = ["EVAL_LABELS", "confusion_counts", "embeddings_of", "evaluation_groups", "evaluation_histogram",
-           "find_on_map", "held_out_rows", "labelled_embedding_ids", "map_coordinates", "map_count", "map_points", "map_sample", "rank_of",
+           "find_on_map", "held_out_rows", "labelled_embedding_ids", "map_count", "map_density", "map_points", "map_region", "map_sample", "rank_of",
            "ranked_count", "ranked_rows", "role_counts", "role_scores", "unlabelled_pool", "unlabelled_scored_ids"]

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from db import session_scope
+from db import database_url, session_scope
 from db import queries as q
 from db import score_views as sv
 from osad_core.data import DataError
@@ -237,18 +237,22 @@ def group_preview(run, pts: pd.DataFrame, chosen: list[int]) -> None:
             st.caption(f"{row['rel_path'].split('/')[-1]} · {row['score']:.3f}")
 
 
-TSNE_DRAW_MAX = 10_000  # points drawn on the map; beyond, a seeded sample over the density of all
+TSNE_DRAW_MAX = 10_000  # points drawn on the map; beyond, a fixed sample over the density of all
 
 
-def _map_data(run_id: int) -> tuple[pd.DataFrame, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The points to draw (all, or a seeded sample of ``TSNE_DRAW_MAX``) and the id, x and
-    y of every point on the map."""
+@st.cache_data(max_entries=8, show_spinner=False)
+def _map_data(database: str, run_id: int, total: int) -> tuple[pd.DataFrame, int, tuple | None]:
+    """The points to draw (all, or a fixed sample of about ``TSNE_DRAW_MAX``), how many the
+    map has, and when sampled the density grid of all of them (counted by the database).
+    Kept per database, run and point count: the map is written once, and every rerun of
+    the page (a slider moved in another tab) would read it again."""
     with session_scope() as s:
-        rows, ids, x, y = sv.map_sample(s, run_id, TSNE_DRAW_MAX)
-    return figures.scores_frame(rows), (ids, x, y)
+        rows, total = sv.map_sample(s, run_id, TSNE_DRAW_MAX)
+        density = sv.map_density(s, run_id, figures.DENSITY_BINS) if total > len(rows) else None
+    return figures.scores_frame(rows), total, density
 
 
-def _selected_ids(event, coords: tuple[np.ndarray, np.ndarray, np.ndarray], sampled: bool) -> list[int]:
+def _selected_ids(event, run_id: int, sampled: bool) -> list[int]:
     """Image ids of a click, box or lasso on the map. On a sampled map a box or lasso
     takes every image of the map inside it, drawn or not."""
     try:
@@ -257,18 +261,19 @@ def _selected_ids(event, coords: tuple[np.ndarray, np.ndarray, np.ndarray], samp
     except AttributeError:
         return []
     if sampled and (boxes or lassos):
-        ids, x, y = coords
-        inside = np.zeros(len(ids), bool)
-        for b in boxes:
-            (x0, x1), (y0, y1) = sorted(b["x"][:2]), sorted(b["y"][:2])
-            inside |= (x >= x0) & (x <= x1) & (y >= y0) & (y <= y1)
-        if lassos:
-            from skimage.measure import points_in_poly
-
-            xy = np.column_stack([x, y])
+        chosen: set[int] = set()
+        with session_scope() as s:
+            for b in boxes:
+                (x0, x1), (y0, y1) = sorted(b["x"][:2]), sorted(b["y"][:2])
+                chosen.update(sv.map_region(s, run_id, x0, x1, y0, y1)[0].tolist())
             for poly in lassos:
-                inside |= points_in_poly(xy, np.column_stack([poly["x"], poly["y"]]))
-        return sorted(int(i) for i in ids[inside])
+                from skimage.measure import points_in_poly
+
+                px, py = np.asarray(poly["x"], float), np.asarray(poly["y"], float)
+                ids, x, y = sv.map_region(s, run_id, px.min(), px.max(), py.min(), py.max())
+                inside = points_in_poly(np.column_stack([x, y]), np.column_stack([px, py]))
+                chosen.update(ids[inside].tolist())
+        return sorted(chosen)
     return sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
 
 
@@ -294,11 +299,12 @@ def _find_box(run, pts: pd.DataFrame) -> pd.DataFrame:
 
 
 def tsne_tab(run) -> None:
-    pts, coords = _map_data(run.id)
-    total = len(coords[0])
+    with session_scope() as s:
+        total = sv.map_count(s, run.id)
     if not total:
         st.info("This run stored no t-SNE coordinates.")
         return
+    pts, total, density = _map_data(database_url(), run.id, total)
     sampled = len(pts) < total
     c0, c00 = st.columns([3, 2], vertical_alignment="bottom")
     color_by = c0.radio("Colour by", list(figures.TSNE_COLOR_BY), horizontal=True, index=2,
@@ -307,16 +313,16 @@ def tsne_tab(run) -> None:
         found = _find_box(run, pts)
     c1, c2 = st.columns([3, 2])
     with c1:
-        event = st.plotly_chart(figures.tsne_figure(pts, color_by, density=coords[1:], total=total, highlight=found),
+        event = st.plotly_chart(figures.tsne_figure(pts, color_by, density=density, total=total, highlight=found),
                                 key=f"tsne_{run.id}", on_select="rerun", selection_mode=("points", "box", "lasso"))
         drawn = (f"{total:,} images" if not sampled else
-                 f"{total:,} images, a seeded sample of {len(pts):,} drawn over the density of all (a box or "
+                 f"{total:,} images, a fixed sample of {len(pts):,} drawn over the density of all (a box or "
                  "lasso takes every image inside it; find any image by name above)")
         st.caption(f"{drawn}: the run's embeddings mapped to 2-D by t-SNE (openTSNE, perplexity "
                    f"≤ 30, PCA start), computed once when the run finished. Near points were near for the model.")
     with c2:
         hover_preview(run, pts)
-    chosen = _selected_ids(event, coords, sampled)
+    chosen = _selected_ids(event, run.id, sampled)
     if len(chosen) > 1:  # a box or lasso: take the group to the Label page
         with c1:
             if st.button(f"Show these {len(chosen):,} images on the Label page", key="tsne_to_label",

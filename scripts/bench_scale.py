@@ -210,6 +210,12 @@ def phase_queries(url: str) -> dict:
         sv.confusion_counts(sv.evaluation_groups(s, rid, 0.5))
         sv.evaluation_histogram(s, rid, lo, hi, 40)
 
+    def map_tab(s):  # the map's first view (the page then keeps it per run)
+        sv.map_count(s, rid)
+        rows, total = sv.map_sample(s, rid, 10_000)
+        if total > len(rows):
+            sv.map_density(s, rid, 80)
+
     def inspect_middle(s):  # Inspect, the image ranked in the middle of every scored one
         sv.ranked_rows(s, rid, [], False, offset=sv.ranked_count(s, rid, []) // 2)
 
@@ -227,7 +233,7 @@ def phase_queries(url: str) -> dict:
         "Label page counts (grouped) + defect types": counts,
         "Projects page: list_projects": projects,
         "Results: threshold tab (counts, operating point, histogram)": reads(threshold_tab),
-        "Results: t-SNE map (every x, y + 10,000 drawn)": reads(lambda s: sv.map_sample(s, rid, 10_000)),
+        "Results: t-SNE map (about 10,000 drawn + density of all)": reads(map_tab),
         "Results: find on the map by name": reads(lambda s: sv.find_on_map(s, rid, "000123")),
         "Results: labelling rounds' held-out rows": reads(lambda s: sv.held_out_rows(s, rid)),
         "Inspect: the image in the middle by score": reads(inspect_middle),

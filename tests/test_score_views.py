@@ -137,22 +137,29 @@ def test_label_next_reads_only_its_pool_and_picks_the_same_queue(run, strategy, 
     assert len(sampled) == 12 and sampled == label_next.make_queue(run, 12, strategy)[0]
 
 
-def test_the_map_reads_coordinates_a_sample_and_found_names(run):
+def test_the_map_reads_a_sample_a_density_grid_regions_and_found_names(run):
     df = _all(run.id)
-    on_map = df.dropna(subset=["tsne_x"])
+    on_map = df.dropna(subset=["tsne_x"]).sort_values("image_id")
+    ids = on_map["image_id"].to_numpy()
     with session_scope() as s:
-        ids, x, y = sv.map_coordinates(s, run.id)
-        assert sv.map_count(s, run.id) == len(ids) == len(on_map) == N - N // 10
-        assert ids.tolist() == sorted(on_map["image_id"]) and np.allclose(x, on_map.sort_values("image_id")["tsne_x"])
-        some = sv.map_points(s, run.id, ids[::7].tolist())
-        assert [r["image_id"] for r in some] == ids[::7].tolist() and "rel_path" in some[0]
+        assert sv.map_count(s, run.id) == len(on_map) == N - N // 10
+        rows, total = sv.map_sample(s, run.id, 100)  # a fixed sample of about 100
+        again = [r["image_id"] for r in sv.map_sample(s, run.id, 100)[0]]
+        assert total == len(on_map) and 70 <= len(rows) <= 130 and [r["image_id"] for r in rows] == again
+        assert again == sorted(again) and np.ptp(again) > 0.8 * np.ptp(ids)  # spread over the ids
+        assert set(again) < set(ids.tolist()) and "rel_path" in rows[0]
+        assert len(sv.map_sample(s, run.id, 10_000)[0]) == len(ids)  # under the cap: every point
+        # the density of every point, counted by the database as numpy counts it
+        xc, yc, z = sv.map_density(s, run.id, 8)
+        want = figures.density_grid(on_map["tsne_x"], on_map["tsne_y"], 8)
+        assert np.allclose(xc, want[0]) and np.allclose(yc, want[1]) and z.tolist() == want[2].tolist()
+        # a box: every point inside it, drawn or not
+        got, x, y = sv.map_region(s, run.id, -0.5, 1.0, -1.0, 0.5)
+        inside = on_map[on_map["tsne_x"].between(-0.5, 1.0) & on_map["tsne_y"].between(-1.0, 0.5)]
+        assert got.tolist() == inside["image_id"].tolist() and np.allclose(x, inside["tsne_x"])
         found = sv.find_on_map(s, run.id, "PART_00")  # any case
         assert found and all("part_00" in r["rel_path"] for r in found) and len(found) <= 20
+        assert [r["rel_path"] for r in found] == sorted(r["rel_path"] for r in found)
         assert sv.find_on_map(s, run.id, "%") == []  # a wildcard is a character like any other
-        rows, all_ids, _, _ = sv.map_sample(s, run.id, 100)  # a seeded sample of 100 over all coordinates
-        again = [r["image_id"] for r in sv.map_sample(s, run.id, 100)[0]]
-        assert len(rows) == 100 and [r["image_id"] for r in rows] == again and len(all_ids) == len(ids)
-        assert set(again) < set(ids.tolist())
-        assert len(sv.map_sample(s, run.id, 10_000)[0]) == len(ids)  # under the cap: every point
         held = sv.held_out_rows(s, run.id)
     assert [r["image_id"] for r in held] == sorted(df.loc[df["role"] == "test", "image_id"])

@@ -280,8 +280,14 @@ def tsne_marker_size(n: int) -> int:
 DENSITY_BINS = 80  # per side of the density layer's grid
 
 
+def density_grid(x, y, bins: int = DENSITY_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x centres, y centres, counts[y, x]) of points on a ``bins`` × ``bins`` grid."""
+    z, xe, ye = np.histogram2d(np.asarray(x, float), np.asarray(y, float), bins=bins)
+    return (xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2, z.T
+
+
 def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type",
-                density: tuple[np.ndarray, np.ndarray] | None = None, total: int | None = None,
+                density: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, total: int | None = None,
                 highlight: pd.DataFrame | None = None) -> go.Figure:
     """t-SNE map of the run's embeddings; every point carries its image id (customdata).
 
@@ -289,8 +295,9 @@ def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type",
     (contours of a 2-D histogram of all points, binned here so the page sends a grid,
     not the points) underneath from ``DENSE_MAP`` points on, anomalies drawn last. Every
     drawn point stays clickable and selectable with box or lasso. When ``df`` is a
-    sample, ``density`` holds the x and y of every point of the map and ``total`` their
-    number; ``highlight`` rows (a found image) are marked with a star on top."""
+    sample, ``density`` is the grid of every point of the map (:func:`density_grid`'s
+    form, counted by the database) and ``total`` their number; ``highlight`` rows (a
+    found image) are marked with a star on top."""
     pts = df.dropna(subset=["tsne_x", "tsne_y"]).copy()
     pts["what"] = [point_text(d, r) for d, r in zip(pts["defect"], pts["role_name"])]
     n = len(pts)
@@ -315,10 +322,9 @@ def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type",
         hovertemplate="<b>%{customdata[1]}</b><br>%{customdata[3]}<br>score %{customdata[2]:.3f}<extra></extra>",
     )
     if total > DENSE_MAP:
-        x, y = density if density is not None else (pts["tsne_x"].to_numpy(), pts["tsne_y"].to_numpy())
-        z, xe, ye = np.histogram2d(np.asarray(x, float), np.asarray(y, float), bins=DENSITY_BINS)
+        xc, yc, z = density if density is not None else density_grid(pts["tsne_x"], pts["tsne_y"])
         fig.add_trace(go.Contour(
-            x=(xe[:-1] + xe[1:]) / 2, y=(ye[:-1] + ye[1:]) / 2, z=z.T, name=f"density of all {total:,} points",
+            x=xc, y=yc, z=z, name=f"density of all {total:,} points",
             ncontours=12, showscale=False, colorscale=[[0, "rgba(255,255,255,0)"], [1, "rgba(60,60,60,0.35)"]],
             contours=dict(coloring="fill"), line=dict(width=0), hoverinfo="skip", showlegend=True))
         fig.data = (fig.data[-1],) + fig.data[:-1]  # underneath the points
