@@ -15,7 +15,7 @@ from itertools import chain
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Integer, and_, case, cast, func, or_, select
+from sqlalchemy import BigInteger, Integer, and_, case, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from .heatmaps import decode_vector
@@ -246,7 +246,8 @@ def map_sample(s: Session, run_id: int, draw_max: int) -> tuple[list[dict[str, A
     q = select(*_MAP_COLUMNS).join(Image, Image.id == ImageScore.image_id).where(_on_map(run_id))
     if total > draw_max:
         cut = int(_HASH_MOD * draw_max / total)
-        q = q.where((ImageScore.image_id * _HASH_MUL) % _HASH_MOD < cut)
+        h = (cast(ImageScore.image_id, BigInteger) * literal(_HASH_MUL, BigInteger)) % literal(_HASH_MOD, BigInteger)
+        q = q.where(h < literal(cut, BigInteger))
     return [dict(r._mapping) for r in s.execute(q.order_by(ImageScore.image_id))], total
 
 
