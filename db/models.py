@@ -306,6 +306,8 @@ class ImageScore(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "image_id", name="uq_image_scores_run_id_image_id"),
         Index("ix_image_scores_run_id_score", "run_id", "score"),
+        # one role's scores of a run in score order (migration 0005_score_views)
+        Index("ix_image_scores_run_id_role_score", "run_id", "role", "score"),
         Index("ix_image_scores_image_id", "image_id"),
     )
 

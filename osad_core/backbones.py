@@ -394,9 +394,11 @@ def build_arch_only(info: dict) -> nn.Module:
     return trunk
 
 
-def describe_available_weights() -> BackboneInfo:
-    """What ``backbone='auto'`` would use right now, without building anything heavy."""
-    _, info = build_backbone("auto", "auto", allow_download=False)
+def describe_available_weights(backbone: str = "auto") -> BackboneInfo:
+    """What ``backbone`` with ``weights='auto'`` would use right now (no download).
+
+    Raises :class:`WeightsUnavailable` when a packaged backbone's package is missing."""
+    _, info = build_backbone(backbone, "auto", allow_download=False)
     return info
 
 

@@ -5,8 +5,9 @@ only); then, batch by batch, the paths the project already holds are skipped bef
 file is opened, so an interrupted import resumes where it stopped without reading
 again what is stored. The other files pass the guarded reader (header limits, a decode
 at reduced size that finds truncated files, SHA-1) and each batch is stored in one
-short transaction with its label events. Thumbnails are not made here: the Label grid
-makes those of the page it shows, once, and keeps them on disk.
+short transaction with its label events. Each file's grid thumbnail is made in its
+batch from the decode that checks it (``thumbs=True``), so the Label page only reads
+files and the batch's progress and ETA include that work.
 
 This is glue between the library and the database (like :mod:`osad_core.store`): the
 app's import job (:func:`run_import_job`, job kind ``import``) and the ``import``
@@ -62,17 +63,20 @@ class ImportResult:
 
 
 def import_dataset(project_id: int, ds: Dataset, *, url: str | None = None, author: str = "import",
-                   decode: bool = True, batch: int = BATCH, sink: Sink | None = None,
+                   decode: bool = True, thumbs: bool = True, batch: int = BATCH, sink: Sink | None = None,
                    should_stop: Callable[[], bool] | None = None) -> ImportResult:
-    """Store ``ds``'s images in the project, ``batch`` files per transaction.
+    """Store ``ds``'s images in the project, ``batch`` files per transaction, with
+    their thumbnails under the data directory when ``thumbs``.
 
     Raises :class:`ImportCancelled` between batches when ``should_stop()`` says so.
     """
+    from db import data_dir, session_scope
     from db import queries as q
-    from db import session_scope
     from db.retry import with_retry
 
     from .store import image_items
+
+    thumbs_dir = data_dir() / "thumbs" if thumbs else None
 
     t0 = time.monotonic()
     recs = ds.records
@@ -87,7 +91,7 @@ def import_dataset(project_id: int, ds: Dataset, *, url: str | None = None, auth
         with session_scope(url) as s:
             known = q.known_paths(s, project_id, [r.path for r in chunk])
         todo = [r for r in chunk if r.path not in known]
-        items = image_items(todo, ds.root, skipped=res.skipped, decode=decode)
+        items = image_items(todo, ds.root, skipped=res.skipped, decode=decode, thumbs_dir=thumbs_dir)
         if items:
             res.added += with_retry(lambda s, items=items: q.add_images(s, project_id, items, author=author),
                                     url=url, what="storing imported images")

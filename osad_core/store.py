@@ -28,23 +28,31 @@ def _rel(path: str, root: str | None) -> str:
 
 
 def image_items(records: list[ImageRecord], root: str | None = None,
-                skipped: list[tuple[str, str]] | None = None, decode: bool = False) -> list[dict]:
+                skipped: list[tuple[str, str]] | None = None, decode: bool = False,
+                thumbs_dir: str | Path | None = None) -> list[dict]:
     """Rows for ``db.queries.add_images`` (hash and size read from each file).
 
     Every file passes the guarded reader's checks (format, file size and pixel limits
     from the header; with ``decode`` also a full decode at reduced size, which finds
     truncated files). A file that fails is left out and appended to ``skipped`` as
-    (path, one-sentence reason), so one bad file never stops the others.
+    (path, one-sentence reason), so one bad file never stops the others. With
+    ``thumbs_dir`` each file's grid thumbnail is made there from that same decode
+    (:mod:`osad_core.thumbnails`), so no page has to.
     """
+    from .thumbnails import THUMB_SIZE, make_thumbnail
+
     items = []
     for r in records:
         rel = _rel(r.path, root)
         try:
             info = probe(r.path, name=rel)
             w, h = info.width, info.height
-            if decode:
-                read_image(r.path, reduce_to=256, name=rel)
+            im = None
+            if decode or thumbs_dir is not None:
+                im = read_image(r.path, reduce_to=256 if decode else THUMB_SIZE, name=rel)
             digest = file_sha1(r.path)
+            if thumbs_dir is not None:
+                make_thumbnail(thumbs_dir, r.path, digest, image=im)
         except (DataError, OSError) as exc:
             log.warning("skipping %s", exc)
             if skipped is not None:

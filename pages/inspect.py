@@ -17,6 +17,7 @@ import streamlit as st
 
 from db import data_dir, session_scope
 from db import queries as q
+from db import score_views as sv
 from ui import auth, common, figures, fmt, ingest, thumbs, training
 
 MAX_UPLOAD_SCORE = 32
@@ -53,25 +54,22 @@ def _verdict_html(score: float, threshold: float | None) -> str:
 
 
 def browse_tab(run) -> None:
-    with session_scope() as s:
-        df = figures.scores_frame(q.run_scores(s, run.id))
-    if df.empty:
-        st.info("This run stored no per-image scores.")
-        return
     c1, c2, c3 = st.columns([2, 2, 1])
     roles = c1.multiselect("Images", list(ROLE_FILTER), format_func=ROLE_FILTER.get, key=f"ins_roles_{run.id}",
                            placeholder="all scored images")
     order = c2.radio("Order", ["score, high → low", "score, low → high"], horizontal=True, key="ins_order")
-    if roles:
-        df = df[df["role"].isin(roles)]
-    df = df.sort_values("score", ascending=order.endswith("low → high"), kind="stable").reset_index(drop=True)
-    n = len(df)
+    ascending = order.endswith("low → high")
+    # one row at a time by ``ORDER BY score LIMIT 1 OFFSET rank``: a run of 100,000 images
+    # is never read whole to show one of them
+    with session_scope() as s:
+        n = sv.ranked_count(s, run.id, roles)
+        want = st.session_state.get("inspect_image_id")
+        rank = sv.rank_of(s, run.id, int(want), roles, ascending) if want is not None else None
     if n == 0:
-        st.info("No images of that kind in this run.")
+        st.info("No images of that kind in this run." if roles else "This run stored no per-image scores.")
         return
-    want = st.session_state.get("inspect_image_id")
-    if want is not None and want in set(df["image_id"]):
-        st.session_state["inspect_pos"] = int(df.index[df["image_id"] == want][0])
+    if rank is not None:
+        st.session_state["inspect_pos"] = rank
     pos = min(max(int(st.session_state.get("inspect_pos", 0)), 0), n - 1)
     c3.metric("Images", f"{n:,}")
     with st.container(horizontal=True, vertical_alignment="center"):
@@ -86,7 +84,9 @@ def browse_tab(run) -> None:
         if goto != pos + 1:
             _set_pos(int(goto) - 1)
             st.rerun()
-    row = df.iloc[pos]
+    with session_scope() as s:
+        row = pd.Series(sv.ranked_rows(s, run.id, roles, ascending, offset=pos, limit=1)[0])
+    row["role_name"] = figures.ROLE_NAMES.get(row["role"], row["role"])
     left, right = st.columns([3, 2])
     with right:
         st.markdown(f"**{html.escape(str(row['rel_path']))}**")
@@ -301,8 +301,8 @@ def drift_check(run, scores: np.ndarray) -> None:
     from osad_core.drift import MIN_SCORES, compare
 
     with session_scope() as s:
-        ref = [r["score"] for r in q.run_scores(s, run.id) if r["role"] == "calibration"]
-    if not ref:
+        ref = sv.role_scores(s, run.id, "calibration")
+    if not len(ref):
         return
     d = compare(ref, scores)
     if d is None:
@@ -316,8 +316,9 @@ def drift_check(run, scores: np.ndarray) -> None:
                                             title="These images against the held-out normals"), key="drift_hist")
 
 
-def export_tab(run) -> None:
-    auth.require("export")
+def scores_csv(run) -> str:
+    """Every scored image of the run as CSV, each row naming what produced it (made when
+    the download is asked for, not on every visit of the page)."""
     with session_scope() as s:
         rows = q.run_scores(s, run.id)
     df = pd.DataFrame(rows)
@@ -334,8 +335,15 @@ def export_tab(run) -> None:
             df[key] = value
     buf = io.StringIO()
     df.to_csv(buf, index=False)
+    return buf.getvalue()
+
+
+def export_tab(run) -> None:
+    auth.require("export")
+    with session_scope() as s:
+        n = sv.ranked_count(s, run.id)
     c1, c2 = st.columns(2)
-    c1.download_button(f"Scores of run {run.id} (CSV, {len(df):,} images)", buf.getvalue(),
+    c1.download_button(f"Scores of run {run.id} (CSV, {n:,} images)", lambda: scores_csv(run),
                        f"osad_run_{run.id}_scores.csv", "text/csv", key="dl_scores", icon=":material/description:",
                        on_click="ignore")
     if run.model_path and Path(run.model_path).is_file():

@@ -182,7 +182,7 @@ def next_panel(project_id: int, run) -> dict | None:
                       type="primary" if done else "secondary", icon=":material/model_training:", disabled=not done,
                       help=f"Queue run {run.id}'s configuration again, on today's labels")
     st.progress(done / len(ids), text=f"{done} of {len(ids)} labelled · chosen from the images run {run.id} "
-                                      f"scored that were unlabelled, {opts[strategy]}")
+                                      f"scored that were unlabelled, {opts[strategy]}; {queue.get('how', '')}")
     return dict(image_ids=ids, score_run_id=run.id, sort=label_next.QUEUE_SORTS[strategy])
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from db import session_scope
+from db import database_url, session_scope
 from db import queries as q
+from db import score_views as sv
 from osad_core.data import DataError
 from osad_core.operating_point import DEFAULT_TARGET_FRR, OperatingPoint, conformal_threshold
 from ui import auth, browser_events, common, figures, fmt, label_next, thumbs, training
@@ -33,9 +35,9 @@ def _runs(project_id: int):
         return q.list_runs(s, project_id)
 
 
-def _scores(run_id: int) -> pd.DataFrame:
+def _groups(run_id: int, threshold: float | None = None) -> list[dict]:
     with session_scope() as s:
-        return figures.scores_frame(q.run_scores(s, run_id))
+        return sv.evaluation_groups(s, run_id, threshold)
 
 
 def headline(run, details: dict) -> None:
@@ -64,14 +66,15 @@ def headline(run, details: dict) -> None:
                    "“Unseen” = every other held-out defect type — the open-set question.")
 
 
-def curves_tab(run, df: pd.DataFrame, details: dict) -> None:
+def curves_tab(run, details: dict) -> None:
     with session_scope() as s:
         curves = q.run_curves(s, run.id)
     if not curves:
         st.info("This run has no curves: it had no held-out images of both labels.")
         return
-    ev = figures.evaluation_frame(df)
-    base = [float((ev["label_at_run"] == "anomaly").mean())] if len(ev) else []
+    groups = _groups(run.id)
+    n, n_bad = sum(g["n"] for g in groups), sum(g["n"] for g in groups if g["label_at_run"] == "anomaly")
+    base = [n_bad / n] if n else []
     c1, c2 = st.columns(2)
     if "roc" in curves:
         # a run without an operating point (older runs) stored best F1 as its threshold
@@ -83,16 +86,22 @@ def curves_tab(run, df: pd.DataFrame, details: dict) -> None:
         c2.plotly_chart(figures.pr_figure([(f"run {run.id}", curves["pr"])], base), key="pr")
 
 
-def threshold_tab(run, df: pd.DataFrame, details: dict) -> None:
-    ev = figures.evaluation_frame(df)
-    if ev.empty or ev["label_at_run"].nunique() < 2:
+HIST_BINS = 40
+
+
+def threshold_tab(run, details: dict) -> None:
+    # counts and histograms are aggregated by the database: exact, and the same few rows
+    # whether the run held out a hundred images or a hundred thousand
+    groups = _groups(run.id)
+    if len({g["label_at_run"] for g in groups}) < 2:
         st.info("No held-out images of both labels in this run, so there is nothing to threshold.")
         return
-    lo, hi = float(ev["score"].min()), float(ev["score"].max())
+    lo, hi = min(g["min"] for g in groups), max(g["max"] for g in groups)
     best_f1 = details.get("best_f1_threshold", (None, None))[0]
     best_f1 = best_f1 if best_f1 is not None and best_f1 == best_f1 else None
-    calibration = df.loc[df["role"] == "calibration", "score"].to_numpy() if not df.empty else []
-    n_good = int((ev["label_at_run"] == "normal").sum())
+    with session_scope() as s:
+        calibration = sv.role_scores(s, run.id, "calibration")
+    n_good = sum(g["n"] for g in groups if g["label_at_run"] == "normal")
     op = None
     if len(calibration):
         stored = OperatingPoint.from_dict((run.config_json or {}).get("operating_point"))
@@ -113,19 +122,22 @@ def threshold_tab(run, df: pd.DataFrame, details: dict) -> None:
         st.session_state[key] = default
     thr = st.slider("Threshold (images scoring at or above it are flagged)", lo, hi, default,
                     step=max((hi - lo) / 400, 1e-6), format="%.4f", key=key)
-    counts = figures.threshold_counts(ev, thr)
+    at_thr = _groups(run.id, thr)
+    counts = sv.confusion_counts(at_thr)
     st.markdown(figures.threshold_sentence(counts))
     c1, c2 = st.columns([2, 3])
     c1.plotly_chart(figures.confusion_figure(counts), key="confusion", config={"displayModeBar": False})
     with c2:
-        an = ev[ev["label_at_run"] == "anomaly"]
-        if len(an):
-            rows = []
-            for g, part in an.groupby("defect"):
-                miss = int((part["score"] < thr).sum())
-                seen = part["seen"].iloc[0]
-                rows.append({"defect type": g, "seen in training": "yes" if seen is True else "no",
-                             "held out": len(part), "missed": miss, "caught": len(part) - miss})
+        by_type: dict[str, dict] = {}
+        for g in at_thr:
+            if g["label_at_run"] != "anomaly":
+                continue
+            row = by_type.setdefault(g["defect_type_at_run"] or "anomaly", {"seen": g["seen"], "n": 0, "caught": 0})
+            row["n"] += g["n"]
+            row["caught"] += g["flagged"]
+        if by_type:
+            rows = [{"defect type": t, "seen in training": "yes" if r["seen"] is True else "no", "held out": r["n"],
+                     "missed": r["n"] - r["caught"], "caught": r["caught"]} for t, r in sorted(by_type.items())]
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         if op is not None:
             st.caption(f"Operating point {fmt.num(op.threshold, 4)}; for reference only, the best-F1 threshold "
@@ -136,8 +148,12 @@ def threshold_tab(run, df: pd.DataFrame, details: dict) -> None:
     st.info("Counts measured on these held-out images are a check, not a promise: production brings lighting, "
             "parts and defect types this project has not seen. Keep checking flagged and passed images.", icon=":material/info:")
     by = st.radio("Histogram by", ["label", "defect type"], horizontal=True, key=f"hist_by_{run.id}")
-    st.plotly_chart(figures.score_histogram(ev, "label_name" if by == "label" else "defect", thr,
-                                            reference=best_f1 if op is not None else None), key="hist")
+    with session_scope() as s:
+        bins = sv.evaluation_histogram(s, run.id, lo, hi, HIST_BINS)
+    st.plotly_chart(figures.binned_histogram(bins, "label_name" if by == "label" else "defect", thr,
+                                             reference=best_f1 if op is not None else None), key="hist")
+    st.caption(f"All {sum(g['n'] for g in groups):,} held-out labelled images in {HIST_BINS} equal bins "
+               f"from {lo:.4f} to {hi:.4f}, counted by the database.")
 
 
 def show_image_with_heatmap(run, image_id: int, where: str) -> None:
@@ -209,7 +225,8 @@ def group_preview(run, pts: pd.DataFrame, chosen: list[int]) -> None:
     group = pts[pts["image_id"].isin(chosen)].sort_values("score", ascending=False)
     shown = group.head(PREVIEW_GROUP)
     ims = _image_rows(run, [int(i) for i in shown["image_id"]])
-    st.caption(f"{len(group):,} images selected; the {len(shown)} with the highest scores:")
+    among = "" if len(group) == len(chosen) else f" among the {len(group):,} drawn"
+    st.caption(f"{len(chosen):,} images selected; the {len(shown)} with the highest scores{among}:")
     cols = st.columns(4)
     for k, (_, row) in enumerate(shown.iterrows()):
         im = ims.get(int(row["image_id"]))
@@ -220,29 +237,95 @@ def group_preview(run, pts: pd.DataFrame, chosen: list[int]) -> None:
             st.caption(f"{row['rel_path'].split('/')[-1]} · {row['score']:.3f}")
 
 
-def tsne_tab(run, df: pd.DataFrame) -> None:
-    pts = df.dropna(subset=["tsne_x", "tsne_y"]) if not df.empty else df
-    if pts.empty:
+TSNE_DRAW_MAX = 10_000  # points drawn on the map; beyond, a fixed sample over the density of all
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _map_data(database: str, run_id: int, total: int) -> tuple[pd.DataFrame, int, tuple | None]:
+    """The points to draw (all, or a fixed sample of about ``TSNE_DRAW_MAX``), how many the
+    map has, and when sampled the density grid of all of them (counted by the database).
+    Kept per database, run and point count: the map is written once, and every rerun of
+    the page (a slider moved in another tab) would read it again."""
+    with session_scope() as s:
+        rows, total = sv.map_sample(s, run_id, TSNE_DRAW_MAX)
+        density = sv.map_density(s, run_id, figures.DENSITY_BINS) if total > len(rows) else None
+    return figures.scores_frame(rows), total, density
+
+
+def _selected_ids(event, run_id: int, sampled: bool) -> list[int]:
+    """Image ids of a click, box or lasso on the map. On a sampled map a box or lasso
+    takes every image of the map inside it, drawn or not."""
+    try:
+        sel = event.selection if event is not None else {}
+        points, boxes, lassos = sel.get("points", []), sel.get("box", []), sel.get("lasso", [])
+    except AttributeError:
+        return []
+    if sampled and (boxes or lassos):
+        chosen: set[int] = set()
+        with session_scope() as s:
+            for b in boxes:
+                (x0, x1), (y0, y1) = sorted(b["x"][:2]), sorted(b["y"][:2])
+                chosen.update(sv.map_region(s, run_id, x0, x1, y0, y1)[0].tolist())
+            for poly in lassos:
+                from skimage.measure import points_in_poly
+
+                px, py = np.asarray(poly["x"], float), np.asarray(poly["y"], float)
+                ids, x, y = sv.map_region(s, run_id, px.min(), px.max(), py.min(), py.max())
+                inside = points_in_poly(np.column_stack([x, y]), np.column_stack([px, py]))
+                chosen.update(ids[inside].tolist())
+        return sorted(chosen)
+    return sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
+
+
+def _find_box(run, pts: pd.DataFrame) -> pd.DataFrame:
+    """A name search over every point of the map (drawn or not); the found image is
+    starred on the map and shown as if clicked."""
+    text = st.text_input("Find an image on the map", key=f"tsne_find_{run.id}", placeholder="part of a file name",
+                         help="Searches every image on the map, also those the sample does not draw")
+    if not text.strip():
+        return pts.iloc[:0]
+    with session_scope() as s:
+        found = figures.scores_frame(sv.find_on_map(s, run.id, text, limit=20))
+    if found.empty:
+        st.caption(f"No image on this map has “{text.strip()}” in its name.")
+        return found
+    names = dict(zip(found["image_id"].astype(int), found["rel_path"]))
+    pick = st.selectbox(f"{len(found)} found" + (" (the first 20 by name)" if len(found) == 20 else ""),
+                        list(names), format_func=names.get, key=f"tsne_found_{run.id}")
+    if pick is not None and st.session_state.get("tsne_found_shown") != (run.id, pick):
+        st.session_state["tsne_found_shown"] = (run.id, pick)
+        st.session_state["tsne_image_id"] = int(pick)
+    return found[found["image_id"] == pick]
+
+
+def tsne_tab(run) -> None:
+    with session_scope() as s:
+        total = sv.map_count(s, run.id)
+    if not total:
         st.info("This run stored no t-SNE coordinates.")
         return
-    color_by = st.radio("Colour by", list(figures.TSNE_COLOR_BY), horizontal=True, index=2, key=f"tsne_by_{run.id}")
+    pts, total, density = _map_data(database_url(), run.id, total)
+    sampled = len(pts) < total
+    c0, c00 = st.columns([3, 2], vertical_alignment="bottom")
+    color_by = c0.radio("Colour by", list(figures.TSNE_COLOR_BY), horizontal=True, index=2,
+                        key=f"tsne_by_{run.id}")
+    with c00:
+        found = _find_box(run, pts)
     c1, c2 = st.columns([3, 2])
     with c1:
-        event = st.plotly_chart(figures.tsne_figure(pts, color_by), key=f"tsne_{run.id}", on_select="rerun",
-                                selection_mode=("points", "box", "lasso"))
-        st.caption(f"{len(pts):,} images: the run's embeddings mapped to 2-D by t-SNE (openTSNE, perplexity "
+        event = st.plotly_chart(figures.tsne_figure(pts, color_by, density=density, total=total, highlight=found),
+                                key=f"tsne_{run.id}", on_select="rerun", selection_mode=("points", "box", "lasso"))
+        drawn = (f"{total:,} images" if not sampled else
+                 f"{total:,} images, a fixed sample of {len(pts):,} drawn over the density of all (a box or "
+                 "lasso takes every image inside it; find any image by name above)")
+        st.caption(f"{drawn}: the run's embeddings mapped to 2-D by t-SNE (openTSNE, perplexity "
                    f"≤ 30, PCA start), computed once when the run finished. Near points were near for the model.")
     with c2:
         hover_preview(run, pts)
-    picked = None
-    try:
-        points = event.selection.points if event is not None else []
-    except AttributeError:
-        points = []
-    chosen = sorted({int(p["customdata"][0]) for p in points if p.get("customdata")})
+    chosen = _selected_ids(event, run.id, sampled)
     if len(chosen) > 1:  # a box or lasso: take the group to the Label page
         with c1:
-            if st.button(f"Show these {len(chosen)} images on the Label page", key="tsne_to_label",
+            if st.button(f"Show these {len(chosen):,} images on the Label page", key="tsne_to_label",
                          icon=":material/label:", help="The Label grid then lists only the selected images"):
                 st.session_state["grid_ids"] = {"ids": chosen, "what": f"selected on run {run.id}'s t-SNE map"}
                 st.session_state["label_mode"] = "all"
@@ -250,19 +333,27 @@ def tsne_tab(run, df: pd.DataFrame) -> None:
                 st.session_state.pop("focus_idx", None)
                 st.switch_page(common.PAGES["label"])
         with c2:
-            group_preview(run, pts, chosen)
+            shown = chosen
+            if sampled and len(chosen) > PREVIEW_GROUP * 50:
+                # the preview needs only the best few: rank the drawn ones, not every selected row
+                shown = [i for i in chosen if i in set(pts["image_id"])]
+            with session_scope() as s:
+                group = figures.scores_frame(sv.map_points(s, run.id, shown)) if sampled else pts
+            group_preview(run, group, chosen)
         return
     if chosen:
-        picked = chosen[0]
-    if picked is not None:
-        st.session_state["tsne_image_id"] = picked
+        st.session_state["tsne_image_id"] = chosen[0]
     with c2:
         image_id = st.session_state.get("tsne_image_id")
-        if image_id is None or image_id not in set(pts["image_id"]):
+        row = pts[pts["image_id"] == image_id] if image_id is not None else pts.iloc[:0]
+        if row.empty and image_id is not None:  # found by name, or not drawn in the sample
+            with session_scope() as s:
+                row = figures.scores_frame(sv.map_points(s, run.id, [int(image_id)]))
+        if row.empty:
             st.caption("Click a point to see its image and heatmap here; select a group with the box or lasso "
                        "tool (top right of the map) to preview it and label it on the Label page.")
             return
-        row = pts[pts["image_id"] == image_id].iloc[0]
+        row = row.iloc[0]
         show_image_with_heatmap(run, int(image_id), "tsne")
         st.markdown(f"Score **{row['score']:.4f}**{_verdict(run, row['score'])} · "
                     f"{figures.point_text(row['defect'], row['role_name'])}")
@@ -406,15 +497,14 @@ def main() -> None:
         details = q.run_metric_details(s, run.id)
     headline(run, details)
     later_phase_notice(run.id)
-    df = _scores(run.id)
     tabs = st.tabs(["Curves", "Threshold & scores", "Embedding map (t-SNE)", "Compare runs", "Labelling rounds",
                     "Details"])
     with tabs[0]:
-        curves_tab(run, df, details)
+        curves_tab(run, details)
     with tabs[1]:
-        threshold_tab(run, df, details)
+        threshold_tab(run, details)
     with tabs[2]:
-        tsne_tab(run, df)
+        tsne_tab(run)
     with tabs[3]:
         compare_tab(done, run.id)
     with tabs[4]:

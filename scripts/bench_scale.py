@@ -6,10 +6,13 @@ defect types; seeded) under a temporary folder, then on SQLite and, with ``--pg`
 ``--pg-tmp``, on PostgreSQL:
 
 * **import**: ``osad_core.folder_import`` as the app's import job runs it (batches of
-  500, every file checked, decoded at reduced size and hashed): seconds, files/s;
+  500, every file checked, decoded at reduced size, hashed and its grid thumbnail
+  written to a scratch data directory): seconds, files/s;
 * **queries**: the Label page's filters / sorts / pages (``db.queries.image_page``),
-  its grouped counts and the Projects page's ``list_projects``, after a run's scores
-  for every image were stored: first call and median of 5 (ms);
+  its grouped counts, the Projects page's ``list_projects``, and what Results, Inspect
+  and "Label next" read (``db.score_views``), after a run's scores, t-SNE coordinates
+  and 64-D embeddings for every image were stored: first call and median of 5 (ms);
+  for comparison, reading every score of the run once (how those views read before);
 * **score** (once per N, no database): ``osad_core.bulk_score.score_paths`` with a tiny
   random-weight DevNet at 32 px, batches of 256, rows to a CSV: seconds, images/s;
 * database size, and the peak RSS of each phase (each runs in a process of its own).
@@ -121,25 +124,63 @@ def _timed(fn, repeat: int = 5) -> dict:
     return {"first_ms": round(1000 * first, 1), "median_ms": round(1000 * statistics.median(times), 1)}
 
 
-def phase_queries(url: str) -> dict:
+def _store_run(url: str, pid: int) -> tuple[int, int]:
+    """A finished run's rows for every image, stored as a run's are (not timed): roles as
+    a run assigns them (a fifth of the training normals held out as calibration, two
+    fifths of them made unlabelled and scored, the test images held out with their
+    labels, ``crack`` a seen type), t-SNE coordinates and a 64-D embedding for each.
+    Returns (run id, images)."""
     import numpy as np
-    from sqlalchemy import select
+    from sqlalchemy import select, update
 
     from db import session_scope
     from db import queries as q
-    from db.models import Image, ImageScore
+    from db.heatmaps import encode_vector
+    from db.models import Embedding, Image, ImageScore
 
     with session_scope(url) as s:
-        pid = q.get_project_by_name(s, "bench").id
         run = q.create_run(s, pid, "devnet", "tiny", {}, {}, "cli")
         run.threshold = 0.5
         rid = run.id
-        ids = list(s.scalars(select(Image.id).where(Image.project_id == pid)))
+        rows = s.execute(select(Image.id, Image.rel_path, Image.defect_type).where(Image.project_id == pid)
+                         .order_by(Image.id)).all()
     rng = np.random.default_rng(0)
-    with session_scope(url) as s:  # a finished run's scores for every image, stored as a run's are (not timed)
-        q.write_run_results(s, rid, {ImageScore: [{"image_id": k, "score": float(rng.random()), "role": "scored",
-                                                   "label_at_run": "normal"} for k in ids]})
-    n = len(ids)
+    scores, emb, unlabelled = [], [], []
+    for k, (i, rel, dt) in enumerate(rows):
+        if rel.startswith("train/"):
+            role = ("calibration", "calibration", "train_normal", "train_normal", "train_normal", "train_normal",
+                    "scored", "scored", "scored", "scored")[k % 10]
+            at_run = "unlabeled" if role == "scored" else "normal"
+        else:
+            role, at_run = "test", ("anomaly" if dt else "normal")
+        if role == "scored":
+            unlabelled.append(i)
+        x = rng.normal(size=2) + (3.0 if dt else 0.0)
+        scores.append({"image_id": i, "score": float(rng.random()) * 0.6 + (0.4 if dt else 0.0), "role": role,
+                       "label_at_run": at_run, "defect_type_at_run": dt, "seen": (dt == "crack") if dt else None,
+                       "tsne_x": float(x[0]), "tsne_y": float(x[1])})
+        emb.append({"image_id": i, "vector": encode_vector(rng.normal(size=64)), "dim": 64, "kind": "embedding"})
+    with session_scope(url) as s:
+        q.write_run_results(s, rid, {ImageScore: scores, Embedding: emb})
+        for k in range(0, len(unlabelled), 500):
+            s.execute(update(Image).where(Image.id.in_(unlabelled[k:k + 500])).values(label="unlabeled"))
+        q.refresh_planner_stats(s, Image, ImageScore, Embedding)
+    return rid, len(rows)
+
+
+def phase_queries(url: str) -> dict:
+    from types import SimpleNamespace
+
+    os.environ["OSAD_DATABASE_URL"] = url  # the Label next queue opens its own sessions
+    from db import score_views as sv
+    from db import session_scope
+    from db import queries as q
+    from ui import label_next
+
+    with session_scope(url) as s:
+        pid = q.get_project_by_name(s, "bench").id
+    rid, n = _store_run(url, pid)
+    run = SimpleNamespace(id=rid, threshold=0.5)
 
     def page(**kw):
         def run_it():
@@ -156,6 +197,29 @@ def phase_queries(url: str) -> dict:
         with session_scope(url) as s:
             q.list_projects(s)
 
+    def reads(fn):
+        def run_it():
+            with session_scope(url) as s:
+                fn(s)
+        return run_it
+
+    def threshold_tab(s):  # what Results' "Threshold & scores" tab reads
+        groups = sv.evaluation_groups(s, rid)
+        lo, hi = min(g["min"] for g in groups), max(g["max"] for g in groups)
+        sv.role_scores(s, rid, "calibration")
+        sv.confusion_counts(sv.evaluation_groups(s, rid, 0.5))
+        sv.evaluation_histogram(s, rid, lo, hi, 40)
+
+    def map_tab(s):  # the map's first view (the page then keeps it per run)
+        sv.map_count(s, rid)
+        rows, total = sv.map_sample(s, rid, 10_000)
+        if total > len(rows):
+            sv.map_density(s, rid, 80)
+
+    def inspect_middle(s):  # Inspect, the image ranked in the middle of every scored one
+        sv.ranked_rows(s, rid, [], False, offset=sv.ranked_count(s, rid, []) // 2)
+
+    middle = n // 2 + 1
     cases = {
         "all, by name, page 1": page(sort="name"),
         "all, by name, last page": page(sort="name", offset=n - 48),
@@ -168,10 +232,22 @@ def phase_queries(url: str) -> dict:
                                                            score_max=0.6, offset=3 * 48),
         "Label page counts (grouped) + defect types": counts,
         "Projects page: list_projects": projects,
+        "Results: threshold tab (counts, operating point, histogram)": reads(threshold_tab),
+        "Results: t-SNE map (about 10,000 drawn + density of all)": reads(map_tab),
+        "Results: find on the map by name": reads(lambda s: sv.find_on_map(s, rid, "000123")),
+        "Results: labelling rounds' held-out rows": reads(lambda s: sv.held_out_rows(s, rid)),
+        "Inspect: the image in the middle by score": reads(inspect_middle),
+        "Inspect: jump to an image's rank": reads(lambda s: sv.rank_of(s, rid, middle, ["test", "scored"])),
+        "Inspect: drift check's reference scores": reads(lambda s: sv.role_scores(s, rid, "calibration")),
+        "Label next: 24, closest to the operating point": lambda: label_next.make_queue(run, 24, "uncertain"),
+        "Label next: 24, most anomalous": lambda: label_next.make_queue(run, 24, "anomalous"),
     }
     out = {name: _timed(fn) for name, fn in cases.items()}
-    return {"queries": out, "worst_first_ms": max(v["first_ms"] for v in out.values()),
-            "worst_median_ms": max(v["median_ms"] for v in out.values()), "peak_rss_mb": _rss()}
+    # for comparison, not a view any more: every score of the run, as the views read it before
+    out["(reference) every score of the run: q.run_scores"] = _timed(reads(lambda s: q.run_scores(s, rid)), 1)
+    views = [v for k, v in out.items() if not k.startswith("(reference)")]
+    return {"queries": out, "worst_first_ms": max(v["first_ms"] for v in views),
+            "worst_median_ms": max(v["median_ms"] for v in views), "peak_rss_mb": _rss()}
 
 
 def phase_score(model: str, folder: str, csv_path: str) -> dict:
@@ -202,10 +278,13 @@ def db_size_mb(url: str) -> float:
     return round(size / 2**20, 1)
 
 
-def child(phase: str, *args: str) -> dict:
-    """Run one phase in a fresh interpreter (so its peak RSS is its own)."""
+def child(phase: str, *args: str, data_dir: Path | None = None) -> dict:
+    """Run one phase in a fresh interpreter (so its peak RSS is its own); ``data_dir``:
+    where it may write (the import's thumbnails), never the user's own data directory."""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    if data_dir is not None:
+        env["OSAD_DATA_DIR"] = str(data_dir)
     proc = subprocess.run([sys.executable, __file__, "--phase", phase, *args], capture_output=True, text=True,
                           check=False, env=env, cwd=str(REPO))
     if proc.returncode != 0:
@@ -262,19 +341,15 @@ def main() -> int:
             row: dict = {"n": n}
             backends = [("sqlite", None)] + ([("postgresql", scratch)] if scratch else [])
             for name, srv in backends:
-                if srv is None:
-                    dbdir = Path(tempfile.mkdtemp(prefix="osad-scale-db-"))
-                    url = f"sqlite:///{dbdir / 'osad.db'}"
-                else:
-                    url = srv.create()
+                dbdir = Path(tempfile.mkdtemp(prefix="osad-scale-db-"))  # the scratch data directory
+                url = f"sqlite:///{dbdir / 'osad.db'}" if srv is None else srv.create()
                 try:
-                    imp = child("import", url, str(folder))
-                    qs = child("queries", url)
+                    imp = child("import", url, str(folder), data_dir=dbdir)
+                    qs = child("queries", url, data_dir=dbdir)
                     size = db_size_mb(url)
                 finally:
-                    if srv is None:
-                        shutil.rmtree(dbdir, ignore_errors=True)
-                    else:
+                    shutil.rmtree(dbdir, ignore_errors=True)
+                    if srv is not None:
                         srv.drop(url)
                 row[name] = {"import": imp, "queries": qs, "db_mb": size}
                 print(f"{name:>10}: import {imp['import_s']:.1f} s ({imp['files_per_s']:,.0f} files/s, "
@@ -282,7 +357,7 @@ def main() -> int:
                       f"{qs['worst_median_ms']:.0f} ms median (peak {qs['peak_rss_mb']:.0f} MiB) · "
                       f"database {size:.1f} MiB", flush=True)
                 for case, t in qs["queries"].items():
-                    print(f"{'':>12}{case:<48} {t['first_ms']:>8.1f} ms first {t['median_ms']:>8.1f} ms median")
+                    print(f"{'':>12}{case:<62} {t['first_ms']:>8.1f} ms first {t['median_ms']:>8.1f} ms median")
             if model is not None:
                 csv_path = work / f"scores_{n}.csv"
                 sc = child("score", str(model), str(folder), str(csv_path))

@@ -230,7 +230,9 @@ def test_tsne_figure_stays_legible_and_reachable_at_ten_thousand_points():
              "tsne_x": float(rng.normal()), "tsne_y": float(rng.normal())} for i in range(n)]
     fig = figures.tsne_figure(figures.scores_frame(rows), "seen / unseen defect type")
     density, *points = fig.data
-    assert density.type == "histogram2dcontour" and density.hoverinfo == "skip"  # underneath, not pickable
+    assert density.type == "contour" and density.hoverinfo == "skip"  # underneath, not pickable
+    assert density.z.shape == (figures.DENSITY_BINS, figures.DENSITY_BINS)  # a grid is sent, not the points
+    assert density.name == "density of all 10,000 points"
     assert {t.type for t in points} == {"scattergl"} and {t.marker.size for t in points} == {5}
     assert not any(t.marker.symbol.endswith("open") for t in points)  # open symbols vanish when small
     ids = sorted(int(cd[0]) for t in points for cd in t.customdata)

@@ -179,7 +179,10 @@ def test_sidebar_shows_compute_worker_weights_and_database(seeded, db_url):
     side = "\n".join(m.value for m in at.sidebar.markdown)
     assert "**Compute**" in side and ("CPU ·" in side or "CUDA ·" in side or "MPS" in side)
     assert "**Worker**" in side and "not running" in side
-    assert "**Backbone**" in side
+    # the default method's own backbone (Fusion: the packaged EfficientNet-Lite2), not what
+    # ``auto`` picks for the DRA family, and so no ResNet-18 warning
+    assert "**Backbone** (fusion, the default method)" in side and "EfficientNet-Lite2" in side
+    assert not any("ResNet-18" in w.value for w in at.sidebar.warning)
     where = "osad.db" if db_url.startswith("sqlite") else make_url(db_url).database
     assert any(where in c.value for c in at.sidebar.caption)
     assert at.sidebar.selectbox(key="sb_project").value == seeded.project_id

@@ -100,6 +100,22 @@ def test_a_large_server_folder_is_imported_by_the_worker_as_a_job(db_url, tmp_pa
         assert q.label_counts(s, created.project_id)["unlabeled"] == 60
         assert q.latest_jobs(s, "import", "project_id")[created.project_id].id == created.job_id
         assert q.get_project(s, created.project_id).description.endswith(": 60 unlabelled images (flat folder)")
+    _assert_thumbnails_ready(created.project_id, 60)
+
+
+def _assert_thumbnails_ready(project_id: int, n: int) -> None:
+    """Every image of the project has its grid thumbnail on disk before any page is
+    drawn, and the Label grid's lookup finds that file instead of making it again."""
+    from ui import thumbs
+
+    with session_scope() as s:
+        ims = q.get_images(s, project_id)
+    files = [thumbs.thumb_path(im.path, im.content_hash) for im in ims]
+    assert len(files) == n and all(f.is_file() for f in files)
+    assert {Image.open(f).size for f in files} == {(12, 12)}  # no larger than the image itself
+    before = files[0].stat().st_mtime_ns
+    assert thumbs.thumbnail(ims[0].path, ims[0].content_hash) == files[0]
+    assert files[0].stat().st_mtime_ns == before
 
 
 def test_a_small_server_folder_is_still_read_while_the_page_waits(tmp_path):
@@ -109,6 +125,7 @@ def test_a_small_server_folder_is_still_read_while_the_page_waits(tmp_path):
     _flat_folder(tmp_path / "small", n=10)
     created = ingest.create_from_folder(str(tmp_path / "small"), "small")
     assert created.job_id is None and created.images == 10
+    _assert_thumbnails_ready(created.project_id, 10)
 
 
 def _labelled_project(tmp_path) -> tuple[int, int, dict[int, tuple[str, str | None, str, str, float]]]:

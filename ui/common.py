@@ -112,16 +112,31 @@ def compute_info() -> dict[str, Any]:
     return {"device": dev.type, "label": describe_device(dev), "options": options}
 
 
+def default_method_backbone() -> tuple[str, str]:
+    """(method, backbone) the Train page starts from: the default method's own backbone
+    (Fusion: EfficientNet-Lite2), not what ``auto`` picks for the DRA family."""
+    from osad_core.methods import make_detector
+    from osad_core.names import DEFAULT_METHOD
+
+    # building a detector only copies its configuration: no network, no weights
+    return DEFAULT_METHOD, str(make_detector(DEFAULT_METHOD).config.get("backbone", "auto"))
+
+
 @st.cache_resource(show_spinner=False)
 def weights_info():
-    """The backbone weights ``auto`` resolves to (``describe_available_weights``)."""
+    """The backbone and weights a run of the default method would use now
+    (``describe_available_weights``), with ``method`` naming that method."""
     from osad_core.backbones import describe_available_weights
 
     try:
-        return describe_available_weights()
+        method, backbone = default_method_backbone()
+        info = describe_available_weights(backbone)
     except Exception as exc:  # weights must never take the app down
         return type("Missing", (), {"name": "unknown", "weights": f"could not be resolved ({exc})",
-                                    "weights_source": "random", "warning": str(exc), "pretrained": False})()
+                                    "weights_source": "random", "warning": str(exc), "pretrained": False,
+                                    "method": None})()
+    info.method = method
+    return info
 
 
 def database_location() -> str:

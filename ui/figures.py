@@ -174,6 +174,47 @@ def score_histogram(df: pd.DataFrame, by: str = "label_name", threshold: float |
     return fig
 
 
+def group_name(label_at_run: str, defect_type_at_run: str | None, by: str = "label_name") -> str:
+    """The legend entry of an image in a histogram: its label, or its defect type."""
+    lab = "unlabelled" if label_at_run == "unlabeled" else label_at_run
+    if by == "defect" and label_at_run == "anomaly":
+        return defect_type_at_run or "anomaly"
+    return lab
+
+
+def binned_histogram(bins: Sequence[dict], by: str = "label_name", threshold: float | None = None,
+                     title: str = "Score distribution of the held-out images",
+                     reference: float | None = None) -> go.Figure:
+    """The score histogram from counts made in the database (``db.score_views.
+    evaluation_histogram``: one row per bin and group with ``x0``, ``x1``, ``n``), drawn
+    like :func:`score_histogram`: the same bars for 100 or 100,000 images."""
+    counts: dict[str, dict[tuple[float, float], int]] = {}
+    for b in bins:
+        g = group_name(b["label_at_run"], b["defect_type_at_run"], by)
+        key = (b["x0"], b["x1"])
+        counts.setdefault(g, {})[key] = counts.get(g, {}).get(key, 0) + b["n"]
+    fig = go.Figure()
+    order = [g for g in GROUP_ORDER if g in counts] + sorted(g for g in counts if g not in GROUP_ORDER)
+    palette = px.colors.qualitative.Plotly
+    for k, g in enumerate(order):
+        edges = sorted(counts[g])
+        fig.add_trace(go.Bar(
+            x=[(a + b) / 2 for a, b in edges], y=[counts[g][e] for e in edges], width=[b - a for a, b in edges],
+            name=g, opacity=0.65, marker_color=GROUP_COLORS.get(g, palette[k % len(palette)]),
+            customdata=[[a, b] for a, b in edges],
+            hovertemplate="%{customdata[0]:.4f} – %{customdata[1]:.4f}: %{y} images<extra>%{fullData.name}</extra>"))
+    fig.update_layout(barmode="overlay", bargap=0)
+    if threshold is not None:
+        fig.add_vline(x=threshold, line_dash="dash", line_color="#111", annotation_text="threshold")
+    if reference is not None:
+        fig.add_vline(x=reference, line_dash="dot", line_color="#888", annotation_text="best F1 (reference)",
+                      annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title="anomaly score", yaxis_title="images", height=340,
+                      legend_title_text="", **_LAYOUT)
+    fig.update_layout(legend=dict(x=1, xanchor="right"))
+    return fig
+
+
 def threshold_counts(df: pd.DataFrame, threshold: float) -> dict[str, int]:
     """Confusion counts at ``threshold`` (score >= threshold flags an image)."""
     flagged = df["score"] >= threshold
@@ -236,15 +277,31 @@ def tsne_marker_size(n: int) -> int:
     return 8 if n <= 1500 else 6 if n <= 5000 else 5
 
 
-def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type") -> go.Figure:
+DENSITY_BINS = 80  # per side of the density layer's grid
+
+
+def density_grid(x, y, bins: int = DENSITY_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x centres, y centres, counts[y, x]) of points on a ``bins`` × ``bins`` grid."""
+    z, xe, ye = np.histogram2d(np.asarray(x, float), np.asarray(y, float), bins=bins)
+    return (xe[:-1] + xe[1:]) / 2, (ye[:-1] + ye[1:]) / 2, z.T
+
+
+def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type",
+                density: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, total: int | None = None,
+                highlight: pd.DataFrame | None = None) -> go.Figure:
     """t-SNE map of the run's embeddings; every point carries its image id (customdata).
 
     Legible at 10,000 points: WebGL markers that shrink with the count, a density layer
-    (contours of a 2-D histogram of all points) underneath from ``DENSE_MAP`` points on,
-    anomalies drawn last. Every point stays clickable and selectable with box or lasso."""
+    (contours of a 2-D histogram of all points, binned here so the page sends a grid,
+    not the points) underneath from ``DENSE_MAP`` points on, anomalies drawn last. Every
+    drawn point stays clickable and selectable with box or lasso. When ``df`` is a
+    sample, ``density`` is the grid of every point of the map (:func:`density_grid`'s
+    form, counted by the database) and ``total`` their number; ``highlight`` rows (a
+    found image) are marked with a star on top."""
     pts = df.dropna(subset=["tsne_x", "tsne_y"]).copy()
     pts["what"] = [point_text(d, r) for d, r in zip(pts["defect"], pts["role_name"])]
     n = len(pts)
+    total = n if total is None else int(total)
     col = TSNE_COLOR_BY.get(color_by, "group")
     kwargs: dict[str, Any] = {}
     if col == "score":
@@ -264,13 +321,26 @@ def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type") -
                     opacity=1.0 if n <= DENSE_MAP else 0.75),
         hovertemplate="<b>%{customdata[1]}</b><br>%{customdata[3]}<br>score %{customdata[2]:.3f}<extra></extra>",
     )
-    if n > DENSE_MAP:
-        fig.add_trace(go.Histogram2dContour(
-            x=pts["tsne_x"], y=pts["tsne_y"], name="density of all points", ncontours=12, showscale=False,
-            colorscale=[[0, "rgba(255,255,255,0)"], [1, "rgba(60,60,60,0.35)"]], contours=dict(coloring="fill"),
-            line=dict(width=0), hoverinfo="skip", showlegend=True))
+    if total > DENSE_MAP:
+        xc, yc, z = density if density is not None else density_grid(pts["tsne_x"], pts["tsne_y"])
+        fig.add_trace(go.Contour(
+            x=xc, y=yc, z=z, name=f"density of all {total:,} points",
+            ncontours=12, showscale=False, colorscale=[[0, "rgba(255,255,255,0)"], [1, "rgba(60,60,60,0.35)"]],
+            contours=dict(coloring="fill"), line=dict(width=0), hoverinfo="skip", showlegend=True))
         fig.data = (fig.data[-1],) + fig.data[:-1]  # underneath the points
-    title = "t-SNE of the learned embeddings" + (f" · {n:,} images, shaded by density" if n > DENSE_MAP else "")
+    if highlight is not None and len(highlight):
+        fig.add_trace(go.Scatter(
+            x=highlight["tsne_x"], y=highlight["tsne_y"], mode="markers", name="found",
+            marker=dict(size=16, symbol="star", color="#ffd60a", line=dict(width=1.5, color="#111")),
+            customdata=np.stack([highlight["image_id"], highlight["rel_path"], highlight["score"],
+                                 [point_text(d, r) for d, r in zip(highlight["defect"], highlight["role_name"])]],
+                                axis=1),
+            hovertemplate="<b>%{customdata[1]}</b><br>%{customdata[3]}<extra>found</extra>"))
+    if n < total:
+        title = (f"t-SNE of the learned embeddings · a sample of {n:,} of {total:,} images drawn, "
+                 "shaded by the density of all")
+    else:
+        title = "t-SNE of the learned embeddings" + (f" · {n:,} images, shaded by density" if n > DENSE_MAP else "")
     fig.update_layout(title=title, xaxis_title="", yaxis_title="", height=560,
                       legend_title_text="", clickmode="event+select", dragmode="pan", **_LAYOUT)
     fig.update_layout(legend=dict(orientation="h", y=-0.02, x=0, yanchor="top", font=dict(size=11)),

@@ -110,10 +110,11 @@ def skipped_note(skipped: Sequence[tuple[str, str]] | Sequence[str]) -> str:
 
 
 def _readable(ds: Dataset, skipped: list) -> tuple[Dataset, list[dict]]:
-    """The dataset's images that pass the guarded reader (decoded once each), with their rows."""
+    """The dataset's images that pass the guarded reader (decoded once each, which also
+    makes their grid thumbnails), with their rows."""
     from osad_core.store import image_items  # imports scikit-learn: only when a project is made
 
-    items = image_items(ds.records, ds.root, skipped=skipped, decode=True)
+    items = image_items(ds.records, ds.root, skipped=skipped, decode=True, thumbs_dir=data_dir() / "thumbs")
     ok = {it["path"] for it in items}
     return replace(ds, records=[r for r in ds.records if r.path in ok]), items
 

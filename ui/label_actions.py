@@ -89,12 +89,12 @@ def history_step(project_id: int, how: str) -> None:
 def new_queue(run, n: int, strategy: str) -> bool:
     """Choose the images to label next; opens the first in the large view."""
     try:
-        ids = label_next.make_queue(run, int(n), strategy)
+        ids, how = label_next.make_queue(run, int(n), strategy)
     except ValueError as exc:
         fail(exc)
         st.session_state.pop("next_queue", None)
         return False
-    st.session_state["next_queue"] = {"run": run.id, "strategy": strategy, "n": int(n), "ids": ids}
+    st.session_state["next_queue"] = {"run": run.id, "strategy": strategy, "n": int(n), "ids": ids, "how": how}
     st.session_state["label_page"] = 0
     st.session_state["focus_idx"] = 0
     return True

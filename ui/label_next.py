@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from db import session_scope
-from db import queries as q
 from osad_core import active
 
 # the Label page's sort that lists a queue in its strategy's order
@@ -28,22 +27,53 @@ def strategies(run) -> dict[str, str]:
     return out
 
 
-def make_queue(run, n: int = active.DEFAULT_N, strategy: str = "uncertain") -> list[int]:
-    """Image ids of the ``n`` images of the project to label next (unlabelled now, scored by ``run``)."""
+ANCHORS_MAX = 5000  # labelled images' embeddings the queue keeps away from (a seeded sample above)
+
+
+def make_queue(run, n: int = active.DEFAULT_N, strategy: str = "uncertain") -> tuple[list[int], str]:
+    """Image ids of the ``n`` images of the project to label next (unlabelled now, scored
+    by ``run``), and a sentence saying what the diversity step compared them with.
+
+    Only what the queue needs is read: the strategy's top ``POOL_FACTOR × n`` unlabelled
+    images by ``ORDER BY … LIMIT`` and their embeddings, and the embeddings of the
+    labelled images (a seeded sample of ``ANCHORS_MAX`` when there are more), so a run
+    of 100,000 images is never loaded whole."""
+    from db import score_views as sv
+
+    pool_n = max(n, active.POOL_FACTOR * n)
     with session_scope() as s:
-        rows = q.run_scores(s, run.id)
-        ids, emb, _ = q.run_embeddings(s, run.id)
-    cand = [r for r in rows if r["label"] == "unlabeled"]
-    if not cand:
-        raise ValueError(f"Run {run.id} scored no image that is unlabelled now: add new images to the project "
-                         "and train again to get a queue.")
-    pos = {int(i): k for k, i in enumerate(ids)}
-    emb_c = emb[[pos[r["image_id"]] for r in cand]] if all(r["image_id"] in pos for r in cand) else None
-    labelled = [pos[r["image_id"]] for r in rows if r["label"] != "unlabeled" and r["image_id"] in pos]
-    emb_l = emb[labelled] if emb_c is not None and labelled else None
-    pick = active.select_next(np.array([r["score"] for r in cand]), emb_c, n=n, strategy=strategy,
-                              threshold=run.threshold, labelled_embeddings=emb_l, seed=run.id)
-    return [int(cand[i]["image_id"]) for i in pick]
+        if strategy == "random":
+            ids = sv.unlabelled_scored_ids(s, run.id)
+            order = np.random.default_rng(run.id).permutation(len(ids))[:pool_n]
+            pool = [(ids[i], 0.0) for i in order]
+        else:
+            if strategy == "uncertain" and run.threshold is None:
+                raise ValueError("“Closest to the operating point” needs a run with a threshold.")
+            pool = sv.unlabelled_pool(s, run.id, strategy, run.threshold, pool_n)
+        if not pool:
+            raise ValueError(f"Run {run.id} scored no image that is unlabelled now: add new images to the project "
+                             "and train again to get a queue.")
+        emb = sv.embeddings_of(s, run.id, [i for i, _ in pool])
+        labelled = sv.labelled_embedding_ids(s, run.id) if len(emb) == len(pool) else []
+        n_labelled = len(labelled)
+        if n_labelled > ANCHORS_MAX:
+            pick = np.random.default_rng(run.id).choice(n_labelled, ANCHORS_MAX, replace=False)
+            labelled = [labelled[i] for i in np.sort(pick)]
+        anchors = sv.embeddings_of(s, run.id, labelled)
+    if len(emb) < len(pool):  # some images have no embedding under this run: the plain ranking
+        return [i for i, _ in pool[:n]], "in the strategy's order (the run stored no embeddings to spread it)"
+    ids = [i for i, _ in pool]
+    # the pool is in the strategy's order: k-center from its best image, the queue in that order
+    pick = sorted(active.farthest_first(np.stack([emb[i] for i in ids]), n, first=0,
+                                        anchors=np.stack(list(anchors.values())) if anchors else None))
+    if not anchors:
+        note = "spread over the run's embedding space"
+    elif len(anchors) < n_labelled:
+        note = (f"spread over the run's embedding space, away from a sample of {len(anchors):,} of the "
+                f"{n_labelled:,} labelled images")
+    else:
+        note = f"spread over the run's embedding space, away from the {n_labelled:,} labelled images"
+    return [int(ids[i]) for i in pick], note
 
 
 def _config_key(run) -> tuple:
@@ -68,8 +98,10 @@ def rounds(run_summaries, run) -> list[dict[str, Any]]:
     """
     key = _config_key(run)
     same = [r.run for r in run_summaries if r.run.status == "done" and _config_key(r.run) == key]
-    with session_scope() as s:
-        scores = {r.id: {x["image_id"]: x for x in q.run_scores(s, r.id) if x["role"] == "test"} for r in same}
+    from db import score_views as sv
+
+    with session_scope() as s:  # the held-out rows only, not every score of each run
+        scores = {r.id: {x["image_id"]: x for x in sv.held_out_rows(s, r.id)} for r in same}
     common = sorted(set.intersection(*(set(v) for v in scores.values()))) if scores else []
     rows = []
     for r in same:
@@ -88,4 +120,4 @@ def rounds(run_summaries, run) -> list[dict[str, Any]]:
     return active.rounds_table(rows)
 
 
-__all__ = ["QUEUE_SORTS", "strategies", "make_queue", "rounds"]
+__all__ = ["ANCHORS_MAX", "QUEUE_SORTS", "strategies", "make_queue", "rounds"]

@@ -80,7 +80,8 @@ def render_facts() -> None:
     st.markdown(f"**Compute** &nbsp; {info['label']}")
     worker_status()
     w = common.weights_info()
-    st.markdown(f"**Backbone** &nbsp; {w.name} · {w.weights}")
+    of = f" ({w.method}, the default method)" if getattr(w, "method", None) else ""
+    st.markdown(f"**Backbone**{of} &nbsp; {w.name} · {w.weights}")
     if w.weights_source == "random":
         st.error(f"Random init — results will be weak. {w.warning or ''}", icon=":material/error:")
     elif w.warning:
