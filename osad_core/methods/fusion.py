@@ -216,7 +216,10 @@ class Fusion(Detector):
         """(B, C, h, w) patch features at the shallowest selected level's stride."""
         p = int(self.config["neighbourhood"])
         x = images if isinstance(images, torch.Tensor) else augment.test_transform(images)  # a tensor: ONNX export
-        feats = self.extractor(x.to(self.device))
+        # channels-last from here on: CPU pooling on the usual layout took 16× as long (the
+        # largest cost after the trunk and the memory search), and the patch rows
+        # (B·h·w, C) become a view
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in self.extractor(x.to(self.device))]
         if p > 1:
             feats = [F.avg_pool2d(f, p, 1, p // 2, count_include_pad=False) for f in feats]
         h, w = feats[0].shape[-2:]
