@@ -148,7 +148,7 @@ class ConditionalFlow(nn.Module):
         (image, position) order, the code of position p in row p of ``table`` (P, cond_dim).
         The same values as ``log_prob(x, (table, arange(P).repeat(B)))`` at a fraction of
         the time: constants folded once per set of weights, and the rows taken a few images
-        at a time through all blocks, so that each hidden layer stays in the CPU's cache."""
+        at a time through all blocks (the hidden layers' memory stays bounded)."""
         P = table.shape[0]
         if x.shape[0] % P:
             raise ValueError(f"{x.shape[0]} vectors are not whole maps of {P} positions")
