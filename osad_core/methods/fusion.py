@@ -105,7 +105,7 @@ def nearest_distance(q: torch.Tensor, memory: torch.Tensor, chunk: int = 512,
     |q − m|² = |q|² + (|m|² − 2 q·m), and the bracket is one product of [q, 1] with
     [−2 mᵀ; |m|²]: the matrix product writes each chunk's distances once (a broadcast
     |m|² added by ``addmm`` was copied over the whole chunk first, a third of the search's
-    time); |q|² is added after the min. Chunks of 512 rows keep that block in the CPU's cache.
+    time); |q|² is added after the min. 512-row chunks measured faster than 1,024 or more.
     """
     out = []
     rhs = torch.cat([memory.T * -2, (memory * memory).sum(1)[None]])
