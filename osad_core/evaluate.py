@@ -103,7 +103,11 @@ def pixel_auroc(records: list[ImageRecord], maps: np.ndarray, pairs=None) -> flo
 
 
 TSNE_PCA_DIMS = 50
-TSNE_FFT_FROM = 2000  # openTSNE's own switch is at 10,000; its Barnes-Hut took 21 CPU s for 5,000 points
+# Barnes-Hut below 5,000 points, FFT gradients from there (openTSNE switches at 10,000). The
+# FFT grid grows with the map's extent, not with N: the 2,624 ELPV embeddings of a Fusion
+# run spread to ±60 and took 27.4 CPU s with FFT against 8.3 s with Barnes-Hut; a compact
+# 5,000-point mixture took 16.9 s with FFT against 20.9 s (docs/BENCHMARKS.md).
+TSNE_FFT_FROM = 5000
 
 
 def _tsne_threads() -> int:
@@ -116,7 +120,7 @@ def _tsne_threads() -> int:
 def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
     """2-D t-SNE of the embeddings; None for fewer than 5 points.
 
-    openTSNE (Poličar et al.): Barnes-Hut gradients below 2,000 points, FFT-interpolated
+    openTSNE (Poličar et al.): Barnes-Hut gradients below 5,000 points, FFT-interpolated
     ones (Linderman et al.'s FIt-SNE, linear in N) from there on, after PCA to 50
     dimensions as its authors advise; 10,000 embeddings take 24–27 CPU seconds
     (``scripts/bench_ui_speed.py``). Same perplexity and PCA start as the scikit-learn

@@ -35,6 +35,30 @@ def test_flow_log_det_matches_autograd_jacobian():
     assert logp.item() == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_scoring_path_gives_the_training_paths_log_likelihoods():
+    # whole maps of 6 positions for 5 images (odd and even widths), in chunks that end mid-batch
+    torch.manual_seed(0)
+    for dim in (5, 6):
+        flow = ConditionalFlow(dim, cond_dim=4, n_blocks=3, seed=1)
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        table, x = torch.randn(6, 4), torch.randn(30, dim)
+        want_lp, want_z = flow.log_prob(x, (table, torch.arange(6).repeat(5)))
+        for chunk in (1, 12, 4096):
+            lp, z = flow.grid_log_prob(x, table, chunk=chunk)
+            torch.testing.assert_close(lp, want_lp, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(z, want_z, atol=1e-5, rtol=1e-5)
+        # a training step changes the weights in place: the folded constants follow
+        with torch.no_grad():
+            flow.blocks[0].subnet[0].weight.mul_(1.5)
+            flow.blocks[1].global_scale.add_(0.2)
+        torch.testing.assert_close(flow.grid_log_prob(x, table)[0], flow.log_prob(x, (table, torch.arange(6).repeat(5)))[0],
+                                   atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="not whole maps"):
+        flow.grid_log_prob(torch.randn(7, 6), table)
+
+
 def test_flow_starts_with_unit_global_scale_and_a_rotation():
     flow = ConditionalFlow(6, cond_dim=4, n_blocks=2, seed=0)
     b = flow.blocks[0]

@@ -124,3 +124,25 @@ def test_default_backbone_is_the_offline_lite2(parts_root, tmp_path):
     a = det.predict(sp.test[:2])
     b = load_detector(det.save(tmp_path / "lite2.osad")).predict(sp.test[:2])
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_fit_extracts_each_normal_once(parts_root):
+    # the statistics sample, the patch pool and the head's normals share one pass; the
+    # anomalies are extracted with their three flips
+    from osad_core.backbones import MultiScaleExtractor
+
+    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
+    seen = [0]
+
+    def count(module, args, output):
+        if isinstance(module, MultiScaleExtractor):
+            seen[0] += args[0].shape[0]
+
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        det = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
+    finally:
+        hook.remove()
+    assert seen[0] == len(sp.train_normal) + 4 * len(sp.train_anomalies)
+    # standardised from the sample: the memory's patches are z-scores of the normals' features
+    assert det.feat_std.min() > 0 and abs(float(det.memory.mean())) < 1.0

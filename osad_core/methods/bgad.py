@@ -267,10 +267,12 @@ class BGAD(Detector):
     def _loglik_from_features(self, feats: list[torch.Tensor], with_z: bool = False):
         """Per level the per-dimension log-likelihood maps (B, h, w) [and z of the deepest]."""
         out, z_last = [], None
+        # scoring takes the flows' fast path; a traced export keeps the training graph
+        grid = not torch.is_grad_enabled() and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
         for i, (f, flow) in enumerate(zip(feats, self.flows)):
             B, C, h, w = f.shape
             x, table, rows = self._level_vectors(f)
-            logp, z = flow.log_prob(x, (table, rows))
+            logp, z = flow.grid_log_prob(x, table) if grid else flow.log_prob(x, (table, rows))
             out.append((logp / C).view(B, h, w))
             if with_z and i == len(feats) - 1:
                 z_last = z.view(B, h * w, C).mean(1)

@@ -87,6 +87,35 @@ class ConditionalCouplingBlock(nn.Module):
         logdet = s.sum(1) + torch.log(scale).sum()
         return y @ self.rotation.t(), logdet
 
+    def inference_constants(self, table: torch.Tensor) -> tuple:
+        """What :meth:`forward` computes from the weights and the code table alone, folded
+        for scoring in :meth:`forward_grid`'s layout (one column per vector): the
+        condition's share of the first layer per table row, the 0.1 of the output layer,
+        and scale and offset moved through the rotation (R·(scale ⊙ y + offset) =
+        (R·diag(scale))·y + R·offset)."""
+        first, last = self.subnet[0], self.subnet[2]
+        scale = 0.1 * F.softplus(self.global_scale, beta=0.5)
+        return (torch.addmm(first.bias[:, None], first.weight[:, self.d1:], table.t()),
+                first.weight[:, :self.d1].contiguous(), (0.1 * last.weight).contiguous(), 0.1 * last.bias[:, None],
+                (self.rotation * scale).contiguous(), (self.rotation @ self.global_offset)[:, None],
+                torch.log(scale).sum())
+
+    def forward_grid(self, x: torch.Tensor, k: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on vectors as columns of ``x`` (dim, n) that run through every
+        table row in order, image after image (``k`` from :meth:`inference_constants`).
+        The condition's columns are tiled, not gathered, and the first layer's product adds
+        to them in place; the hidden layer, 2·(d1 + code) wide against d, holds most of
+        the work. Columns keep every element-wise step on long contiguous rows (as rows
+        of d/2 entries, tanh alone took a tenth of the flows' time)."""
+        cond, w1, w2, b2, rot, off, log_scale = k
+        x1, x2 = x[:self.d1], x[self.d1:]
+        h = cond.repeat(1, x.shape[1] // cond.shape[1])
+        h.addmm_(w1, x1).relu_()
+        a = torch.addmm(b2, w2, h)
+        s = torch.tanh(a[:self.d2]).mul_(self.clamp)
+        x2 = torch.addcmul(a[self.d2:], x2, torch.exp(s))
+        return torch.addmm(off, rot, torch.cat([x1, x2])), s.sum(0) + log_scale
+
 
 class ConditionalFlow(nn.Module):
     """A stack of conditional coupling blocks; :meth:`log_prob` gives log p(x) per vector."""
@@ -111,3 +140,38 @@ class ConditionalFlow(nn.Module):
         """(log p(x) under a standard normal base, z)."""
         z, logdet = self(x, cond)
         return -0.5 * self.dim * LOG_2PI - 0.5 * (z ** 2).sum(1) + logdet, z
+
+    @torch.no_grad()
+    def grid_log_prob(self, x: torch.Tensor, table: torch.Tensor, chunk: int = 4096
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`log_prob` for scoring (no autograd) of whole maps: ``x`` (B·P, dim) in
+        (image, position) order, the code of position p in row p of ``table`` (P, cond_dim).
+        The same values as ``log_prob(x, (table, arange(P).repeat(B)))`` at a fraction of
+        the time: constants folded once per set of weights, and the rows taken a few images
+        at a time through all blocks (the hidden layers' memory stays bounded)."""
+        P = table.shape[0]
+        if x.shape[0] % P:
+            raise ValueError(f"{x.shape[0]} vectors are not whole maps of {P} positions")
+        consts = self._inference_constants(table)
+        step = max(1, chunk // P) * P
+        logps, zs = [], []
+        for i in range(0, x.shape[0], step):
+            z = x[i:i + step].t().contiguous()
+            logdet = z.new_zeros(z.shape[1])
+            for b, k in zip(self.blocks, consts):
+                z, ld = b.forward_grid(z, k)
+                logdet += ld
+            logps.append(-0.5 * self.dim * LOG_2PI - 0.5 * (z * z).sum(0) + logdet)
+            zs.append(z.t())
+        return torch.cat(logps), torch.cat(zs)
+
+    def _inference_constants(self, table: torch.Tensor) -> list[tuple]:
+        """The blocks' folded constants, kept until a weight changes (training steps and
+        loads change the parameters in place, which moves their version counters) or
+        another table comes. Kept out of the module's registry: state dicts are unchanged."""
+        key = (table.data_ptr(), tuple(table.shape), tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            cached = (key, [b.inference_constants(table) for b in self.blocks])
+            self.__dict__["_folded"] = cached
+        return cached[1]
