@@ -306,7 +306,7 @@ def tsne_tab(run) -> None:
         return
     pts, total, density = _map_data(database_url(), run.id, extent)
     sampled = len(pts) < total
-    c0, c00 = st.columns([3, 2], vertical_alignment="bottom")
+    c0, c00 = st.columns([3, 2])
     color_by = c0.radio("Colour by", list(figures.TSNE_COLOR_BY), horizontal=True, index=2,
                         key=f"tsne_by_{run.id}")
     with c00:
