@@ -336,7 +336,8 @@ def tsne_tab(run) -> None:
             shown = chosen
             if sampled and len(chosen) > PREVIEW_GROUP * 50:
                 # the preview needs only the best few: rank the drawn ones, not every selected row
-                shown = [i for i in chosen if i in set(pts["image_id"])]
+                drawn_ids = set(pts["image_id"].tolist())
+                shown = [i for i in chosen if i in drawn_ids]
             with session_scope() as s:
                 group = figures.scores_frame(sv.map_points(s, run.id, shown)) if sampled else pts
             group_preview(run, group, chosen)
