@@ -382,3 +382,21 @@ def test_canvas_strokes_paint_and_erase_a_mask_at_image_size(tmp_path):
     with pytest.raises(ValueError, match="not a readable image"):
         (tmp_path / "bad.png").write_bytes(b"nope")
         masks.load(str(tmp_path / "bad.png"), (4, 4))
+
+
+def test_the_projects_page_path_imports_no_torch_or_scikit_learn():
+    """The first paint waits for what app.py and the Projects page import at the top;
+    torch (the sidebar's compute and weights, after the page) and scikit-learn (a project
+    being made) load later, inside the functions that use them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "import streamlit, db, ui.auth, ui.common, ui.sidebar\n"  # app.py
+            "import osad_core.data, ui.fmt, ui.ingest, ui.training\n"  # pages/projects.py
+            "heavy = sorted({'torch', 'torchvision', 'sklearn', 'scipy', 'onnxruntime', 'alembic'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
