@@ -202,6 +202,14 @@ def _on_map(run_id: int):
     return and_(ImageScore.run_id == run_id, ImageScore.tsne_x.is_not(None), ImageScore.tsne_y.is_not(None))
 
 
+def map_extent(s: Session, run_id: int) -> tuple[int, float, float, float, float]:
+    """(points, lowest x, highest x, lowest y, highest y) of the run's map, in one pass."""
+    n, x0, x1, y0, y1 = s.execute(select(func.count(), func.min(ImageScore.tsne_x), func.max(ImageScore.tsne_x),
+                                         func.min(ImageScore.tsne_y), func.max(ImageScore.tsne_y))
+                                  .where(_on_map(run_id))).one()
+    return int(n or 0), x0, x1, y0, y1
+
+
 def map_count(s: Session, run_id: int) -> int:
     return int(s.scalar(select(func.count()).select_from(ImageScore).where(_on_map(run_id))) or 0)
 
@@ -219,13 +227,14 @@ def map_points(s: Session, run_id: int, image_ids: Sequence[int] | None = None) 
     return sorted(out, key=lambda r: r["image_id"])
 
 
-def map_density(s: Session, run_id: int, bins: int = 80) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Every point of the map counted on a ``bins`` × ``bins`` grid over its extent, in
-    SQL: (x centres, y centres, counts[y, x]); None for an empty map."""
-    x0, x1, y0, y1 = s.execute(select(func.min(ImageScore.tsne_x), func.max(ImageScore.tsne_x),
-                                      func.min(ImageScore.tsne_y), func.max(ImageScore.tsne_y))
-                               .where(_on_map(run_id))).one()
-    if x0 is None:
+def map_density(s: Session, run_id: int, bins: int = 80,
+                extent: tuple[int, float, float, float, float] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Every point of the map counted on a ``bins`` × ``bins`` grid over its extent
+    (:func:`map_extent`, read now unless given), in SQL: (x centres, y centres,
+    counts[y, x]); None for an empty map."""
+    n, x0, x1, y0, y1 = extent or map_extent(s, run_id)
+    if not n:
         return None
     wx, wy = ((x1 - x0) or 1.0) / bins, ((y1 - y0) or 1.0) / bins
     bx, by = _floor_bin(s, ImageScore.tsne_x, x0, wx, bins), _floor_bin(s, ImageScore.tsne_y, y0, wy, bins)
@@ -238,11 +247,12 @@ def map_density(s: Session, run_id: int, bins: int = 80) -> tuple[np.ndarray, np
 _HASH_MUL, _HASH_MOD = 2654435761, 4294967291  # Knuth's multiplicative hash, modulo a prime
 
 
-def map_sample(s: Session, run_id: int, draw_max: int) -> tuple[list[dict[str, Any]], int]:
-    """The rows of the points the map view draws, and how many points the map has: all
-    of them, or about ``draw_max`` whose image id hashes below a cut-off (the same sample
-    on every visit, spread evenly over the images, and found without sorting the run)."""
-    total = map_count(s, run_id)
+def map_sample(s: Session, run_id: int, draw_max: int, total: int | None = None) -> tuple[list[dict[str, Any]], int]:
+    """The rows of the points the map view draws, and how many points the map has
+    (``total``, counted now unless given): all of them, or about ``draw_max`` whose image
+    id hashes below a cut-off (the same sample on every visit, spread evenly over the
+    images, and found without sorting the run)."""
+    total = map_count(s, run_id) if total is None else int(total)
     q = select(*_MAP_COLUMNS).join(Image, Image.id == ImageScore.image_id).where(_on_map(run_id))
     if total > draw_max:
         cut = int(_HASH_MOD * draw_max / total)
@@ -286,5 +296,5 @@ def held_out_rows(s: Session, run_id: int) -> list[dict[str, Any]]:
 
 
 __all__ = ["EVAL_LABELS", "confusion_counts", "embeddings_of", "evaluation_groups", "evaluation_histogram",
-           "find_on_map", "held_out_rows", "labelled_embedding_ids", "map_count", "map_density", "map_points", "map_region", "map_sample", "rank_of",
+           "find_on_map", "held_out_rows", "labelled_embedding_ids", "map_count", "map_density", "map_extent", "map_points", "map_region", "map_sample", "rank_of",
            "ranked_count", "ranked_rows", "role_counts", "role_scores", "unlabelled_pool", "unlabelled_scored_ids"]

@@ -241,14 +241,14 @@ TSNE_DRAW_MAX = 10_000  # points drawn on the map; beyond, a fixed sample over t
 
 
 @st.cache_data(max_entries=8, show_spinner=False)
-def _map_data(database: str, run_id: int, total: int) -> tuple[pd.DataFrame, int, tuple | None]:
+def _map_data(database: str, run_id: int, extent: tuple) -> tuple[pd.DataFrame, int, tuple | None]:
     """The points to draw (all, or a fixed sample of about ``TSNE_DRAW_MAX``), how many the
     map has, and when sampled the density grid of all of them (counted by the database).
-    Kept per database, run and point count: the map is written once, and every rerun of
-    the page (a slider moved in another tab) would read it again."""
+    Kept per database, run and extent (``sv.map_extent``): the map is written once, and
+    every rerun of the page (a slider moved in another tab) would read it again."""
     with session_scope() as s:
-        rows, total = sv.map_sample(s, run_id, TSNE_DRAW_MAX)
-        density = sv.map_density(s, run_id, figures.DENSITY_BINS) if total > len(rows) else None
+        rows, total = sv.map_sample(s, run_id, TSNE_DRAW_MAX, total=extent[0])
+        density = sv.map_density(s, run_id, figures.DENSITY_BINS, extent) if total > len(rows) else None
     return figures.scores_frame(rows), total, density
 
 
@@ -300,13 +300,13 @@ def _find_box(run, pts: pd.DataFrame) -> pd.DataFrame:
 
 def tsne_tab(run) -> None:
     with session_scope() as s:
-        total = sv.map_count(s, run.id)
-    if not total:
+        extent = sv.map_extent(s, run.id)
+    if not extent[0]:
         st.info("This run stored no t-SNE coordinates.")
         return
-    pts, total, density = _map_data(database_url(), run.id, total)
+    pts, total, density = _map_data(database_url(), run.id, extent)
     sampled = len(pts) < total
-    c0, c00 = st.columns([3, 2], vertical_alignment="bottom")
+    c0, c00 = st.columns([3, 2])
     color_by = c0.radio("Colour by", list(figures.TSNE_COLOR_BY), horizontal=True, index=2,
                         key=f"tsne_by_{run.id}")
     with c00:
@@ -336,7 +336,8 @@ def tsne_tab(run) -> None:
             shown = chosen
             if sampled and len(chosen) > PREVIEW_GROUP * 50:
                 # the preview needs only the best few: rank the drawn ones, not every selected row
-                shown = [i for i in chosen if i in set(pts["image_id"])]
+                drawn_ids = set(pts["image_id"].tolist())
+                shown = [i for i in chosen if i in drawn_ids]
             with session_scope() as s:
                 group = figures.scores_frame(sv.map_points(s, run.id, shown)) if sampled else pts
             group_preview(run, group, chosen)

@@ -211,10 +211,10 @@ def phase_queries(url: str) -> dict:
         sv.evaluation_histogram(s, rid, lo, hi, 40)
 
     def map_tab(s):  # the map's first view (the page then keeps it per run)
-        sv.map_count(s, rid)
-        rows, total = sv.map_sample(s, rid, 10_000)
+        extent = sv.map_extent(s, rid)
+        rows, total = sv.map_sample(s, rid, 10_000, total=extent[0])
         if total > len(rows):
-            sv.map_density(s, rid, 80)
+            sv.map_density(s, rid, 80, extent)
 
     def inspect_middle(s):  # Inspect, the image ranked in the middle of every scored one
         sv.ranked_rows(s, rid, [], False, offset=sv.ranked_count(s, rid, []) // 2)

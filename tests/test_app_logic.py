@@ -239,6 +239,14 @@ def test_tsne_figure_stays_legible_and_reachable_at_ten_thousand_points():
     assert ids == list(range(n))  # every image is a point one can click or lasso
     assert points[-1].name.startswith("anomaly")  # the few anomalies are drawn last, on top
     assert "10,000 images" in fig.layout.title.text
+    # a sample drawn over the density of all points, with a found image starred on top
+    frame = figures.scores_frame(rows)
+    grid = figures.density_grid(rng.normal(size=30_000), rng.normal(size=30_000))
+    sampled = figures.tsne_figure(frame, density=grid, total=30_000, highlight=frame[frame["image_id"] == 42])
+    assert sampled.layout.title.text == "t-SNE map · a sample of 10,000 of 30,000 images, over the density of all"
+    assert sampled.data[0].name == "density of all 30,000 points" and sampled.data[0].z.sum() == 30_000
+    assert sampled.data[-1].type == "scattergl" and sampled.data[-1].marker.symbol == "star"
+    assert int(sampled.data[-1].customdata[0][0]) == 42  # clicking the star picks that image
     small = figures.tsne_figure(figures.scores_frame(rows[:50]))
     assert all(t.type == "scatter" for t in small.data) and small.data[0].marker.size == 8
 
@@ -389,3 +397,21 @@ def test_canvas_strokes_paint_and_erase_a_mask_at_image_size(tmp_path):
     with pytest.raises(ValueError, match="not a readable image"):
         (tmp_path / "bad.png").write_bytes(b"nope")
         masks.load(str(tmp_path / "bad.png"), (4, 4))
+
+
+def test_the_projects_page_path_imports_no_torch_or_scikit_learn():
+    """The first paint waits for what app.py and the Projects page import at the top;
+    torch (the sidebar's compute and weights, after the page) and scikit-learn (a project
+    being made) load later, inside the functions that use them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys\n"
+            "import streamlit, db, ui.auth, ui.common, ui.sidebar\n"  # app.py
+            "import osad_core.data, ui.fmt, ui.ingest, ui.training\n"  # pages/projects.py
+            "heavy = sorted({'torch', 'torchvision', 'sklearn', 'scipy', 'onnxruntime', 'alembic'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]

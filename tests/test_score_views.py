@@ -143,6 +143,10 @@ def test_the_map_reads_a_sample_a_density_grid_regions_and_found_names(run):
     ids = on_map["image_id"].to_numpy()
     with session_scope() as s:
         assert sv.map_count(s, run.id) == len(on_map) == N - N // 10
+        extent = sv.map_extent(s, run.id)
+        assert extent == (len(on_map), on_map["tsne_x"].min(), on_map["tsne_x"].max(), on_map["tsne_y"].min(),
+                          on_map["tsne_y"].max())
+        assert np.array_equal(sv.map_density(s, run.id, 8, extent)[2], sv.map_density(s, run.id, 8)[2])
         rows, total = sv.map_sample(s, run.id, 100)  # a fixed sample of about 100
         again = [r["image_id"] for r in sv.map_sample(s, run.id, 100)[0]]
         assert total == len(on_map) and 70 <= len(rows) <= 130 and [r["image_id"] for r in rows] == again

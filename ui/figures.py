@@ -329,7 +329,9 @@ def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type",
             contours=dict(coloring="fill"), line=dict(width=0), hoverinfo="skip", showlegend=True))
         fig.data = (fig.data[-1],) + fig.data[:-1]  # underneath the points
     if highlight is not None and len(highlight):
-        fig.add_trace(go.Scatter(
+        # WebGL points are drawn above every SVG trace: the star must be WebGL too to show
+        star = go.Scattergl if n > 1500 else go.Scatter
+        fig.add_trace(star(
             x=highlight["tsne_x"], y=highlight["tsne_y"], mode="markers", name="found",
             marker=dict(size=16, symbol="star", color="#ffd60a", line=dict(width=1.5, color="#111")),
             customdata=np.stack([highlight["image_id"], highlight["rel_path"], highlight["score"],
@@ -337,8 +339,7 @@ def tsne_figure(df: pd.DataFrame, color_by: str = "seen / unseen defect type",
                                 axis=1),
             hovertemplate="<b>%{customdata[1]}</b><br>%{customdata[3]}<extra>found</extra>"))
     if n < total:
-        title = (f"t-SNE of the learned embeddings · a sample of {n:,} of {total:,} images drawn, "
-                 "shaded by the density of all")
+        title = f"t-SNE map · a sample of {n:,} of {total:,} images, over the density of all"
     else:
         title = "t-SNE of the learned embeddings" + (f" · {n:,} images, shaded by density" if n > DENSE_MAP else "")
     fig.update_layout(title=title, xaxis_title="", yaxis_title="", height=560,
