@@ -325,7 +325,9 @@ def benchmark_cell(ds, preset: str, over: dict, record: dict | None, cell: tuple
         from .store import record_run
 
         record_run(res, ds, source="benchmark", project_name=record["project"], created_by=record["user"])
-    return {"label": label, "summary": s, "auroc": res.metrics.get("image_auroc", float("nan")),
+    # per-head AUROCs and training statistics (SaliencyCut's salient fraction), one list per row
+    extras = {k: v for k, v in res.metrics.items() if k.startswith("head_") or k == "salient_fraction"}
+    return {"label": label, "summary": s, "auroc": res.metrics.get("image_auroc", float("nan")), "extras": extras,
             "base_auroc": res.metrics.get("base_image_auroc"),  # AHL: its own base model, same run
             "base": res.detector.config.get("base"), "train_s": res.train_seconds, "ips": res.images_per_s}
 
@@ -352,7 +354,7 @@ def cmd_benchmark(a) -> int:
     rows, runs = [], []
     try:
         for method, kc in groups:
-            aucs, base_aucs, times, ips = [], [], [], []
+            aucs, base_aucs, times, ips, extras = [], [], [], [], {}
             for _seed in a.seeds:
                 c = next(results)
                 s = c["summary"]
@@ -362,8 +364,11 @@ def cmd_benchmark(a) -> int:
                     base_aucs.append(c["base_auroc"])
                 times.append(c["train_s"])
                 ips.append(c["ips"])
+                for k, v in c.get("extras", {}).items():
+                    extras.setdefault(k, []).append(v)
                 base = f" (base model {base_aucs[-1]:.4f})" if base_aucs else ""
-                print(f"{c['label']}AUROC {aucs[-1]:.4f}{base}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s",
+                more = "".join(f"  {k} {v:.4f}" for k, v in c.get("extras", {}).items())
+                print(f"{c['label']}AUROC {aucs[-1]:.4f}{base}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s{more}",
                       flush=True)
             rows.append({
                 "method": method, "data": ds.name, "setting": a.setting, "shots": a.shots, "known_class": kc,
@@ -371,6 +376,8 @@ def cmd_benchmark(a) -> int:
                 "aurocs": aucs, "train_s_mean": float(np.mean(times)), "images_per_s": float(np.mean(ips)),
                 "seeds": a.seeds, "backbone": s["backbone"], "weights": s["weights"], "device": s["device"],
                 "overrides": over,
+                # lists per seed, only where every seed has the value
+                **{f"{k}s": v for k, v in extras.items() if len(v) == len(aucs)},
             })
             if base_aucs:
                 rows[-1].update(base=c["base"], base_aurocs=base_aucs, base_auroc_mean=float(np.mean(base_aucs)),
