@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .names import BACKBONES, DEFAULT_METHOD, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
+from .names import BACKBONES, DEFAULT_METHOD, METHOD_PRESETS, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
 from .data import DataError, ImageRecord, load_folder, resolve_dataset
 from .protocol import Protocol
 
@@ -63,9 +63,10 @@ def _add_model(p: argparse.ArgumentParser, multi: bool = False) -> None:
     else:
         g.add_argument("--method", default=DEFAULT_METHOD,
                        help=f"detector to train (default {DEFAULT_METHOD}; see `python -m osad_core methods`)")
-    g.add_argument("--preset", choices=PRESETS, default="quick",
+    g.add_argument("--preset", choices=PRESETS + METHOD_PRESETS, default="quick",
                    help="quick: minutes on a CPU (smaller images, fewer steps); paper: the published settings; "
-                        "tiny: seconds, for smoke tests")
+                        "tiny: seconds, for smoke tests; quick14: SaliencyCut only, quick at 224 px on a "
+                        "stride-16 trunk (a 14×14 map for its patch residual)")
     g.add_argument("--backbone", choices=BACKBONES, default=None,
                    help="auto = ImageNet ResNet-18 if its weights are present, else the offline ImageNet "
                         "EfficientNet-Lite0")
@@ -337,6 +338,10 @@ def cmd_benchmark(a) -> int:
 
     ds = _dataset(a.data)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    from .methods import make_detector
+
+    for m in methods:  # an unknown method, preset or setting fails now, not after hours of other cells
+        make_detector(m, a.preset, _overrides(a))
     classes = [a.known_class] if a.known_class else [None]
     if a.setting == "hard" and not a.known_class:
         classes = ds.defect_types  # mean over known classes, as the papers report

@@ -304,3 +304,13 @@ def test_benchmark_reports_the_anomaly_head_alone_and_the_salient_fraction(mvtec
     assert not any("its normal head" in x for x in lines)  # only with --heads
     assert any("its normal head alone (same runs, negated" in x
                for x in bench_table.table(bench_table.load([str(out)]), all_heads=True).splitlines())
+
+
+def test_benchmark_refuses_a_method_specific_preset_for_the_other_methods_before_running(mvtec_dir, capsys):
+    from osad_core.cli import main
+
+    rc = main(["benchmark", "--data", str(mvtec_dir), "--methods", "saliencycut,dra", "--preset", "quick14",
+               "--seeds", "0", "--no-db"])
+    err = capsys.readouterr()
+    assert rc == 2 and "unknown preset 'quick14' for dra" in err.err
+    assert "AUROC" not in err.out  # refused before any cell ran

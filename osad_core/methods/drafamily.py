@@ -274,11 +274,12 @@ class DRAFamilyDetector(Detector):
         """
         return x
 
-    def reference_batch(self) -> torch.Tensor | None:
+    def reference_batch(self, train: bool = False) -> torch.Tensor | None:
+        """Normalised reference images prepended to a batch (``train``: a training pass)."""
         return None
 
     def forward(self, x: torch.Tensor, train: bool) -> dict:
-        ref = self.reference_batch()
+        ref = self.reference_batch(train=train)
         ref_feats = None
         if ref is not None:
             ref = self._to_device(ref)
