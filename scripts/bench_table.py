@@ -91,7 +91,7 @@ def head_lines(rs: list[dict], data, setting, shots, seeds: str, pixel: bool, al
         if wanted is not None and head not in wanted:
             continue
         note = "same runs" + (", negated" if head == "normal" else "")
-        if all("salient_fractions" in r for r in rs):
+        if not out and all("salient_fractions" in r for r in rs):  # once, on the first head line
             note += f"; mean salient fraction {mean_std(per_seed_mean(rs, 'salient_fractions'))}"
         out.append(f"| {data} | {setting} | {shots} | its {head} head alone ({note}) | "
                    f"{mean_std(per_seed_mean(rs, key))} | {per_class(rs, key)} | "
