@@ -156,8 +156,8 @@ class SaliencyCut(DRAFamilyDetector):
         # quick's 160 px on a stride-32 trunk leaves the residual head a 5×5 map (blocks of 3);
         # a stride-16 trunk at 224 px gives 14×14 (blocks of 7, as the paper's 448 px at stride 32).
         # ELPV hard 10, seed 0: 0.605 against quick's 0.547 (anomaly head alone 0.665), DRA quick
-        # 0.603; not the quick default: one data set with a hard setting, one seed, 1.4x the
-        # training time (docs/BENCHMARKS.md, "SaliencyCut's quick14 preset")
+        # 0.511; not the quick default: one data set with a hard setting, one seed, below quick
+        # on HeadCT, 1.4x the training time (docs/BENCHMARKS.md, "SaliencyCut's quick14 preset")
         "quick14": dict({k: v for k, v in DRA.presets["quick"].items() if k in FAMILY_DEFAULTS},
                         image_size=224, trunk_stride=16),
         "tiny": dict(image_size=64, epochs=2, steps_per_epoch=3, batch_size=9, lr_step_epochs=10, map_size=32,
