@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .names import BACKBONES, DEFAULT_METHOD, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
+from .names import BACKBONES, DEFAULT_METHOD, METHOD_PRESETS, PRESETS, WEIGHT_CHOICES, WeightsUnavailable
 from .data import DataError, ImageRecord, load_folder, resolve_dataset
 from .protocol import Protocol
 
@@ -63,9 +63,10 @@ def _add_model(p: argparse.ArgumentParser, multi: bool = False) -> None:
     else:
         g.add_argument("--method", default=DEFAULT_METHOD,
                        help=f"detector to train (default {DEFAULT_METHOD}; see `python -m osad_core methods`)")
-    g.add_argument("--preset", choices=PRESETS, default="quick",
+    g.add_argument("--preset", choices=PRESETS + METHOD_PRESETS, default="quick",
                    help="quick: minutes on a CPU (smaller images, fewer steps); paper: the published settings; "
-                        "tiny: seconds, for smoke tests")
+                        "tiny: seconds, for smoke tests; quick14: SaliencyCut only, quick at 224 px on a "
+                        "stride-16 trunk (a 14×14 map for its patch residual)")
     g.add_argument("--backbone", choices=BACKBONES, default=None,
                    help="auto = ImageNet ResNet-18 if its weights are present, else the offline ImageNet "
                         "EfficientNet-Lite0")
@@ -325,7 +326,9 @@ def benchmark_cell(ds, preset: str, over: dict, record: dict | None, cell: tuple
         from .store import record_run
 
         record_run(res, ds, source="benchmark", project_name=record["project"], created_by=record["user"])
-    return {"label": label, "summary": s, "auroc": res.metrics.get("image_auroc", float("nan")),
+    # per-head AUROCs and training statistics (SaliencyCut's salient fraction), one list per row
+    extras = {k: v for k, v in res.metrics.items() if k.startswith("head_") or k == "salient_fraction"}
+    return {"label": label, "summary": s, "auroc": res.metrics.get("image_auroc", float("nan")), "extras": extras,
             "base_auroc": res.metrics.get("base_image_auroc"),  # AHL: its own base model, same run
             "base": res.detector.config.get("base"), "train_s": res.train_seconds, "ips": res.images_per_s}
 
@@ -335,6 +338,10 @@ def cmd_benchmark(a) -> int:
 
     ds = _dataset(a.data)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    from .methods import make_detector
+
+    for m in methods:  # an unknown method, preset or setting fails now, not after hours of other cells
+        make_detector(m, a.preset, _overrides(a))
     classes = [a.known_class] if a.known_class else [None]
     if a.setting == "hard" and not a.known_class:
         classes = ds.defect_types  # mean over known classes, as the papers report
@@ -352,7 +359,7 @@ def cmd_benchmark(a) -> int:
     rows, runs = [], []
     try:
         for method, kc in groups:
-            aucs, base_aucs, times, ips = [], [], [], []
+            aucs, base_aucs, times, ips, extras = [], [], [], [], {}
             for _seed in a.seeds:
                 c = next(results)
                 s = c["summary"]
@@ -362,8 +369,11 @@ def cmd_benchmark(a) -> int:
                     base_aucs.append(c["base_auroc"])
                 times.append(c["train_s"])
                 ips.append(c["ips"])
+                for k, v in c.get("extras", {}).items():
+                    extras.setdefault(k, []).append(v)
                 base = f" (base model {base_aucs[-1]:.4f})" if base_aucs else ""
-                print(f"{c['label']}AUROC {aucs[-1]:.4f}{base}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s",
+                more = "".join(f"  {k} {v:.4f}" for k, v in c.get("extras", {}).items())
+                print(f"{c['label']}AUROC {aucs[-1]:.4f}{base}  train {times[-1]:.0f}s  {ips[-1]:.1f} img/s{more}",
                       flush=True)
             rows.append({
                 "method": method, "data": ds.name, "setting": a.setting, "shots": a.shots, "known_class": kc,
@@ -371,6 +381,8 @@ def cmd_benchmark(a) -> int:
                 "aurocs": aucs, "train_s_mean": float(np.mean(times)), "images_per_s": float(np.mean(ips)),
                 "seeds": a.seeds, "backbone": s["backbone"], "weights": s["weights"], "device": s["device"],
                 "overrides": over,
+                # lists per seed, only where every seed has the value
+                **{f"{k}s": v for k, v in extras.items() if len(v) == len(aucs)},
             })
             if base_aucs:
                 rows[-1].update(base=c["base"], base_aurocs=base_aucs, base_auroc_mean=float(np.mean(base_aucs)),

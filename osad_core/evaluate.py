@@ -148,17 +148,23 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
 
 
 def evaluate_prediction(records: list[ImageRecord], scores, maps, seen_types: list[str],
-                        base_scores=None) -> dict:
+                        base_scores=None, head_scores: dict | None = None) -> dict:
     """All metrics of one test run, each with how it was obtained.
 
     ``base_scores``: a wrapped base model's scores of the same images (AHL's stage-A model),
-    reported as ``base_image_auroc`` / ``base_image_aupr`` so one run compares the two."""
+    reported as ``base_image_auroc`` / ``base_image_aupr`` so one run compares the two.
+    ``head_scores``: name -> one head's own scores (larger = more anomalous), reported as
+    ``head_<name>_image_auroc`` (which head carries the detector)."""
     labels = np.array([r.label for r in records])
     keep = labels >= 0
     recs = [r for r, k in zip(records, keep) if k]
     m = image_metrics(labels[keep], np.asarray(scores)[keep])
     if base_scores is not None:
         m.update({f"base_{k}": v for k, v in image_metrics(labels[keep], np.asarray(base_scores)[keep]).items()})
+    for name, hs in (head_scores or {}).items():
+        hm = image_metrics(labels[keep], np.asarray(hs)[keep])
+        if "image_auroc" in hm:
+            m[f"head_{name}_image_auroc"] = hm["image_auroc"]
     m.update(seen_unseen_auroc(recs, np.asarray(scores)[keep], seen_types))
     pairs = masked_pairs(recs, np.asarray(maps)[keep]) if maps is not None and len(maps) else None
     pa = pixel_auroc(recs, None, pairs) if pairs is not None else None
@@ -184,7 +190,18 @@ METRIC_DETAILS = {
                                 "which did not set it",
     "operating_point_recall_test": "share of test anomalies flagged at the operating point",
     "pixel_auroc": "ROC AUC over all pixels of masked test images at the map resolution",
+    "salient_fraction": "mean share of pixels marked salient (saliency above the threshold) over every pseudo "
+                        "anomaly made in training; that share of each pseudo anomaly comes from another normal image",
 }
+
+
+def metric_detail(name: str) -> str | None:
+    """How the metric ``name`` was obtained (per-head AUROCs share one sentence)."""
+    if name.startswith("head_") and name.endswith("_image_auroc") and name not in METRIC_DETAILS:
+        head = name[len("head_"):-len("_image_auroc")]
+        return (f"ROC AUC, as image_auroc, of the {head} head's own score alone on the same test images "
+                "(a head the total subtracts, such as the normality head, enters negated)")
+    return METRIC_DETAILS.get(name)
 
 
 def pro_curve(gts: list[np.ndarray], maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

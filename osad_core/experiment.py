@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .data import Dataset
-from .evaluate import METRIC_DETAILS, best_f1_threshold, curves, evaluate_prediction, tsne_2d
+from .evaluate import best_f1_threshold, curves, evaluate_prediction, tsne_2d
+from .evaluate import metric_detail as _metric_detail
 from .methods.base import Detector, Prediction, make_detector
 from .operating_point import (DEFAULT_CALIBRATION_FRACTION, DEFAULT_TARGET_FRR, OperatingPoint,
                               conformal_threshold, split_calibration)
@@ -163,7 +164,8 @@ def train_and_score(
     pred = det.predict(split.test, batch_size=bs, callbacks=cb)
     infer_s = time.monotonic() - t0
     metrics = evaluate_prediction(pred.records, pred.scores, pred.maps, split.seen_types,
-                                  base_scores=pred.extra.get("base_score"))
+                                  base_scores=pred.extra.get("base_score"), head_scores=det.head_scores(pred))
+    metrics.update(det.training_metrics())
     labels = np.array([r.label for r in pred.records])
     crv = curves(labels, pred.scores)
     best_f1 = best_f1_threshold(labels, pred.scores)
@@ -225,4 +227,4 @@ def score_rest(res: RunResult, callbacks: Callbacks | None = None, with_tsne: bo
 
 
 def metric_detail(name: str) -> str:
-    return METRIC_DETAILS.get(name, "")
+    return _metric_detail(name) or ""

@@ -12,7 +12,7 @@ import numpy as np
 
 from .data import Dataset, DataError, ImageRecord, file_sha1
 from .safeio import probe, read_image
-from .evaluate import METRIC_DETAILS
+from .evaluate import metric_detail
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _prepared_results(res, id_of: dict[str, int]) -> dict:
     from db import queries as q
 
     det = res.detector
-    metrics = {k: (v, METRIC_DETAILS.get(k)) for k, v in res.metrics.items()}
+    metrics = {k: (v, metric_detail(k)) for k, v in res.metrics.items()}
     metrics["test_images_per_s"] = (res.images_per_s, f"inference throughput on {det.device_name}")
     rows = result_rows(res, id_of)
     allmaps = np.stack([r["heatmap"] for r in rows]) if rows else np.zeros((1, 1, 1))

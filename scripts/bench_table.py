@@ -7,7 +7,11 @@ One line per (data, setting, shots, method, settings given with --set). Image AU
 mean ± population std over seeds; in the hard setting each seed's value is first averaged
 over the seen classes (the papers' "mean" column) and the per-class values are listed too.
 Pixel AUROC and PRO appear where the test set has masks. An AHL line is followed by its
-stage-A base model's AUROC on the same runs ("base_aurocs" in the JSON).
+stage-A base model's AUROC on the same runs ("base_aurocs" in the JSON). A SaliencyCut line
+is followed by its anomaly head's AUROC alone and the mean salient fraction of its pseudo
+anomalies (same runs); ``--heads`` adds a line for every head the runs recorded.
+
+    python scripts/bench_table.py [--heads] PATH ...
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ NAMES = {"dra": "DRA", "devnet": "DevNet", "ahl": "AHL", "saliencycut": "Salienc
          "ckaad": "CKAAD", "fusion": "Fusion"}
 # overrides that describe the machine or the backbone, not a method variant
 NOT_A_VARIANT = {"device", "backbone", "weights", "weights_path", "base"}
+# heads whose AUROC alone follows a method's line by default (--heads: every recorded head)
+HEAD_LINES = {"saliencycut": ("anomaly",)}
 
 
 def mean_std(values) -> str:
@@ -75,7 +81,25 @@ def load(paths: list[str]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def head_lines(rs: list[dict], data, setting, shots, seeds: str, pixel: bool, all_heads: bool) -> list[str]:
+    """'its <name> head alone' lines of one group (only heads every row recorded)."""
+    keys = set.intersection(*({k for k in r if k.startswith("head_") and k.endswith("_image_aurocs")} for r in rs))
+    wanted = None if all_heads else HEAD_LINES.get(rs[0]["method"], ())
+    out = []
+    for key in sorted(keys):
+        head = key[len("head_"):-len("_image_aurocs")]
+        if wanted is not None and head not in wanted:
+            continue
+        note = "same runs" + (", negated" if head == "normal" else "")
+        if not out and all("salient_fractions" in r for r in rs):  # once, on the first head line
+            note += f"; mean salient fraction {mean_std(per_seed_mean(rs, 'salient_fractions'))}"
+        out.append(f"| {data} | {setting} | {shots} | its {head} head alone ({note}) | "
+                   f"{mean_std(per_seed_mean(rs, key))} | {per_class(rs, key)} | "
+                   + ("- | - | " if pixel else "") + f"- | - | {seeds} |")
+    return out
+
+
+def table(rows: list[dict], all_heads: bool = False) -> str:
     groups: dict[tuple, list[dict]] = {}
     several_backbones = len({(r["backbone"], r["weights"]) for r in rows}) > 1
     several_presets = len({r["preset"] for r in rows}) > 1
@@ -106,6 +130,7 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {data} | {setting} | {shots} | its base, {NAMES.get(rs[0].get('base'), '?')} "
                        f"(stage A of the same runs) | {mean_std(base)} | {base_classes} | "
                        + ("- | - | " if pixel else "") + f"- | - | {seeds} |")
+        out += head_lines(rs, data, setting, shots, seeds, pixel, all_heads)
     # older runs wrote "1 threads"
     info = {(r["preset"], r["backbone"], r["weights"], r["device"].replace("1 threads", "1 thread")) for r in rows}
     for preset, backbone, weights, device in sorted(info, key=str):
@@ -114,13 +139,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main(paths: list[str]) -> None:
+def main(args: list[str]) -> None:
+    paths = [a for a in args if a != "--heads"]
     if not paths:
         sys.exit(__doc__)
     rows = load(paths)
     if not rows:
         sys.exit(f"no benchmark JSON in {' '.join(paths)}")
-    print(table(rows))
+    print(table(rows, all_heads="--heads" in args))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ def test_cli_train_records_run_and_scores_images(mvtec_dir, tmp_path, capsys):
         assert len(runs) == 1 and runs[0].run.status == "done" and runs[0].run.source == "cli"
         rid = runs[0].run.id
         assert "image_auroc" in q.run_metrics(s, rid)
+        # each head's own AUROC is stored with how it was obtained
+        value, detail = q.run_metric_details(s, rid)["head_residual_image_auroc"]
+        assert 0 <= value <= 1 and "residual head's own score alone" in detail
         scores = q.run_scores(s, rid)
         assert len(scores) == 12 + 6 + 12  # every train and test image
         test_an = [r for r in scores if r["role"] == "test" and r["label_at_run"] == "anomaly"]

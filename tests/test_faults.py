@@ -213,7 +213,7 @@ def _crash_after_epoch(epoch: int):
     return Crash, on_checkpoint
 
 
-@pytest.mark.parametrize("method", ["dra", "saliencycut", "ahl"])
+@pytest.mark.parametrize("method", ["dra", "dra_ref_rotate", "saliencycut", "ahl"])
 def test_a_resumed_training_ends_as_an_uninterrupted_one(method, mvtec_dir, tmp_path):
     from osad_core.experiment import run_experiment
     from osad_core.protocol import Protocol
@@ -222,6 +222,8 @@ def test_a_resumed_training_ends_as_an_uninterrupted_one(method, mvtec_dir, tmp_
     ds = load_folder(mvtec_dir)
     proto = Protocol(setting="general", shots=2, seed=0)
     ov = {**TINY, "epochs": 3}
+    if method == "dra_ref_rotate":  # the references' rotations resume where they stopped
+        method, ov = "dra", {**ov, "ref_rotate": True}
     if method == "ahl":
         ov = {"weights": "random", "backbone": "resnet18", "image_size": 32, "base": "devnet"}
 

@@ -67,6 +67,48 @@ def test_dra_residual_head_sees_reference_minus_sample():
     assert torch.allclose(seen["r"], torch.full((2, 512, 2, 2), 2.0))
 
 
+def test_dra_ref_rotate_rotates_each_reference_in_every_training_batch_and_keeps_test_time_clean():
+    rng = np.random.default_rng(0)
+    normals = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    normals[:, 8:24, 12:20] = 255  # an off-centre bar, so every rotation but 0° moves pixels
+
+    def refs(**over):
+        det = make_detector("dra", "tiny", {"weights": "random", "backbone": "resnet18", "device": "cpu",
+                                            "n_refs": 3, "seed": 5, **over})
+        det.prepare_training(normals, normals[:1], np.random.default_rng(5))
+        return det
+
+    off, on = refs(), refs(ref_rotate=True)
+    clean = augment.test_transform(off.ref_images)
+    assert np.array_equal(on.ref_images, off.ref_images)  # the same fixed references either way
+    # off (default): training and test time see the clean references, batch after batch
+    assert torch.equal(off.reference_batch(train=True), clean) and torch.equal(off.reference_batch(), clean)
+    # on: every training batch rotates each reference by its own angle, as the training images are rotated
+    g = torch.Generator().manual_seed(on._ref_gen.initial_seed())
+    first, second = on.reference_batch(train=True), on.reference_batch(train=True)
+    assert torch.equal(first, augment.train_transform(on.ref_images, g))
+    assert torch.equal(second, augment.train_transform(on.ref_images, g))  # a fresh draw per batch
+    assert not torch.equal(first, second)
+    assert all(not torch.equal(first[i], clean[i]) for i in range(3))
+    # test time (and the reference features cached for scoring and export) stay clean
+    assert torch.equal(on.reference_batch(), clean)
+    # the reference stream has its own generator: the training data stream is the same as with it off
+    assert refs(ref_rotate=True)._ref_gen.initial_seed() == on._ref_gen.initial_seed()
+
+
+def test_dra_with_rotated_references_trains_and_scores_deterministically(mvtec_dir):
+    from osad_core.data import load_folder
+    from osad_core.protocol import Protocol, make_split
+
+    sp = make_split(load_folder(mvtec_dir), Protocol("general", 2, seed=0))
+    over = {"weights": "random", "backbone": "resnet18", "device": "cpu", "ref_rotate": True}
+    det = make_detector("dra", "tiny", over).fit(sp.train_normal, sp.train_anomalies)
+    a = det.predict(sp.test).scores
+    np.testing.assert_array_equal(a, det.predict(sp.test).scores)
+    base = make_detector("dra", "tiny", {**over, "ref_rotate": False}).fit(sp.train_normal, sp.train_anomalies)
+    assert not np.allclose(a, base.predict(sp.test).scores)  # the option reaches training
+
+
 def test_dra_loss_routes_samples_to_heads():
     det = make_detector("dra", "tiny", {"weights": "random", "backbone": "resnet18"})
     y = torch.tensor([0, 1, 2])

@@ -247,3 +247,70 @@ def test_quick14_preset_gives_the_residual_head_a_14x14_map(split, tmp_path):
     det.save(tmp_path / "m.osad")
     b = load_detector(tmp_path / "m.osad").predict(split.test[:3])
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-6)
+
+
+# -- what a run reports beyond its AUROC ------------------------------------------------------
+def test_salient_fraction_is_the_mean_share_of_salient_pixels_over_the_pasted_masks():
+    det = built({"pseudo_refresh": "iteration"})
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 2, 1, 2])
+    det.saliency = lambda imgs: torch.cat([torch.ones(len(imgs), 64, 16), torch.zeros(len(imgs), 64, 48)], 2)
+    det.prepare_batch(x, y, np.random.default_rng(0))  # two pseudo slots, each a quarter salient
+    assert det.training_metrics() == {"salient_fraction": pytest.approx(0.25)}
+    det.saliency = lambda imgs: torch.ones(len(imgs), 64, 64)
+    det.prepare_batch(x, torch.tensor([0, 2, 1, 0]), np.random.default_rng(0))  # one more, all salient
+    assert det.training_metrics()["salient_fraction"] == pytest.approx((0.25 + 0.25 + 1.0) / 3)
+    assert make_detector("saliencycut", "tiny").training_metrics() == {}  # untrained: nothing to report
+
+
+def test_benchmark_reports_the_anomaly_head_alone_and_the_salient_fraction(mvtec_dir, tmp_path, capsys):
+    """One tiny benchmark: the run's metrics, the benchmark row and the table carry the
+    anomaly head's own AUROC (and the normality head's, negated) and the salient fraction."""
+    import json
+
+    from sklearn.metrics import roc_auc_score
+
+    from osad_core.cli import main
+    from osad_core.experiment import metric_detail, train_and_score
+
+    res = train_and_score(load_folder(mvtec_dir), Protocol("general", 2, seed=0), "saliencycut", "tiny", TINY)
+    m, p = res.metrics, res.prediction
+    labels = [r.label for r in p.records]
+    assert m["head_anomaly_image_auroc"] == pytest.approx(roc_auc_score(labels, p.extra["head_anomaly"]))
+    assert m["head_normal_image_auroc"] == pytest.approx(roc_auc_score(labels, -p.extra["head_normal"]))
+    assert 0 < m["salient_fraction"] < 1
+    assert "anomaly head's own score" in metric_detail("head_anomaly_image_auroc")
+    assert "pseudo anomaly" in metric_detail("salient_fraction")
+
+    out = tmp_path / "sc.json"
+    assert main(["benchmark", "--data", str(mvtec_dir), "--methods", "saliencycut", "--setting", "general",
+                 "--shots", "2", "--seeds", "0", "--preset", "tiny", "--backbone", "resnet18", "--weights", "random",
+                 "--set", "image_size=64", "--set", "epochs=2", "--set", "steps_per_epoch=2",
+                 "--no-db", "--json", str(out)]) == 0
+    assert "head_anomaly_image_auroc" in capsys.readouterr().out
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["aurocs"] == [pytest.approx(m["image_auroc"])]  # the same run as above
+    assert row["head_anomaly_image_aurocs"] == [pytest.approx(m["head_anomaly_image_auroc"])]
+    assert row["salient_fractions"] == [pytest.approx(m["salient_fraction"])]
+
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_table", Path(__file__).parents[1] / "scripts/bench_table.py")
+    bench_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_table)
+    lines = bench_table.table(bench_table.load([str(out)])).splitlines()
+    head = next(x for x in lines if "its anomaly head alone" in x)
+    assert f"{m['head_anomaly_image_auroc']:.3f} ± 0.000" in head
+    assert f"mean salient fraction {m['salient_fraction']:.3f}" in head
+    assert not any("its normal head" in x for x in lines)  # only with --heads
+    assert any("its normal head alone (same runs, negated" in x
+               for x in bench_table.table(bench_table.load([str(out)]), all_heads=True).splitlines())
+
+
+def test_benchmark_refuses_a_method_specific_preset_for_the_other_methods_before_running(mvtec_dir, capsys):
+    from osad_core.cli import main
+
+    rc = main(["benchmark", "--data", str(mvtec_dir), "--methods", "saliencycut,dra", "--preset", "quick14",
+               "--seeds", "0", "--no-db"])
+    err = capsys.readouterr()
+    assert rc == 2 and "unknown preset 'quick14' for dra" in err.err
+    assert "AUROC" not in err.out  # refused before any cell ran

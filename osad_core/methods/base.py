@@ -110,6 +110,16 @@ class Detector(ABC):
         cb.plan(self.training_stages())
         return cb
 
+    def head_scores(self, pred: Prediction) -> dict[str, np.ndarray]:
+        """Each head's own score of ``pred``'s images, oriented so that larger = more
+        anomalous (reported as ``head_<name>_image_auroc``); {} for single-head methods."""
+        return {}
+
+    def training_metrics(self) -> dict[str, float]:
+        """Numbers about the training run itself (e.g. SaliencyCut's salient fraction),
+        stored with the test metrics; each needs an entry in ``evaluate.METRIC_DETAILS``."""
+        return {}
+
     def state(self) -> dict:
         """Everything beyond config needed to rebuild the fitted model (tensors allowed)."""
         return {}

@@ -1,4 +1,14 @@
-"""DRA: seen, pseudo, latent-residual and normality heads on one backbone (METHODS.md §2)."""
+"""DRA: seen, pseudo, latent-residual and normality heads on one backbone (METHODS.md §2).
+
+Reference set (the residual head's M_r): one fixed set of ``n_refs`` clean normal training
+images chosen with the run seed, used in training and at test time (the paper's choice).
+``ref_rotate=True`` rotates those references in every training batch, each by its own
+uniform angle in [-180°, 180°] like the training images, as the official code's reference
+loader does (it applies the training pipeline to them); test time keeps them clean. The
+code's other differences (references re-drawn for every batch, test time included, and a
+CutMix pseudo anomaly with probability 0.5) are not reproduced: they make test scores
+random.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -38,7 +48,8 @@ class NormalityHead(nn.Module):
 class DRA(DRAFamilyDetector):
     name = "dra"
     description = "DRA — seen, pseudo and residual abnormality heads; generalises to unseen defect types"
-    defaults = dict(FAMILY_DEFAULTS, n_refs=5)
+    defaults = dict(FAMILY_DEFAULTS, n_refs=5,
+                    ref_rotate=False)  # rotate the references with every training batch (official code)
     presets = {
         "paper": {},
         "quick": dict(image_size=160, epochs=10, steps_per_epoch=10, batch_size=32, lr_step_epochs=8,
@@ -63,8 +74,20 @@ class DRA(DRAFamilyDetector):
         idx = np.sort(rng.choice(len(normals), size=n, replace=False))
         self.ref_images = np.ascontiguousarray(normals[idx])
         self.ref_indices = idx.tolist()
+        # its own generator: with ref_rotate off the data stream is exactly as before
+        self._ref_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.config["seed"], 3])
+                                                          .generate_state(1)[0]))
 
-    def reference_batch(self):
+    def extra_train_state(self) -> dict:
+        return {"ref_gen": self._ref_gen.get_state()}
+
+    def load_extra_train_state(self, state: dict) -> None:
+        if "ref_gen" in state:
+            self._ref_gen.set_state(state["ref_gen"])
+
+    def reference_batch(self, train=False):
+        if train and self.config["ref_rotate"]:
+            return augment.train_transform(self.ref_images, self._ref_gen)
         return augment.test_transform(self.ref_images)
 
     def head_outputs(self, heads, feats, ref_feats):

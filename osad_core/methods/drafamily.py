@@ -106,6 +106,7 @@ def freeze_levels(trunk: nn.Module, levels: int) -> list[nn.Module]:
 class DRAFamilyDetector(Detector):
     defaults = FAMILY_DEFAULTS
     map_heads: tuple[str, ...] = ()  # heads whose position maps make the anomaly map
+    subtracted_heads: tuple[str, ...] = ("normal",)  # heads the test score subtracts (high on normals)
     n_refs = 0  # reference images prepended to each batch (DRA's residual head)
     needs_anomalies = False
     stage_name = "Training"  # the progress stage of fit() (AHL names its base model's)
@@ -273,11 +274,12 @@ class DRAFamilyDetector(Detector):
         """
         return x
 
-    def reference_batch(self) -> torch.Tensor | None:
+    def reference_batch(self, train: bool = False) -> torch.Tensor | None:
+        """Normalised reference images prepended to a batch (``train``: a training pass)."""
         return None
 
     def forward(self, x: torch.Tensor, train: bool) -> dict:
-        ref = self.reference_batch()
+        ref = self.reference_batch(train=train)
         ref_feats = None
         if ref is not None:
             ref = self._to_device(ref)
@@ -339,6 +341,14 @@ class DRAFamilyDetector(Detector):
             f"global average pool of the scale-0 backbone map ({self.channels}-d)",
             extra={k: torch.cat(v).numpy() for k, v in extra.items()},
         )
+
+    def head_scores(self, pred: Prediction) -> dict[str, np.ndarray]:
+        out = {}
+        for key, v in pred.extra.items():
+            if key.startswith("head_"):
+                name = key[len("head_"):]
+                out[name] = -v if name in self.subtracted_heads else v
+        return out
 
     # ONNX export (osad_core.export) ---------------------------------------------------------
     @torch.no_grad()
