@@ -80,7 +80,7 @@ def parts(det, arrays: np.ndarray, bs: int = 16) -> tuple[np.ndarray, np.ndarray
         f = det._features(arrays[i:i + bs])
         B, C, h, w = f.shape
         knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), det.memory).view(B, h, w)
-        mem.append(knn.flatten(1).max(1).values.cpu().numpy())
+        mem.append(topk_mean(knn, det.config["memory_topk"]).cpu().numpy())
         if det.has_head:
             det.head.eval()
             head.append(topk_mean(det.head(f), det.config["head_topk"]).cpu().numpy())
@@ -149,7 +149,8 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:key=value,key=value (JSON values); NAME alone = the defaults")
-    ap.add_argument("--no-diagnose", action="store_true", help="skip the per-part AUROCs")
+    ap.add_argument("--diagnose", nargs="*", default=None,
+                    help="variants whose parts' AUROCs are computed too (one more scoring pass; default: the first)")
     ap.add_argument("--json", required=True)
     ap.add_argument("--feature-cache", help="file of remembered backbone outputs: read if present, written at the end")
     a = ap.parse_args()
@@ -161,12 +162,13 @@ def main() -> None:
     if a.setting == "hard":
         classes = a.known_class or ds.defect_types
     variants = [parse_variant(v) for v in (a.variant or ["base"])]
+    diagnose = set(variants[0][0:1] if a.diagnose is None else a.diagnose)
     results = {"data": ds.name, "setting": a.setting, "shots": a.shots, "preset": a.preset, "seeds": a.seeds,
                "variants": {}}
     for seed in a.seeds:  # seed-major: one seed's features serve every variant before the next
         for kc in classes:
             for name, over in variants:
-                r = run_cell(ds, Protocol(a.setting, a.shots, seed, kc), a.preset, over, not a.no_diagnose)
+                r = run_cell(ds, Protocol(a.setting, a.shots, seed, kc), a.preset, over, name in diagnose)
                 results["variants"].setdefault(name, {"overrides": over, "runs": []})["runs"].append(r)
                 print(f"{name:14s} seed {seed} {kc or '-':8s} " + "  ".join(
                     f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "fit_s_cached"),

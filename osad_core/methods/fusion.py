@@ -157,6 +157,8 @@ class Fusion(Detector):
         projection_dim=64,
         calib_fraction=0.2,  # normals held out from the head, for the z-normalisation
         calib_max=64,
+        memory_calib_all=False,  # memory z-moments also from the head's normals (leave-one-image-out)
+        memory_topk=0.0,  # share of patches whose mean is the memory's image score (0: the largest, PatchCore's)
         head_hidden=64,
         head_steps=300,
         head_batch=16,  # normals and anomalies each per step
@@ -299,14 +301,9 @@ class Fusion(Detector):
         mem_owner = owner_t[idx.cpu()].to(self.device)
         del pool, pool_t
 
-        # the memory's scale on normals it has not seen: leave each image's own patches out
         cal = torch.stack([cal_feats[j] for j in cal_idx.tolist()])
-        Bc, C, h, w = cal.shape
-        q = cal.permute(0, 2, 3, 1).reshape(-1, C)
-        q_owner = torch.as_tensor(np.repeat(cal_idx, h * w), device=self.device)
-        knn_cal = nearest_distance(q, self.memory, exclude=(q_owner, mem_owner)).view(Bc, h, w)
-        self.calib = {"knn_img": _moments(knn_cal.flatten(1).max(1).values),
-                      "knn_patch": _moments(knn_cal)}
+        self.calib = self._memory_moments({**head_feats, **cal_feats} if c["memory_calib_all"] else cal_feats,
+                                          mem_owner)
 
         # the anomaly head (only with labelled anomalies)
         self.has_head = len(anomalies) > 0
@@ -321,6 +318,18 @@ class Fusion(Detector):
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         return self
+
+    def _memory_moments(self, feats: dict[int, torch.Tensor], mem_owner: torch.Tensor) -> dict:
+        """The memory's scale on normals it has not seen: z-moments of the image and patch
+        scores of the normals in ``feats`` (index -> features), each image's own patches left
+        out of the nearest-neighbour search."""
+        idx = np.array(sorted(feats))
+        f = torch.stack([feats[j] for j in idx.tolist()])
+        B, C, h, w = f.shape
+        q = f.permute(0, 2, 3, 1).reshape(-1, C)
+        q_owner = torch.as_tensor(np.repeat(idx, h * w), device=self.device)
+        knn = nearest_distance(q, self.memory, exclude=(q_owner, mem_owner)).view(B, h, w)
+        return {"knn_img": _moments(topk_mean(knn, self.config["memory_topk"])), "knn_patch": _moments(knn)}
 
     def _fit_head(self, normal_feats: torch.Tensor, anomalies: np.ndarray, rng: np.random.Generator,
                   cb: Callbacks) -> list[dict]:
@@ -354,7 +363,7 @@ class Fusion(Detector):
         f = self._features(images)
         B, C, h, w = f.shape
         knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), self.memory).view(B, h, w)
-        score = _z(knn.flatten(1).max(1).values, cal["knn_img"])
+        score = _z(topk_mean(knn, c["memory_topk"]), cal["knn_img"])
         pmap = _z(knn, cal["knn_patch"])
         if self.has_head:
             self.head.eval()
@@ -398,7 +407,8 @@ class Fusion(Detector):
         q = f.permute(0, 2, 3, 1).reshape(-1, C)
         d2 = torch.addmm((self.memory * self.memory).sum(1)[None], q, self.memory.T, beta=1, alpha=-2)
         knn = (d2.min(1).values + (q * q).sum(1)).clamp_min(0).sqrt().view(-1, h, w)
-        score = _z(knn.flatten(1).max(1).values, cal["knn_img"])
+        km = max(1, int(round(c["memory_topk"] * h * w)))  # topk_mean's k, as a constant (1: the max)
+        score = _z(knn.flatten(1).topk(km, dim=1).values.mean(1), cal["knn_img"])
         pmap = _z(knn, cal["knn_patch"])
         if self.has_head:
             hm = self.head(f)
