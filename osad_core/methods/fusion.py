@@ -157,7 +157,6 @@ class Fusion(Detector):
         projection_dim=64,
         calib_fraction=0.2,  # normals held out from the head, for the z-normalisation
         calib_max=64,
-        memory_calib_all=False,  # memory z-moments also from the head's normals (leave-one-image-out)
         memory_topk=0.0,  # share of patches whose mean is the memory's image score (0: the largest, PatchCore's)
         head_hidden=64,
         head_steps=300,
@@ -302,8 +301,7 @@ class Fusion(Detector):
         del pool, pool_t
 
         cal = torch.stack([cal_feats[j] for j in cal_idx.tolist()])
-        self.calib = self._memory_moments({**head_feats, **cal_feats} if c["memory_calib_all"] else cal_feats,
-                                          mem_owner)
+        self.calib = self._memory_moments(cal_feats, mem_owner)
 
         # the anomaly head (only with labelled anomalies)
         self.has_head = len(anomalies) > 0
