@@ -144,7 +144,8 @@ def test_memory_topk_scores_the_mean_of_the_largest_patches_in_predict_and_expor
         np.testing.assert_allclose(pred.scores, ((by_hand - mean) / std).numpy(), rtol=1e-5, atol=1e-5)
         exported, _ = det.export_forward(augment.test_transform(arr))  # the ONNX graph's k is the same constant
     np.testing.assert_allclose(exported.numpy(), pred.scores, rtol=1e-5, atol=1e-5)
-    # the top-k mean lies between the largest patch and the image's mean patch: a different score from the max
-    plain = make_detector("fusion", "tiny", dict(TINY, head_weight=0.0)).fit(sp.train_normal, sp.train_anomalies)
+    # the top-k mean lies between the largest patch (memory_topk 0, PatchCore's) and the mean patch
+    plain = make_detector("fusion", "tiny", dict(TINY, memory_topk=0.0, head_weight=0.0)).fit(
+        sp.train_normal, sp.train_anomalies)
     assert plain.calib["knn_img"][0] > mean > plain.calib["knn_patch"][0]
     assert roc_auc_score([r.label for r in pred.records], pred.scores) > 0.9
