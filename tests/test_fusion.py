@@ -149,3 +149,14 @@ def test_memory_topk_scores_the_mean_of_the_largest_patches_in_predict_and_expor
         sp.train_normal, sp.train_anomalies)
     assert plain.calib["knn_img"][0] > mean > plain.calib["knn_patch"][0]
     assert roc_auc_score([r.label for r in pred.records], pred.scores) > 0.9
+
+
+def test_a_model_file_from_before_memory_topk_keeps_the_largest_patch_score(fitted):
+    _, det, _ = fitted
+    assert det.state()["memory_topk"] == det.config["memory_topk"] == 0.05
+    old = det.state()
+    del old["memory_topk"]  # as written before the option existed: its moments are of the largest patch
+    back = make_detector("fusion", "tiny", TINY)
+    back.backbone_info = det.backbone_info  # as load_detector sets it from the file
+    back.load_state(old)
+    assert back.config["memory_topk"] == 0.0

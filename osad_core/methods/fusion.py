@@ -437,6 +437,7 @@ class Fusion(Detector):
             "feat_std": self.feat_std.cpu(),
             "has_head": self.has_head,
             "calib": self.calib,
+            "memory_topk": float(self.config["memory_topk"]),  # the pooling the stored moments were taken with
         }
 
     def load_state(self, state: dict) -> None:
@@ -450,6 +451,8 @@ class Fusion(Detector):
             raise ValueError(f"normal memory has shape {tuple(self.memory.shape)}, expected (M, {self.dim})")
         self.has_head = bool(state["has_head"])
         self.calib = {k: [float(v) for v in pair] for k, pair in state["calib"].items()}
+        # files written before memory_topk existed scored the memory by its largest patch
+        self.config["memory_topk"] = float(state.get("memory_topk", 0.0))
 
 
 def _moments(t: torch.Tensor) -> list[float]:
