@@ -146,3 +146,39 @@ def test_fit_extracts_each_normal_once(parts_root):
     assert seen[0] == len(sp.train_normal) + 4 * len(sp.train_anomalies)
     # standardised from the sample: the memory's patches are z-scores of the normals' features
     assert det.feat_std.min() > 0 and abs(float(det.memory.mean())) < 1.0
+
+
+def test_memory_topk_scores_the_mean_of_the_largest_patches_in_predict_and_export(parts_root):
+    from osad_core import augment
+    from osad_core.data import IMAGE_CACHE
+
+    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
+    # memory alone (head weight 0), a 64-px image's 8×8 patches: top 25 % = the 16 largest distances
+    det = make_detector("fusion", "tiny", dict(TINY, memory_topk=0.25, head_weight=0.0))
+    det.fit(sp.train_normal, sp.train_anomalies)
+    pred = det.predict(sp.test)
+    arr, _, _ = IMAGE_CACHE.load_many(pred.records, det.config["image_size"])
+    with torch.no_grad():
+        f = det._features(arr)
+        knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), det.memory).view(len(arr), 8, 8)
+        by_hand = knn.flatten(1).sort(1, descending=True).values[:, :16].mean(1)
+        mean, std = det.calib["knn_img"]
+        np.testing.assert_allclose(pred.scores, ((by_hand - mean) / std).numpy(), rtol=1e-5, atol=1e-5)
+        exported, _ = det.export_forward(augment.test_transform(arr))  # the ONNX graph's k is the same constant
+    np.testing.assert_allclose(exported.numpy(), pred.scores, rtol=1e-5, atol=1e-5)
+    # the top-k mean lies between the largest patch (memory_topk 0, PatchCore's) and the mean patch
+    plain = make_detector("fusion", "tiny", dict(TINY, memory_topk=0.0, head_weight=0.0)).fit(
+        sp.train_normal, sp.train_anomalies)
+    assert plain.calib["knn_img"][0] > mean > plain.calib["knn_patch"][0]
+    assert roc_auc_score([r.label for r in pred.records], pred.scores) > 0.9
+
+
+def test_a_model_file_from_before_memory_topk_keeps_the_largest_patch_score(fitted):
+    _, det, _ = fitted
+    assert det.state()["memory_topk"] == det.config["memory_topk"] == 0.05
+    old = det.state()
+    del old["memory_topk"]  # as written before the option existed: its moments are of the largest patch
+    back = make_detector("fusion", "tiny", TINY)
+    back.backbone_info = det.backbone_info  # as load_detector sets it from the file
+    back.load_state(old)
+    assert back.config["memory_topk"] == 0.0
