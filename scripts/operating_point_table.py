@@ -33,14 +33,15 @@ def main(paths: list[str]) -> None:
     rows = [r for p in paths for r in json.loads(Path(p).read_text()) if r.get("promised_frr") is not None]
     rows.sort(key=lambda r: (list(DATA).index(r["data"]) if r["data"] in DATA else 9,
                              METHODS.index(r["method"]) if r["method"] in METHODS else 9, r["seed"]))
-    print("| data | method | seed | image AUROC | calibration normals | promised FRR | test normals | "
+    print("| data | method | backbone | seed | image AUROC | calibration normals | promised FRR | test normals | "
           "expected rejects (95 % interval) | measured rejects (95 % interval of the rate) | redrawn: mean, P(≥ k) | "
           "recall at the point | best-F1 threshold rejects |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         lo, hi = r["interval"]
         promised = f"{100 * r['promised_frr']:.2f} %" + (" (floor)" if r.get("limited") else "")
-        print(f"| {DATA.get(r['data'], r['data'])} | {r['method']} | {r['seed']} | {r['auroc']:.3f} | "
+        backbone = (r.get("backbone") or {}).get("name", "?").replace("EfficientNet-", "")
+        print(f"| {DATA.get(r['data'], r['data'])} | {r['method']} | {backbone} | {r['seed']} | {r['auroc']:.3f} | "
               f"{r['n_calibration']} | {promised} | {r['test_good']} | {r['expected_rejects']:.2f} ({lo}–{hi}) | "
               f"{measured(r)} | {redrawn(r)} | "
               f"{100 * r['recall']:.1f} % | {r.get('best_f1_rejected_test_good', '—')} |")
