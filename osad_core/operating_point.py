@@ -111,3 +111,30 @@ def split_calibration(normals: list, fraction: float, seed: int) -> tuple[list, 
     idx = np.random.default_rng(seed).permutation(len(recs))
     cal = set(idx[:n_cal].tolist())
     return [r for i, r in enumerate(recs) if i not in cal], [recs[i] for i in sorted(cal)]
+
+
+def redraw_check(calibration_scores, test_normal_scores, target_frr: float = DEFAULT_TARGET_FRR,
+                 draws: int = 10000, seed: int = 0) -> dict:
+    """Is a broken promise bad luck in which normals calibrated, or are the test normals
+    unlike the held-out ones? Pool both sets of (unseen) normals, split them again at random
+    into sets of the same sizes ``draws`` times, recompute the threshold and count the
+    rejected test normals. If the two sets are exchangeable the measured count is one such
+    draw: ``p_at_least`` is the share of draws rejecting as many; ``mean_rejects`` should
+    match the promise's expected count."""
+    cal = np.asarray(calibration_scores, np.float64)
+    test = np.asarray(test_normal_scores, np.float64)
+    n = len(cal)
+    op = conformal_threshold(cal, target_frr)
+    if op.threshold is None or not len(test):
+        return {"draws": 0}
+    measured = int((test >= op.threshold).sum())
+    pool = np.concatenate([cal, test])
+    rng = np.random.default_rng(seed)
+    # row r: a random permutation; its first n are that draw's calibration set
+    perm = np.argsort(rng.random((draws, len(pool))), axis=1)
+    cal_d, test_d = pool[perm[:, :n]], pool[perm[:, n:]]
+    thr = np.partition(cal_d, op.rank - 1, axis=1)[:, op.rank - 1]  # the k-th smallest per draw
+    rejects = (test_d > thr[:, None]).sum(1)  # > s_(k): conformal_threshold's one float32 step above it
+    return {"draws": draws, "measured_rejects": measured, "mean_rejects": float(rejects.mean()),
+            "p_at_least": float(np.mean(rejects >= measured)),
+            "interval": [int(np.quantile(rejects, 0.025)), int(np.quantile(rejects, 0.975))]}

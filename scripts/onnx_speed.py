@@ -4,7 +4,9 @@
 
 The model is a quick-preset detector fitted for one step (speed does not depend on what
 it learned); both paths score the same decoded HeadCT images, decoding not timed. Also
-prints the largest relative score and absolute map difference between the two.
+prints their parity (:func:`osad_core.export.parity`): score differences relative to
+max(|score|, the spread of PyTorch's scores on 32 held-out training normals), map
+differences relative to max(|value|, the maps' spread).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from osad_core.data import IMAGE_CACHE, resolve_dataset  # noqa: E402
-from osad_core.export import export_onnx  # noqa: E402
+from osad_core.export import export_onnx, parity  # noqa: E402
 from osad_core.methods import load_detector, make_detector  # noqa: E402
 from osad_core.onnx_model import OnnxModel  # noqa: E402
 from osad_core.protocol import Protocol, make_split  # noqa: E402
@@ -63,20 +65,19 @@ def main() -> None:
             t_onnx = best_of(lambda: onnx.predict_arrays(arr, a.batch))
             ref = det.predict_arrays(arr, a.batch)
             s_o, m_o = onnx.predict_arrays(arr, a.batch)
+            held_out, _, _ = IMAGE_CACHE.load_many(sp.train_normal[16:48], det.config["image_size"])
+            unit = float(np.std(det.predict_arrays(held_out, a.batch).scores))
         row = {"method": method, "image_size": det.config["image_size"], "backbone": det.backbone_info["name"],
                "images": len(arr), "batch": a.batch, "threads": a.threads,
                "torch_img_s": round(len(arr) / t_torch, 2), "onnx_img_s": round(len(arr) / t_onnx, 2),
-               "max_rel_score_diff": float(np.max(np.abs(ref.scores - s_o) / np.maximum(np.abs(ref.scores), 1e-6))),
-               # z-normalised scores (Fusion) pass through 0, where a relative difference says little
-               "max_abs_score_diff": float(np.max(np.abs(ref.scores - s_o))),
-               "score_std": float(np.std(ref.scores)),
-               "max_abs_map_diff": float(np.max(np.abs(ref.maps - m_o)))}
+               **parity(ref.scores, ref.maps, s_o, m_o, unit)}
         rows.append(row)
         print(f"{method}: {row['image_size']} px, backbone {row['backbone']}, {len(arr)} images, "
               f"batch {a.batch}, {a.threads} threads: PyTorch {row['torch_img_s']:.1f} img/s, "
               f"ONNX Runtime {row['onnx_img_s']:.1f} img/s; max relative score difference "
-              f"{row['max_rel_score_diff']:.1e} (absolute {row['max_abs_score_diff']:.1e}, scores' std "
-              f"{row['score_std']:.2g}), max map difference {row['max_abs_map_diff']:.1e}", flush=True)
+              f"{row['max_rel_score_diff']:.1e} (absolute {row['max_abs_score_diff']:.1e}, held-out normals' "
+              f"spread {row['score_unit']:.2g}, |Δ|/|s| {row['max_rel_score_diff_pointwise']:.1e}), max relative "
+              f"map difference {row['max_rel_map_diff']:.1e} (absolute {row['max_abs_map_diff']:.1e})", flush=True)
         if a.json:
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
             Path(a.json).write_text(json.dumps(rows, indent=2))

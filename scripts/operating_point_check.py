@@ -4,7 +4,9 @@ and what holding out calibration normals costs in AUROC.
     python scripts/operating_point_check.py --data headct --methods dra,bgad --fractions 0.2 0 \
         --seeds 0 --json bench_results/operating_point/headct.json
 
-Each run: general setting, 10 shots, quick preset, no database, no t-SNE.
+Each run: general setting, 10 shots, quick preset, no database, no t-SNE. ``redraw``:
+the measured count against random re-splits of the same held-out and test normals
+(:func:`osad_core.operating_point.redraw_check`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from osad_core.data import resolve_dataset  # noqa: E402
 from osad_core.experiment import run_experiment  # noqa: E402
+from osad_core.operating_point import redraw_check  # noqa: E402
 from osad_core.protocol import Protocol  # noqa: E402
 
 
@@ -50,6 +53,8 @@ def main() -> None:
                                test_good=n_good, expected_rejects=round(exp, 2), interval=[lo, hi],
                                rejected_test_good=rejected, measured_frr=m["operating_point_frr_test"],
                                recall=m.get("operating_point_recall_test"))
+                    test_normal = res.prediction.scores[[r.label == 0 for r in res.prediction.records]]
+                    row["redraw"] = redraw_check(res.calibration_prediction.scores, test_normal, a.target)
                 best = m.get("best_f1_threshold")
                 if best is not None:
                     normal = [s for r, s in zip(res.prediction.records, res.prediction.scores) if r.label == 0]

@@ -115,3 +115,16 @@ def test_drift_warns_on_a_shifted_line_and_not_on_the_same_one():
     assert moved.drifted and moved.psi > 0.25 and moved.sentence().startswith("Drift warning")
     assert compare(ref, ref[:5]) is None  # too few new scores
     assert psi(ref, ref) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_redraw_check_tells_bad_luck_from_unlike_normals():
+    from osad_core.operating_point import redraw_check
+
+    rng = np.random.default_rng(1)
+    same = redraw_check(rng.normal(size=226), rng.normal(size=377), draws=4000)
+    # exchangeable sets: redraws reject about the promised 377 * 2/227 = 3.3 on average
+    assert same["mean_rejects"] == pytest.approx(377 * 2 / 227, abs=0.3)
+    assert same["p_at_least"] > 0.01 and same["interval"][0] <= same["measured_rejects"] <= same["interval"][1]
+    shifted = redraw_check(rng.normal(size=226), rng.normal(0.5, 1.0, size=377), draws=4000)
+    # test normals scoring higher: many more rejected than any redraw of the pooled normals gives
+    assert shifted["measured_rejects"] > shifted["interval"][1] and shifted["p_at_least"] < 0.01
