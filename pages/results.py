@@ -426,7 +426,7 @@ def rounds_tab(done, run) -> None:
 
 
 def details_tab(run, details: dict) -> None:
-    st.dataframe(pd.DataFrame([{"metric": fmt.METRIC_NAMES.get(k, k), "value": v, "how it was obtained": d}
+    st.dataframe(pd.DataFrame([{"metric": fmt.metric_name(k), "value": v, "how it was obtained": d}
                                for k, (v, d) in sorted(details.items())]),
                  hide_index=True, width="stretch",
                  column_config={"value": st.column_config.NumberColumn(format="%.4f")})

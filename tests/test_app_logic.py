@@ -415,3 +415,12 @@ def test_the_projects_page_path_imports_no_torch_or_scikit_learn():
     res = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_every_stored_metric_has_a_name_for_people():
+    from osad_core.evaluate import METRIC_DETAILS
+    from ui import fmt
+
+    assert fmt.metric_name("head_anomaly_image_auroc") == "Image AUROC · anomaly head alone"
+    assert fmt.metric_name("salient_fraction") == "Mean salient fraction of the pseudo anomalies"
+    assert [k for k in METRIC_DETAILS if fmt.metric_name(k) == k] == []  # none left as a raw key

@@ -14,7 +14,22 @@ METRIC_NAMES = {
     "base_image_auroc": "Image AUROC · its base model",
     "base_image_aupr": "Image AUPR · its base model",
     "test_images_per_s": "Images / s (inference)",
+    "pro_auc": "PRO (per-region overlap)",
+    "operating_point_frr_promised": "False rejects promised at the operating point",
+    "operating_point_frr_test": "False rejects at the operating point · held-out normals",
+    "operating_point_recall_test": "Recall at the operating point",
+    "salient_fraction": "Mean salient fraction of the pseudo anomalies",
+    "best_f1_threshold": "Best-F1 threshold on the test labels (a reference only)",
 }
+
+
+def metric_name(key: str) -> str:
+    """A run metric's name for people; each head's own AUROC is named after its head."""
+    if key in METRIC_NAMES:
+        return METRIC_NAMES[key]
+    if key.startswith("head_") and key.endswith("_image_auroc"):
+        return f"Image AUROC · {key[len('head_'):-len('_image_auroc')]} head alone"
+    return key
 
 PRESET_HINTS = {
     "tiny": "tiny — seconds, for trying the app",
