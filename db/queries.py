@@ -1201,27 +1201,28 @@ def get_job(s: Session, job_id: int) -> Job | None:
     return s.get(Job, job_id, populate_existing=True)
 
 
-def latest_jobs(s: Session, kind: str, by: str) -> dict[int, Job]:
-    """The newest job of ``kind`` per value of its payload's ``by`` key (``import`` jobs
-    by ``project_id``, folder ``score`` jobs by ``run_id``). Such jobs are few, so their
-    payloads are read here rather than indexed."""
+def _jobs_by_payload(s: Session, kind: str, by: str) -> Iterator[tuple[int, Job]]:
+    """(value of the payload's ``by`` key, job) for every job of ``kind`` that has one, in
+    FIFO order. Such jobs are few, so their payloads are read here rather than indexed."""
     _check(kind, JOB_KINDS, "job kind")
-    out: dict[int, Job] = {}
     for job in s.scalars(select(Job).where(Job.kind == kind).order_by(Job.id)
                          .execution_options(populate_existing=True)):
         key = (job.payload_json or {}).get(by)
         if key is not None:
-            out[int(key)] = job
-    return out
+            yield int(key), job
+
+
+def latest_jobs(s: Session, kind: str, by: str) -> dict[int, Job]:
+    """The newest job of ``kind`` per value of its payload's ``by`` key (``import`` jobs
+    by ``project_id``, folder ``score`` jobs by ``run_id``)."""
+    return dict(_jobs_by_payload(s, kind, by))
 
 
 def payload_jobs(s: Session, kind: str, by: str, values: Iterable[int]) -> list[Job]:
     """Every job of ``kind`` whose payload's ``by`` key is one of ``values`` (a project's
     ``import`` jobs by ``project_id``, its folder ``score`` jobs by ``run_id``)."""
-    _check(kind, JOB_KINDS, "job kind")
     wanted = {int(v) for v in values}
-    return [job for job in s.scalars(select(Job).where(Job.kind == kind).order_by(Job.id))
-            if (job.payload_json or {}).get(by) is not None and int(job.payload_json[by]) in wanted]
+    return [job for key, job in _jobs_by_payload(s, kind, by) if key in wanted]
 
 
 def last_import_job(s: Session, project_id: int) -> Job | None:

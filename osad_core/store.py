@@ -182,8 +182,6 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
     from db import queries as q
     from db.retry import with_retry
 
-    from .train import TrainingCancelled
-
     init_db(url)
     det = res.detector
     bi = det.backbone_info or {}
@@ -219,11 +217,7 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
     def write(s) -> int:
         rid = run_id
         if job_id is not None:
-            job = q.get_job(s, job_id)
-            if job is None or job.status != "running" or (worker_id and job.worker_id != worker_id):
-                raise JobGone(f"job {job_id} is gone or no longer this worker's")
-            if job.cancel_requested:
-                raise TrainingCancelled("cancelled while saving")
+            _still_ours(q, s, job_id, worker_id, "cancelled while saving")
         if rid is None:
             rid = q.create_run(s, pid, det.name, det.preset, det.config, res.split.protocol.to_dict(), source,
                                status="done", created_by=created_by).id
@@ -243,6 +237,17 @@ def record_run(res, ds: Dataset, source: str = "cli", project_name: str | None =
     return with_retry(write, url=url, deadline_s=600, what="storing the run's results")
 
 
+def _still_ours(q, s, job_id: int, worker_id: str | None, cancelled: str) -> None:
+    """Refuse to store for a job that is gone, finished, another worker's or cancelled."""
+    from .train import TrainingCancelled
+
+    job = q.get_job(s, job_id)
+    if job is None or job.status != "running" or (worker_id and job.worker_id != worker_id):
+        raise JobGone(f"job {job_id} is gone or no longer this worker's")
+    if job.cancel_requested:
+        raise TrainingCancelled(cancelled)
+
+
 def record_rest(res, run_id: int, url: str | None = None, job_id: int | None = None,
                 worker_id: str | None = None) -> None:
     """Store the later phase of a done run (training and unlabelled images' scores, maps
@@ -251,8 +256,6 @@ def record_rest(res, run_id: int, url: str | None = None, job_id: int | None = N
     from db import session_scope
     from db import queries as q
     from db.retry import with_retry
-
-    from .train import TrainingCancelled
 
     with session_scope(url) as s:
         run = q.get_run(s, run_id)
@@ -263,11 +266,7 @@ def record_rest(res, run_id: int, url: str | None = None, job_id: int | None = N
 
     def write(s) -> None:
         if job_id is not None:
-            job = q.get_job(s, job_id)
-            if job is None or job.status != "running" or (worker_id and job.worker_id != worker_id):
-                raise JobGone(f"job {job_id} is gone or no longer this worker's")
-            if job.cancel_requested:
-                raise TrainingCancelled("cancelled while saving the map")
+            _still_ours(q, s, job_id, worker_id, "cancelled while saving the map")
         if q.get_run(s, run_id) is None:
             raise JobGone(f"run {run_id} was deleted")
         q.write_run_results(s, run_id, prepared)
