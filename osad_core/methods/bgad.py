@@ -272,9 +272,10 @@ class BGAD(Detector):
         for i, (f, flow) in enumerate(zip(feats, self.flows)):
             B, C, h, w = f.shape
             x, table, rows = self._level_vectors(f)
-            logp, z = flow.grid_log_prob(x, table) if grid else flow.log_prob(x, (table, rows))
+            want_z = with_z and i == len(feats) - 1
+            logp, z = flow.grid_log_prob(x, table, with_z=want_z) if grid else flow.log_prob(x, (table, rows))
             out.append((logp / C).view(B, h, w))
-            if with_z and i == len(feats) - 1:
+            if want_z:
                 z_last = z.view(B, h * w, C).mean(1)
         return (out, z_last) if with_z else out
 
