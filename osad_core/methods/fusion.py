@@ -240,7 +240,8 @@ class Fusion(Detector):
         # channels-last from here on: CPU pooling on the usual layout took 16× as long (the
         # largest cost after the trunk and the memory search), and the patch rows
         # (B·h·w, C) become a view
-        feats = [f.contiguous(memory_format=torch.channels_last) for f in self.extractor(x.to(self.device))]
+        feats = [f.contiguous(memory_format=torch.channels_last)
+                 for f in self.extractor(x.to(self.device), channels_last=True)]
         if p > 1:
             feats = [F.avg_pool2d(f, p, 1, p // 2, count_include_pad=False) for f in feats]
         h, w = feats[0].shape[-2:]
