@@ -48,6 +48,7 @@ from torch import nn
 from .. import augment
 from ..backbones import multiscale_for
 from ..data import IMAGE_CACHE, DataError, ImageRecord, read_mask
+from ..smoothing import resize_maps
 from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction, register
 from .flows import ConditionalFlow, positional_encoding_2d
@@ -511,8 +512,7 @@ class BGAD(Detector):
         """A = L − Σ_l up(exp(ℓ_l − M_l)) (bilinear to ``size``), L = number of levels."""
         total = 0.0
         for ll, m in zip(lls, self.ll_max):
-            p = torch.exp(ll - m)[:, None]
-            total = total + F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            total = total + resize_maps(torch.exp(ll - m), size)
         return len(lls) - total
 
     # ONNX export (osad_core.export) ---------------------------------------------------------
