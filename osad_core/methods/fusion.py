@@ -250,8 +250,9 @@ class Fusion(Detector):
         return torch.cat(feats, 1)
 
     def _features(self, images: np.ndarray) -> torch.Tensor:
-        f = self._raw_features(images)
-        return (f - self.feat_mean.view(1, -1, 1, 1)) / self.feat_std.view(1, -1, 1, 1)
+        f = self._raw_features(images)  # a fresh tensor: standardised in place (a second one of its
+        # size cost 5.6 against 1.1 ms per 16 images, most of it the new block's first touch)
+        return f.sub_(self.feat_mean.view(1, -1, 1, 1)).div_(self.feat_std.view(1, -1, 1, 1))
 
     def _features_all(self, images: np.ndarray) -> torch.Tensor:
         bs = self.config["test_batch_size"]
