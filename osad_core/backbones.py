@@ -480,7 +480,9 @@ class MultiScaleExtractor(nn.Module):
         return folded
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, channels_last: bool = False) -> list[torch.Tensor]:
+        """The selected levels' maps, in the usual layout unless ``channels_last`` (on a CPU
+        the trunk runs channels-last: a caller that goes on in it saves two copies)."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             # export the module as it is (onnxruntime folds BN itself); keeps the graph plain
             run, cpu = {"stem": self.stem, "stages": self.stages}, False
@@ -493,7 +495,7 @@ class MultiScaleExtractor(nn.Module):
         for i, stage in enumerate(run["stages"]):
             x = stage(x)
             if i + 1 in self.layers:
-                out.append(x.contiguous() if cpu else x)  # callers get the usual layout
+                out.append(x.contiguous() if cpu and not channels_last else x)
         return out
 
 

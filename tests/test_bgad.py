@@ -45,10 +45,21 @@ def test_scoring_path_gives_the_training_paths_log_likelihoods():
                 p.add_(0.3 * torch.randn_like(p))
         table, x = torch.randn(6, 4), torch.randn(30, dim)
         want_lp, want_z = flow.log_prob(x, (table, torch.arange(6).repeat(5)))
+        x_before = x.clone()
         for chunk in (1, 12, 4096):
             lp, z = flow.grid_log_prob(x, table, chunk=chunk)
             torch.testing.assert_close(lp, want_lp, atol=1e-4, rtol=1e-5)
             torch.testing.assert_close(z, want_z, atol=1e-5, rtol=1e-5)
+        assert torch.equal(x, x_before)  # the blocks work on a copy
+        lp, z = flow.grid_log_prob(x, table, with_z=False)
+        assert z is None
+        torch.testing.assert_close(lp, want_lp, atol=1e-4, rtol=1e-5)
+        # one vector of one position: x.t() is contiguous already, and must still be copied
+        one = torch.randn(1, dim)
+        one_before = one.clone()
+        torch.testing.assert_close(flow.grid_log_prob(one, table[:1])[0], flow.log_prob(one, table[:1])[0],
+                                   atol=1e-4, rtol=1e-5)
+        assert torch.equal(one, one_before)
         # a training step changes the weights in place: the folded constants follow
         with torch.no_grad():
             flow.blocks[0].subnet[0].weight.mul_(1.5)

@@ -70,6 +70,25 @@ def test_cosine_reconstruction_loss_and_map():
     assert up.shape == (2, 4, 4) and torch.allclose(up - m, torch.full_like(m, 2.0), atol=1e-5)
 
 
+def test_cosine_map_equals_cosine_similarity_and_interpolate():
+    import torch.nn.functional as F
+
+    from osad_core.smoothing import resize_maps
+
+    g = torch.Generator().manual_seed(0)
+    f, r = torch.randn(3, 8, 5, 5, generator=g), torch.randn(3, 8, 5, 5, generator=g)
+    r[0, :, 2, 2] = 0  # a zero vector: the floored norm, as F.cosine_similarity floors it
+    want = F.interpolate(1 - F.cosine_similarity(f, r, dim=1)[:, None], size=(12, 12), mode="bilinear",
+                         align_corners=True)[:, 0]
+    torch.testing.assert_close(cosine_map([f], [r], 12), want, atol=1e-5, rtol=1e-5)
+    # the resize alone, up and down, square and not, both corner conventions
+    m = torch.randn(2, 6, 9, generator=g)
+    for size in (4, 9, 16, 64):
+        for ac in (False, True):
+            want = F.interpolate(m[:, None], size=(size, size), mode="bilinear", align_corners=ac)[:, 0]
+            torch.testing.assert_close(resize_maps(m, size, ac), want, atol=1e-5, rtol=1e-5)
+
+
 def test_topk_pixel_mean():
     m = torch.zeros(1, 4, 4)
     m[0, 0, :3] = torch.tensor([5.0, 3.0, 1.0])

@@ -33,6 +33,15 @@ def test_nearest_distance_and_leave_one_image_out():
     # query 1 belongs to image 9, which owns only the far row (10, 0): unchanged
     owners = (torch.tensor([7, 9]), torch.tensor([7, 8, 9]))
     torch.testing.assert_close(nearest_distance(q, mem, exclude=owners), torch.tensor([5.0, 1.0]))
+    # chunks that leave a short last one (the buffer is reused), against torch.cdist
+    g = torch.Generator().manual_seed(0)
+    q, mem = torch.randn(11, 5, generator=g), torch.randn(7, 5, generator=g)
+    want = torch.cdist(q, mem).min(1).values
+    for chunk in (1, 4, 11, 512):
+        torch.testing.assert_close(nearest_distance(q, mem, chunk=chunk), want, rtol=1e-5, atol=1e-5)
+    own_q, own_m = torch.arange(11) % 3, torch.arange(7) % 3
+    want = torch.cdist(q, mem).masked_fill(own_q[:, None] == own_m[None], float("inf")).min(1).values
+    torch.testing.assert_close(nearest_distance(q, mem, chunk=4, exclude=(own_q, own_m)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_deviation_loss_and_topk_mean():
@@ -161,6 +170,11 @@ def test_memory_topk_scores_the_mean_of_the_largest_patches_in_predict_and_expor
     with torch.no_grad():
         f = det._features(arr)
         knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), det.memory).view(len(arr), 8, 8)
+        # the memory's side of the search is kept per memory: a changed memory is searched as it is now
+        rhs = det._memory_rhs()
+        assert det._memory_rhs() is rhs
+        det.memory.mul_(1.0)
+        assert det._memory_rhs() is not rhs
         by_hand = knn.flatten(1).sort(1, descending=True).values[:, :16].mean(1)
         mean, std = det.calib["knn_img"]
         np.testing.assert_allclose(pred.scores, ((by_hand - mean) / std).numpy(), rtol=1e-5, atol=1e-5)

@@ -48,6 +48,7 @@ from torch import nn
 from .. import augment
 from ..backbones import multiscale_for
 from ..data import IMAGE_CACHE, DataError, ImageRecord, read_mask
+from ..smoothing import resize_maps
 from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction, register
 from .flows import ConditionalFlow, positional_encoding_2d
@@ -272,9 +273,10 @@ class BGAD(Detector):
         for i, (f, flow) in enumerate(zip(feats, self.flows)):
             B, C, h, w = f.shape
             x, table, rows = self._level_vectors(f)
-            logp, z = flow.grid_log_prob(x, table) if grid else flow.log_prob(x, (table, rows))
+            want_z = with_z and i == len(feats) - 1
+            logp, z = flow.grid_log_prob(x, table, with_z=want_z) if grid else flow.log_prob(x, (table, rows))
             out.append((logp / C).view(B, h, w))
-            if with_z and i == len(feats) - 1:
+            if want_z:
                 z_last = z.view(B, h * w, C).mean(1)
         return (out, z_last) if with_z else out
 
@@ -510,8 +512,7 @@ class BGAD(Detector):
         """A = L − Σ_l up(exp(ℓ_l − M_l)) (bilinear to ``size``), L = number of levels."""
         total = 0.0
         for ll, m in zip(lls, self.ll_max):
-            p = torch.exp(ll - m)[:, None]
-            total = total + F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+            total = total + resize_maps(torch.exp(ll - m), size)
         return len(lls) - total
 
     # ONNX export (osad_core.export) ---------------------------------------------------------
