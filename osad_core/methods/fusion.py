@@ -52,6 +52,17 @@ magnetic tile general 10 with seeds 0-2 (scripts/bench_fusion_variants.py, docs/
 all 9 (data, seed) pairs; the memory alone on HeadCT rose from 0.840 to 0.890 (one patch's
 distance is a noisy image score on CT slices). Maps are unchanged; the cost is a top-k in
 place of a max. ``memory_topk=0`` restores the former score.
+
+Head members (options, off by default): one head's training ends in one of two outcomes
+depending on its initialisation (on HeadCT general 10, 24 members scored about
+0.96-0.997 or 0.72-0.83, one 0.93); the weak ones score the held-out normals high and wide.
+``head_members`` trains that many heads side by side (one grouped MLP, the same batches) and
+``head_keep`` keeps the share whose d' = (labelled anomalies' mean − held-out normals' mean) /
+held-out normals' std is largest. 8 members with half kept, chosen on HeadCT general 10 and
+measured unchanged on ELPV and magnetic tile general 10 (docs/BENCHMARKS.md, "Fusion's
+settings"), raised HeadCT 10 from 0.956 to 0.981 and ELPV 10 from 0.899 to 0.906, at about
+four times the fit's time after the backbone (HeadCT, one thread). Model files from before hold
+one member and load as such.
 """
 from __future__ import annotations
 
