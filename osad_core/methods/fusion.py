@@ -60,9 +60,10 @@ depending on its initialisation (on HeadCT general 10, 24 members scored about
 ``head_keep`` keeps the share whose d' = (labelled anomalies' mean − held-out normals' mean) /
 held-out normals' std is largest. 8 members with half kept, chosen on HeadCT general 10 and
 measured unchanged on ELPV and magnetic tile general 10 (docs/BENCHMARKS.md, "Fusion's
-settings"), raised HeadCT 10 from 0.956 to 0.981 and ELPV 10 from 0.899 to 0.906, at about
-four times the fit's time after the backbone (HeadCT, one thread). Model files from before hold
-one member and load as such.
+settings"), raised HeadCT 10 from 0.956 to 0.981 and ELPV 10 from 0.899 to 0.906 but lowered
+magnetic tile 10 from 0.901 to 0.894 (pixel AUROC 0.747 to 0.736), at about four times the
+fit's time after the backbone (HeadCT, one thread): not the default. Model files from before
+hold one member and load as such.
 """
 from __future__ import annotations
 
