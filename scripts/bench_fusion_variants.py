@@ -72,10 +72,11 @@ fusion_module.multiscale_for = _cached_multiscale_for
 
 
 @torch.no_grad()
-def parts(det, arrays: np.ndarray, bs: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Raw image scores of the memory (largest nearest-patch distance) and of the head
-    (top-k mean), as Fusion computes them before the z-normalisation."""
-    mem, head = [], []
+def parts(det, arrays: np.ndarray, bs: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw image scores of the memory (top-k mean of the nearest-patch distances), of the head
+    (top-k mean of the members' mean map) and of each head member alone (N, members), as
+    Fusion computes them before the z-normalisation."""
+    mem, head, members = [], [], []
     for i in range(0, len(arrays), bs):
         f = det._features(arrays[i:i + bs])
         B, C, h, w = f.shape
@@ -83,8 +84,13 @@ def parts(det, arrays: np.ndarray, bs: int = 16) -> tuple[np.ndarray, np.ndarray
         mem.append(topk_mean(knn, det.config["memory_topk"]).cpu().numpy())
         if det.has_head:
             det.head.eval()
-            head.append(topk_mean(det.head(f), det.config["head_topk"]).cpu().numpy())
-    return np.concatenate(mem), (np.concatenate(head) if head else None)
+            each = det.head(f, each=True)
+            head.append(topk_mean(each.mean(1), det.config["head_topk"]).cpu().numpy())
+            members.append(torch.stack([topk_mean(each[:, k], det.config["head_topk"])
+                                        for k in range(each.shape[1])], 1).cpu().numpy())
+    if not head:
+        return np.concatenate(mem), None, None
+    return np.concatenate(mem), np.concatenate(head), np.concatenate(members)
 
 
 def z(x, moments):
@@ -99,6 +105,8 @@ def run_cell(ds, proto: Protocol, preset: str, overrides: dict, diagnose: bool) 
     t0 = time.monotonic()
     det.fit(split.train_normal, split.train_anomalies)
     out = {"seed": proto.seed, "known_class": proto.known_class, "fit_s_cached": round(time.monotonic() - t0, 1)}
+    if getattr(det, "member_separation", None):
+        out["member_separation"] = det.member_separation  # every member's d', before half were kept
     has_masks = any(r.mask_path for r in split.test if r.label == 1)
     if has_masks or not diagnose:
         pred = det.predict(split.test, batch_size=det.config["test_batch_size"])
@@ -108,7 +116,7 @@ def run_cell(ds, proto: Protocol, preset: str, overrides: dict, diagnose: bool) 
     if diagnose:
         arr, recs, _ = IMAGE_CACHE.load_many(split.test, det.config["image_size"])
         y = np.array([r.label for r in recs])
-        mem, head = parts(det, arr)
+        mem, head, members = parts(det, arr)
         cal, w = det.calib, float(det.config["head_weight"])
         fused = z(mem, cal["knn_img"]) if head is None else (1 - w) * z(mem, cal["knn_img"]) + w * z(
             head, cal["head_img"])
@@ -117,6 +125,8 @@ def run_cell(ds, proto: Protocol, preset: str, overrides: dict, diagnose: bool) 
         out["memory_auroc"] = float(roc_auc_score(y, mem))
         if head is not None:
             out["head_auroc"] = float(roc_auc_score(y, head))
+            if members.shape[1] > 1:
+                out["head_member_aurocs"] = [float(roc_auc_score(y, m)) for m in members.T]
             tn = y == 0  # diagnostic only: each part's scale from the test normals
             oracle = (1 - w) * z(mem, [mem[tn].mean(), mem[tn].std()]) + w * z(head, [head[tn].mean(), head[tn].std()])
             out["fused_auroc_test_moments"] = float(roc_auc_score(y, oracle))
@@ -170,9 +180,10 @@ def main() -> None:
             for name, over in variants:
                 r = run_cell(ds, Protocol(a.setting, a.shots, seed, kc), a.preset, over, name in diagnose)
                 results["variants"].setdefault(name, {"overrides": over, "runs": []})["runs"].append(r)
+                members = r.get("head_member_aurocs")
                 print(f"{name:14s} seed {seed} {kc or '-':8s} " + "  ".join(
-                    f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "fit_s_cached"),
-                    flush=True)
+                    f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "fit_s_cached")
+                    + (f"  members {' '.join(f'{x:.3f}' for x in members)}" if members else ""), flush=True)
                 Path(a.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.json).write_text(json.dumps(results, indent=2))
     if a.feature_cache and sum(len(s) for s in STORES.values()) > n_cached:

@@ -196,3 +196,41 @@ def test_a_model_file_from_before_memory_topk_keeps_the_largest_patch_score(fitt
     back.backbone_info = det.backbone_info  # as load_detector sets it from the file
     back.load_state(old)
     assert back.config["memory_topk"] == 0.0
+
+
+def test_head_members_keep_those_that_separate_held_out_normals(parts_root, tmp_path):
+    from osad_core.methods.fusion import PatchHead
+
+    # one member is the single MLP of before, parameter for parameter
+    one = PatchHead(12, 4, 1)
+    assert [tuple(p.shape) for p in one.state_dict().values()] == [(4, 12, 1, 1), (4,), (1, 4, 1, 1), (1,)]
+    # a subset scores as those members did inside the whole head
+    h, f = PatchHead(12, 4, 5), torch.randn(2, 12, 3, 3)
+    torch.testing.assert_close(h.subset([1, 3])(f, each=True), h(f, each=True)[:, [1, 3]])
+    torch.testing.assert_close(h(f), h(f, each=True).mean(1))
+
+    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
+    det = make_detector("fusion", "tiny", dict(TINY, head_members=4, head_keep=0.5))
+    det.fit(sp.train_normal, sp.train_anomalies)
+    d = det.member_separation
+    assert len(d) == 4 and det.head.members == 2
+    kept = sorted(np.argsort(d)[::-1][:2].tolist())
+    assert det.history and min(d[k] for k in kept) >= max(d[k] for k in range(4) if k not in kept)
+    pred = det.predict(sp.test)
+    assert roc_auc_score([r.label for r in pred.records], pred.scores) > 0.9
+    back = load_detector(det.save(tmp_path / "members.osad"), device="cpu")
+    assert back.head.members == 2 and back.config["head_members"] == 2
+    np.testing.assert_array_equal(back.predict(sp.test).scores, pred.scores)
+
+
+def test_a_model_file_from_before_head_members_loads_its_single_head(parts_root):
+    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
+    det = make_detector("fusion", "tiny", dict(TINY, head_members=1)).fit(sp.train_normal, sp.train_anomalies)
+    pred = det.predict(sp.test)
+    old = dict(det.state())  # one head's weights, as every file before the option held
+    back = make_detector("fusion", "tiny", dict(TINY, head_members=8))
+    back.backbone_info = det.backbone_info
+    back.load_state(old)
+    assert back.head.members == 1 and back.config["head_members"] == 1
+    back.fitted = True
+    np.testing.assert_array_equal(back.predict(sp.test).scores, pred.scores)
