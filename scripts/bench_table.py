@@ -12,6 +12,11 @@ is followed by its anomaly head's AUROC alone and the mean salient fraction of i
 anomalies (same runs); ``--heads`` adds a line for every head the runs recorded.
 
     python scripts/bench_table.py [--heads] PATH ...
+
+``--by-class`` prints the hard-setting rows instead as one column per seen class (image AUROC,
+then pixel AUROC / PRO where there are masks), with the mean over the classes each method ran.
+
+    python scripts/bench_table.py --by-class bench_results/mtile_hard
 """
 from __future__ import annotations
 
@@ -40,6 +45,17 @@ def per_seed_mean(rows: list[dict], key: str) -> list[float]:
     for r in rows:
         for seed, v in zip(r["seeds"], r[key]):
             by_seed.setdefault(seed, []).append(v)
+    return [float(np.mean(v)) for _, v in sorted(by_seed.items())]
+
+
+def per_seed_run_mean(rows: list[dict], key: str) -> list[float]:
+    """Like per_seed_mean for a metric of the runs (pixel AUROC, PRO): one value per seed, the
+    mean over the seen classes, so "±" stays a spread over seeds also in the hard setting."""
+    by_seed: dict[int, list[float]] = {}
+    for r in rows:
+        for run in r["_runs"]:
+            if key in run["metrics"]:
+                by_seed.setdefault(run["protocol"]["seed"], []).append(run["metrics"][key])
     return [float(np.mean(v)) for _, v in sorted(by_seed.items())]
 
 
@@ -118,8 +134,7 @@ def table(rows: list[dict], all_heads: bool = False) -> str:
         line = f"| {data} | {setting} | {shots} | {name} | {mean_std(per_seed)} | {classes} | "
         if pixel:
             for key in ("pixel_auroc", "pro_auc"):
-                line += mean_std([run["metrics"][key] for r in rs for run in r["_runs"] if key in run["metrics"]])
-                line += " | "
+                line += mean_std(per_seed_run_mean(rs, key)) + " | "
         seeds = " ".join(map(str, sorted({seed for r in rs for seed in r["seeds"]})))
         line += (f"{np.mean([r['train_s_mean'] for r in rs]):.0f} | {np.mean([r['images_per_s'] for r in rs]):.0f} | "
                  f"{seeds} |")
@@ -139,14 +154,47 @@ def table(rows: list[dict], all_heads: bool = False) -> str:
     return "\n".join(out)
 
 
+def by_class(rows: list[dict]) -> str:
+    """Hard setting, one column per seen class: per method a line of image AUROC and, where the
+    runs have masks, a line of pixel AUROC / PRO (each the mean over that class's seeds). "mean"
+    is over the classes the method ran (their number in brackets when some are missing)."""
+    rows = [r for r in rows if r["setting"] == "hard" and r["known_class"]]
+    classes = sorted({r["known_class"] for r in rows})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["data"], r["shots"], label(r)), []).append(r)
+    head = "| data | shots | method | " + " | ".join(classes) + " | mean | train s | seeds |"
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (data, shots, name), rs in sorted(groups.items()):
+        cls = {k: [r for r in rs if r["known_class"] == k] for k in classes}
+        ran = [k for k in classes if cls[k]]
+        note = f" ({len(ran)} of {len(classes)})" if len(ran) < len(classes) else ""
+        image = {k: float(np.mean([a for r in cls[k] for a in r["aurocs"]])) for k in ran}
+        seeds = " ".join(map(str, sorted({seed for r in rs for seed in r["seeds"]})))
+        train = np.mean([r["train_s_mean"] for r in rs])
+        out.append(f"| {data} | {shots} | {name} | " + " | ".join(f"{image[k]:.3f}" if k in image else "–"
+                                                                  for k in classes)
+                   + f" | {np.mean(list(image.values())):.3f}{note} | {train:.0f} | {seeds} |")
+        maps = {k: [float(np.mean([run["metrics"][key] for r in cls[k] for run in r["_runs"]]))
+                    for key in ("pixel_auroc", "pro_auc")]
+                for k in ran if all("pro_auc" in run["metrics"] for r in cls[k] for run in r["_runs"])
+                and any(r["_runs"] for r in cls[k])}
+        if maps:
+            mean = np.mean(list(maps.values()), axis=0)
+            out.append(f"| {data} | {shots} | {name}: pixel AUROC / PRO | "
+                       + " | ".join(f"{maps[k][0]:.3f} / {maps[k][1]:.3f}" if k in maps else "–" for k in classes)
+                       + f" | {mean[0]:.3f} / {mean[1]:.3f} | | {seeds} |")
+    return "\n".join(out)
+
+
 def main(args: list[str]) -> None:
-    paths = [a for a in args if a != "--heads"]
+    paths = [a for a in args if not a.startswith("--")]
     if not paths:
         sys.exit(__doc__)
     rows = load(paths)
     if not rows:
         sys.exit(f"no benchmark JSON in {' '.join(paths)}")
-    print(table(rows, all_heads="--heads" in args))
+    print(by_class(rows) if "--by-class" in args else table(rows, all_heads="--heads" in args))
 
 
 if __name__ == "__main__":

@@ -53,3 +53,37 @@ def test_hard_rows_split_by_class_and_seed_across_files_are_merged_per_class(tmp
              for k, s, a in (("mono", 0, 0.6), ("mono", 1, 0.8), ("poly", 0, 0.8), ("poly", 1, 1.0))]
     text = bench_table.table(bench_table.load(files))
     assert "| DRA | 0.800 ± 0.100 | mono 0.700 ± 0.100, poly 0.900 ± 0.100 |" in text
+
+
+def with_runs(r, *maps):
+    """A row with one run per seed carrying pixel AUROC and PRO."""
+    runs = [dict(method=r["method"], protocol=dict(seed=s, known_class=r["known_class"]),
+                 metrics=dict(pixel_auroc=p, pro_auc=q)) for s, (p, q) in zip(r["seeds"], maps)]
+    return r, runs
+
+
+def write_runs(path, r, runs):
+    path.write_text(json.dumps({"rows": [r], "runs": runs}))
+    return str(path)
+
+
+def test_hard_pixel_metrics_average_seen_classes_per_seed_before_the_spread(tmp_path):
+    files = [write_runs(tmp_path / f"{k}.json", *with_runs(row("bgad", [0], [a], k, "hard"), (p, q)))
+             for k, a, p, q in (("crack", 0.6, 0.6, 0.2), ("fray", 0.8, 0.8, 0.4))]
+    text = bench_table.table(bench_table.load(files))
+    # one seed: the spread over seeds is 0 although the two classes differ
+    assert "| BGAD | 0.700 ± 0.000 | crack 0.600 ± 0.000, fray 0.800 ± 0.000 | 0.700 ± 0.000 | 0.300 ± 0.000 |" in text
+
+
+def test_by_class_matrix_has_a_column_per_seen_class_and_marks_missing_ones(tmp_path):
+    files = [write_runs(tmp_path / f"b{k}.json", *with_runs(row("bgad", [0, 1], [a, a + 0.2], k, "hard"),
+                                                             (0.5, 0.1), (0.7, 0.3)))
+             for k, a in (("crack", 0.5), ("fray", 0.7))]
+    files.append(write(tmp_path / "d.json", row("dra", [0], [0.9], "fray", "hard")))
+    lines = bench_table.by_class(bench_table.load(files)).splitlines()
+    assert lines[0] == "| data | shots | method | crack | fray | mean | train s | seeds |"
+    assert "| elpv | 10 | BGAD | 0.600 | 0.800 | 0.700 | 100 | 0 1 |" in lines
+    assert "| elpv | 10 | BGAD: pixel AUROC / PRO | 0.600 / 0.200 | 0.600 / 0.200 | 0.600 / 0.200 | | 0 1 |" in lines
+    # DRA ran one of the two classes and has no maps: no second line
+    assert "| elpv | 10 | DRA | – | 0.900 | 0.900 (1 of 2) | 100 | 0 |" in lines
+    assert not any(x.startswith("| elpv | 10 | DRA: pixel") for x in lines)
