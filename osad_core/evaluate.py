@@ -108,6 +108,14 @@ TSNE_PCA_DIMS = 50
 # run spread to ±60 and took 27.4 CPU s with FFT against 8.3 s with Barnes-Hut; a compact
 # 5,000-point mixture took 16.9 s with FFT against 20.9 s (docs/BENCHMARKS.md).
 TSNE_FFT_FROM = 5000
+# Above this many embeddings the map is fitted on a fixed random sample of this size and
+# the others are placed into it (openTSNE's ``transform``): the fit's time and memory stop
+# growing with the project, and the Results page draws at most 10,000 points anyway
+# (docs/BENCHMARKS.md, "The job's t-SNE stage at 100,000 images").
+TSNE_FIT_MAX = 10_000
+TSNE_PLACE_CHUNK = 2_000  # embeddings placed per transform call: progress and cancel between chunks
+TSNE_REPORT_EVERY = 50  # optimisation steps of the fit between progress reports and cancel checks
+TSNE_STAGE = "t-SNE map"
 
 
 def _tsne_threads() -> int:
@@ -117,7 +125,15 @@ def _tsne_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
+def tsne_fit_sample(n: int, seed: int = 0) -> np.ndarray | None:
+    """Sorted indices of the embeddings the map is fitted on when there are more than
+    ``TSNE_FIT_MAX`` (a fixed sample for ``seed``); None when all are fitted."""
+    if n <= TSNE_FIT_MAX:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, TSNE_FIT_MAX, replace=False))
+
+
+def tsne_2d(embeddings: np.ndarray, seed: int = 0, callbacks=None) -> np.ndarray | None:
     """2-D t-SNE of the embeddings; None for fewer than 5 points.
 
     openTSNE (Poličar et al.): Barnes-Hut gradients below 5,000 points, FFT-interpolated
@@ -125,26 +141,90 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0) -> np.ndarray | None:
     dimensions as its authors advise; 10,000 embeddings take 24–27 CPU seconds
     (``scripts/bench_ui_speed.py``). Same perplexity and PCA start as the scikit-learn
     t-SNE used before, which stays the fallback where openTSNE is missing; on the digits
-    set both give the same neighbourhoods (10-NN accuracy 0.978 vs 0.977)."""
+    set both give the same neighbourhoods (10-NN accuracy 0.978 vs 0.977).
+
+    Above ``TSNE_FIT_MAX`` embeddings the map (and the PCA) is fitted on a sample of that
+    size drawn with ``seed``, and every other embedding is placed into the fitted map with
+    openTSNE's ``TSNEEmbedding.transform`` at its documented defaults (perplexity 5 over
+    the fitted points only, each new point placed independently of the other new ones,
+    250 steps from the median of its 25 nearest fitted points), ``TSNE_PLACE_CHUNK`` at a
+    time. Every embedding gets coordinates, in input order.
+
+    ``callbacks`` (a :class:`osad_core.train.Callbacks`): the stage ``TSNE_STAGE`` is begun
+    here and reports the fit's optimisation steps, then the embeddings placed
+    ("40,000/100,000"), and ``check_cancel`` is asked every ``TSNE_REPORT_EVERY`` steps
+    of the fit and after every chunk placed."""
     n = len(embeddings)
+    cb = callbacks
     if n < 5:
+        if cb is not None:
+            cb.begin(TSNE_STAGE, 0, message="too few embeddings for a map")
         return None
     x = np.asarray(embeddings, np.float32)
-    perplexity = float(min(30.0, max(2.0, (n - 1) / 3)))
-    if x.shape[1] > TSNE_PCA_DIMS and n > TSNE_PCA_DIMS:
+    sample = tsne_fit_sample(n, seed)
+    n_fit = n if sample is None else len(sample)
+    perplexity = float(min(30.0, max(2.0, (n_fit - 1) / 3)))
+    if x.shape[1] > TSNE_PCA_DIMS and n_fit > TSNE_PCA_DIMS:
         from sklearn.decomposition import PCA
 
-        x = PCA(TSNE_PCA_DIMS, random_state=seed).fit_transform(x)
+        pca = PCA(TSNE_PCA_DIMS, random_state=seed)
+        x = pca.fit_transform(x) if sample is None else pca.fit(x[sample]).transform(x)
     init = "pca" if x.shape[1] >= 2 else "random"
     try:
         from openTSNE import TSNE as OpenTSNE
     except ImportError:
         from sklearn.manifold import TSNE
 
+        if cb is not None:
+            cb.begin(TSNE_STAGE, 0, message=f"{n:,} embeddings (scikit-learn)")
         return TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed).fit_transform(x)
-    emb = OpenTSNE(perplexity=perplexity, initialization=init, n_jobs=_tsne_threads(), random_state=seed,
-                   negative_gradient_method="fft" if n >= TSNE_FFT_FROM else "bh").fit(x.astype(np.float64))
-    return np.asarray(emb, dtype=np.float32)
+    steps = 750  # openTSNE's default fit: 250 early-exaggeration steps, then 500
+    fit_x = x if sample is None else x[sample]
+    # the whole stage counts optimisation steps when every embedding is fitted; with a
+    # sample it counts the embeddings with coordinates, so the fit's steps go in the message
+    # (the bar never runs backwards, and the ETA is the placing's own)
+    what = (f"optimisation steps of the map of {n:,} embeddings" if sample is None else
+            f"fitting the map on a fixed sample of {n_fit:,} of {n:,} embeddings")
+    done = [0]
+
+    def fit_step(iteration, error, embedding):
+        done[0] = min(steps, done[0] + TSNE_REPORT_EVERY)
+        cb.check_cancel()
+        if sample is None:
+            cb.advance(done[0], message=what)
+        else:
+            cb.advance(0, message=f"{what} · step {done[0]:,} of {steps:,}")
+
+    tsne = OpenTSNE(perplexity=perplexity, initialization=init, n_jobs=_tsne_threads(), random_state=seed,
+                    negative_gradient_method="fft" if n_fit >= TSNE_FFT_FROM else "bh",
+                    early_exaggeration_iter=250, n_iter=500,
+                    callbacks=None if cb is None else [fit_step], callbacks_every_iters=TSNE_REPORT_EVERY)
+    if cb is not None:
+        cb.begin(TSNE_STAGE, steps if sample is None else 0, message=what)
+    emb = tsne.fit(fit_x.astype(np.float64))
+    emb.gradient_descent_params["callbacks"] = None  # the placing below reports for itself
+    if sample is None:
+        if cb is not None:
+            cb.advance(steps, force=True, message=what)
+        return np.asarray(emb, dtype=np.float32)
+
+    rest = np.setdiff1d(np.arange(n), sample, assume_unique=True)
+    placed = np.empty((len(rest), 2), np.float32)
+    what = f"placing the other {len(rest):,} embeddings into the map"
+    if cb is not None:
+        cb.begin(TSNE_STAGE, n, done=n_fit, message=what)
+    for i in range(0, len(rest), TSNE_PLACE_CHUNK):
+        part = rest[i:i + TSNE_PLACE_CHUNK]
+        # transform centres the fitted map in place (a no-op after the first chunk), so the
+        # fitted points' coordinates are read after the last chunk
+        placed[i:i + len(part)] = np.asarray(emb.transform(x[part].astype(np.float64)), dtype=np.float32)
+        if cb is not None:
+            cb.check_cancel()
+            cb.advance(n_fit + i + len(part), force=i + len(part) == len(rest), message=what)
+    out = np.empty((n, 2), np.float32)
+    out[sample] = np.asarray(emb, dtype=np.float32)
+    out[rest] = placed
+    return out
 
 
 def evaluate_prediction(records: list[ImageRecord], scores, maps, seen_types: list[str],

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .data import Dataset
-from .evaluate import best_f1_threshold, curves, evaluate_prediction, tsne_2d
+from .evaluate import TSNE_STAGE, best_f1_threshold, curves, evaluate_prediction, tsne_2d
 from .evaluate import metric_detail as _metric_detail
 from .methods.base import Detector, Prediction, make_detector
 from .operating_point import (DEFAULT_CALIBRATION_FRACTION, DEFAULT_TARGET_FRR, OperatingPoint,
@@ -81,7 +81,7 @@ class RunResult:
 # and the t-SNE map.
 TRAINING_SHARE = 0.6
 RESULT_STAGES = [("Scoring", 0.15)]
-REST_STAGES = [("Scoring other images", 0.15), ("t-SNE map", 0.05)]
+REST_STAGES = [("Scoring other images", 0.15), (TSNE_STAGE, 0.05)]
 
 
 def job_plan(det: Detector, saving: bool = False) -> list[tuple[str, float]]:
@@ -197,8 +197,9 @@ def train_and_score(
 def score_rest(res: RunResult, callbacks: Callbacks | None = None, with_tsne: bool = True,
                score_train: bool = True, score_also: list | None = None) -> RunResult:
     """Scores, maps and embeddings of the training images (``score_train``) and of
-    ``score_also`` (e.g. unlabelled images), then the t-SNE map of every embedding.
-    Fills ``res`` in place and returns it."""
+    ``score_also`` (e.g. unlabelled images), then the t-SNE map of every embedding (above
+    ``evaluate.TSNE_FIT_MAX`` fitted on a fixed sample, the others placed into it; every
+    embedding gets coordinates). Fills ``res`` in place and returns it."""
     det, split, cb = res.detector, res.split, callbacks or Callbacks()
     bs = det.config.get("test_batch_size", 32)
     cb.begin("Scoring other images", (len(split.train) if score_train else 0) + len(score_also or ()))
@@ -220,9 +221,8 @@ def score_rest(res: RunResult, callbacks: Callbacks | None = None, with_tsne: bo
             embs = np.concatenate([embs, res.extra_prediction.embeddings])
     res.tsne_records, res.tsne_embeddings = emb_recs, embs
     if with_tsne:
-        cb.begin("t-SNE map", 1, message=f"{len(embs):,} embeddings")
-        res.tsne = tsne_2d(embs, seed=split.protocol.seed)
-        cb.advance(1, force=True)
+        # the stage reports its own steps (the fit, then the embeddings placed into it)
+        res.tsne = tsne_2d(embs, seed=split.protocol.seed, callbacks=cb)
     return res
 
 

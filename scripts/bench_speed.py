@@ -14,7 +14,9 @@ Independent parts (``--part``, repeatable; default all):
 * ``train``: training throughput (backbone image-equivalents per second during ``fit``,
   at the method's resolution) against the bare backbone's forward + backward rate at
   the method's training batch size, per method.
-* ``tsne``: the t-SNE map of 1k / 5k / 10k embeddings (``scripts/bench_ui_speed.py``).
+* ``tsne``: the t-SNE map of 1k / 5k / 10k embeddings, and the job's t-SNE stage at 10k /
+  20k / 50k / 100k embeddings before and after its cap (fitted on every embedding against a
+  fixed sample with the others placed into it; seconds, peak memory; ``scripts/bench_ui_speed.py``).
 * ``paint``: a cold app's first paint in headless Chromium (``scripts/bench_ui_speed.py``).
 * ``scale``: 1k / 10k / 100k-image projects: import, Label queries, Projects counts,
   scoring, database size and peak memory (``scripts/bench_scale.py``; add PostgreSQL
@@ -299,7 +301,10 @@ def _script(name: str, *args: str) -> list[dict]:
 
 
 def part_tsne(a) -> list[dict]:
-    return _script("bench_ui_speed.py", "--only", "tsne", "--sizes", *(["1000"] if a.short else ["1000", "5000", "10000"]))
+    sizes = ["1000"] if a.short else ["1000", "5000", "10000"]
+    out = _script("bench_ui_speed.py", "--only", "tsne", "--sizes", *sizes)
+    job = ["12000"] if a.short else ["10000", "20000", "50000", "100000"]
+    return out + _script("bench_ui_speed.py", "--only", "tsne-job", "--job-sizes", *job)
 
 
 def part_paint(a) -> list[dict]:

@@ -88,3 +88,5 @@ def test_a_run_plans_training_scoring_the_rest_and_the_map(mvtec_dir):
     rest = [p for p in seen if p.stage == "Scoring other images"][-1]
     assert rest.step == rest.total == len(res.split.train)
     assert res.tsne is not None and len(res.tsne) == len(res.tsne_records)
+    tsne = [p for p in seen if p.stage == "t-SNE map"]  # the map counts its optimisation steps
+    assert tsne[-1].step == tsne[-1].total == 750 and tsne[-1].fraction == 1.0
