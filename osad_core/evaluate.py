@@ -202,12 +202,12 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0, callbacks=None) -> np.ndarray
     if cb is not None:
         cb.begin(TSNE_STAGE, steps if sample is None else 0, message=what)
     emb = tsne.fit(fit_x.astype(np.float64))
-    emb.gradient_descent_params["callbacks"] = None  # the placing below reports for itself
     if sample is None:
         if cb is not None:
             cb.advance(steps, force=True, message=what)
         return np.asarray(emb, dtype=np.float32)
 
+    emb.gradient_descent_params["callbacks"] = None  # transform inherits them; the placing reports for itself
     rest = np.setdiff1d(np.arange(n), sample, assume_unique=True)
     placed = np.empty((len(rest), 2), np.float32)
     what = f"placing the other {len(rest):,} embeddings into the map"

@@ -8,6 +8,8 @@ repeated, d c b a | a b c d | d c b a) as two 1-D convolutions.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -45,9 +47,12 @@ def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> to
     return x[:, 0]
 
 
+@lru_cache(maxsize=64)
 def bilinear_matrix(n_in: int, n_out: int, align_corners: bool = False) -> np.ndarray:
     """(n_out, n_in) weights of PyTorch's 1-D bilinear resize (``F.interpolate``, no
-    antialiasing): each output sample mixes the two inputs around its source coordinate."""
+    antialiasing): each output sample mixes the two inputs around its source coordinate.
+    Cached: scoring resizes every batch's maps between the same sizes (callers must not
+    modify the array)."""
     dst = np.arange(n_out, dtype=np.float64)
     if align_corners:
         src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)

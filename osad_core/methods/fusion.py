@@ -484,10 +484,9 @@ class Fusion(Detector):
         """The memory's side of the search, once per memory (fits and loads replace the
         tensor; kept out of the state)."""
         key = (self.memory.data_ptr(), tuple(self.memory.shape), self.memory._version)
-        cached = self.__dict__.get("_rhs")
+        cached = getattr(self, "_rhs", None)
         if cached is None or cached[0] != key:
-            cached = (key, memory_rhs(self.memory))
-            self.__dict__["_rhs"] = cached
+            cached = self._rhs = (key, memory_rhs(self.memory))
         return cached[1]
 
     def predict_arrays(self, images: np.ndarray, batch_size: int = 16) -> Prediction:
