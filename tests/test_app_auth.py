@@ -174,7 +174,7 @@ def test_labeller_labels_and_trains_under_their_name_but_cannot_delete_or_import
 
     at = as_user("lea", "label")
     image_id = q_first_image(seeded.project_id)
-    at.checkbox(key=f"sel_{image_id}").check().run()
+    at.checkbox(key=f"tick_0_{image_id}").check().run()
     at.button(key="bulk_normal").click().run()
     ok(at)
     with session_scope() as s:

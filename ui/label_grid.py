@@ -2,8 +2,14 @@
 one card per image and the pager.
 
 The selection lives in ``st.session_state["selected"]`` (image ids) and in each card's
-checkbox ``sel_<id>``; ``ticks`` remembers the last ticked images, whose positions on the
-page bound a range.
+checkbox ``tick_<generation>_<id>`` (inside a container ``sel_<id>``, the browser's handle);
+``ticks`` remembers the last ticked images, whose positions on the page bound a range.
+
+A change made by the app (Clear, Select page, a range, a label applied) starts a new
+generation of checkbox keys instead of setting the old boxes: on a busy server a click can
+reach the app before the browser has redrawn the boxes, and the browser then sends the old
+boxes' stale values back, which would bring a cleared tick back (or drop a new one).
+Boxes of an old generation are ignored.
 """
 from __future__ import annotations
 
@@ -33,18 +39,32 @@ def selected() -> set[int]:
     return st.session_state.setdefault("selected", set())
 
 
+def box_key(image_id: int) -> str:
+    """The key of an image's checkbox in the current generation."""
+    return f"tick_{st.session_state.get('tick_gen', 0)}_{image_id}"
+
+
+def box_image(key: str) -> int:
+    """The image id of a checkbox key (``tick_<generation>_<id>``)."""
+    return int(key.rsplit("_", 1)[1])
+
+
+def _new_box_generation() -> None:
+    old = f"tick_{st.session_state.get('tick_gen', 0)}_"
+    st.session_state["tick_gen"] = st.session_state.get("tick_gen", 0) + 1
+    for k in [k for k in st.session_state if isinstance(k, str) and k.startswith(old)]:
+        del st.session_state[k]
+
+
 def clear_selection() -> None:
     selected().clear()
     st.session_state.pop("ticks", None)
-    for k in [k for k in st.session_state if isinstance(k, str) and k.startswith("sel_") and k[4:].isdigit()]:
-        st.session_state[k] = False
+    _new_box_generation()
 
 
 def select_ids(ids: list[int]) -> None:
-    sel = selected()
-    sel.update(ids)
-    for i in ids:
-        st.session_state[f"sel_{i}"] = True
+    selected().update(ids)
+    _new_box_generation()
 
 
 def _remember_tick(image_id: int) -> None:
@@ -52,8 +72,10 @@ def _remember_tick(image_id: int) -> None:
     ticks[:] = ([i for i in ticks if i != image_id] + [image_id])[-2:]  # the last two ticked images bound a range
 
 
-def toggle(image_id: int) -> None:
-    if st.session_state.get(f"sel_{image_id}"):
+def toggle(image_id: int, key: str) -> None:
+    if key != box_key(image_id):
+        return  # a stale box of an earlier generation (see the module's docstring)
+    if st.session_state.get(key):
         selected().add(image_id)
         _remember_tick(image_id)
     else:
@@ -138,10 +160,11 @@ def card(im, score, idx: int, rng: tuple[float, float] | None, threshold: float 
         c1, c2 = st.columns([4, 1], vertical_alignment="center")
         name = im.rel_path.split("/")[-1]
         if labelling:
-            ck = f"sel_{im.id}"
+            ck = box_key(im.id)
             if ck not in st.session_state:
                 st.session_state[ck] = sel
-            c1.checkbox(name, key=ck, on_change=toggle, args=(im.id,))
+            with c1.container(key=f"sel_{im.id}"):
+                st.checkbox(name, key=ck, on_change=toggle, args=(im.id, ck))
         else:
             c1.caption(name)
         c2.button("", icon=":material/zoom_in:", key=f"zoom_{im.id}", on_click=_open, args=(idx,), help="Large view",
