@@ -61,12 +61,19 @@ def _settle(page) -> None:
         pass
 
 
+def _box(page, image_id: int, part: str = "input"):
+    """An image's checkbox (``part``: its input or label). While the app reruns after it
+    changed the selection, the card also holds the previous checkbox, hidden (Streamlit keeps
+    a replaced element until the run ends): only the visible one counts."""
+    return page.locator(f".st-key-sel_{image_id} {part}:visible")
+
+
 def _tick(page, expect, image_id: int) -> None:
     """Tick an image's checkbox in the grid, retrying a click lost to a rerun."""
-    box = page.locator(f".st-key-sel_{image_id} input")
+    box = _box(page, image_id)
     for _ in range(3):
         _settle(page)
-        page.locator(f".st-key-sel_{image_id} label").click()
+        _box(page, image_id, "label").click()
         try:
             expect(box).to_be_checked(timeout=15_000)
             return
@@ -84,7 +91,7 @@ def _tick_until(page, expect, image_id: int, text: str) -> None:
             expect(page.get_by_text(text)).to_be_visible(timeout=20_000)
             return
         except AssertionError:
-            page.locator(f".st-key-sel_{image_id} label").click()
+            _box(page, image_id, "label").click()
     _tick(page, expect, image_id)  # the last try ends ticked, with the full timeout
     expect(page.get_by_text(text)).to_be_visible()
 
@@ -242,11 +249,11 @@ def _flow(page, expect, url, tmp_path, parts, shot, nav) -> None:
                 page.locator('[class*="st-key-sel_"]').evaluate_all("els => els.map(e => e.className)")[:8]]
     _tick_until(page, expect, page_ids[1], "1 selected")
     _settle(page)
-    page.locator(f".st-key-sel_{page_ids[5]} label").click(modifiers=["Shift"])
+    _box(page, page_ids[5], "label").click(modifiers=["Shift"])
     expect(page.get_by_text("5 selected")).to_be_visible()
     # the count is drawn before the grid in the same run: wait for each box, do not sample once
     for i, want in zip(page_ids[:7], [False] + [True] * 5 + [False]):
-        box = expect(page.locator(f".st-key-sel_{i} input"))
+        box = expect(_box(page, i))
         box.to_be_checked() if want else box.not_to_be_checked()
     shot("03b_label_shift_click")
     page.get_by_role("button", name="Clear").click()
