@@ -36,6 +36,7 @@ import argparse
 import copy
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -127,6 +128,9 @@ def press(method: str, preset: str, limit: int | None, threads: int | None) -> d
         time.sleep(0.25)
     job_end = time.time() - t0
     worker.wait(timeout=60)
+    # the largest resident set of this process's waited-for descendants (worker, job process):
+    # the press's own peak when a bench process runs one press
+    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     with session_scope() as s:
         metrics = q.run_metrics(s, run_id)
         n_rows = len(q.run_scores(s, run_id))
@@ -136,7 +140,8 @@ def press(method: str, preset: str, limit: int | None, threads: int | None) -> d
         n_images = len(q.get_images(s, pid))
     return {"method": method, "preset": preset, "images": n_images, "status": status, "error": error,
             "results_s": results_at, "job_s": job_end, "stages": spans, "image_auroc": metrics.get("image_auroc"),
-            "rows": n_rows, "data_dir": data}
+            "rows": n_rows, "data_dir": data, "peak_rss_mib": peak_mib,
+            "malloc_tune": os.environ.get("OSAD_MALLOC_TUNE", "1") != "0"}
 
 
 def part_press(a) -> list[dict]:
@@ -147,7 +152,8 @@ def part_press(a) -> list[dict]:
         out.append(r)
         print(f"  {r['images']:,} images · results after {r['results_s']:.1f} s · job done after {r['job_s']:.1f} s"
               f" ({r['status']}{': ' + r['error'] if r['error'] else ''}) · AUROC {r['image_auroc']:.4f} · "
-              f"{r['rows']:,} scored images stored")
+              f"{r['rows']:,} scored images stored · peak RSS of the worker processes so far "
+              f"{r['peak_rss_mib']:,.0f} MiB (allocator tuned: {'yes' if r['malloc_tune'] else 'no'})")
         for name, span in r["stages"].items():
             print(f"    {name:24s} {span:7.1f} s")
     return out

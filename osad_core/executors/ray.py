@@ -126,8 +126,10 @@ def wants_gpu(payload: dict) -> bool:
 def _run_job_task(job_id: int, worker_id: str) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     machine_settings()
+    from ..allocator import tune
     from ..worker import run_job_process
 
+    tune()  # the task runs in a process of its own (max_calls=1), like a local job process
     return run_job_process(job_id, worker_id)
 
 
