@@ -221,6 +221,10 @@ def test_head_members_keep_those_that_separate_held_out_normals(parts_root, tmp_
     back = load_detector(det.save(tmp_path / "members.osad"), device="cpu")
     assert back.head.members == 2 and back.config["head_members"] == 2
     np.testing.assert_array_equal(back.predict(sp.test).scores, pred.scores)
+    # every member kept: the separations are still recorded (a diagnostic), the head is whole
+    all4 = make_detector("fusion", "tiny", dict(TINY, head_members=4, head_keep=1.0))
+    all4.fit(sp.train_normal, sp.train_anomalies)
+    assert all4.head.members == 4 and all4.member_separation == d  # same seed: the same members
 
 
 def test_a_model_file_from_before_head_members_loads_its_single_head(parts_root):

@@ -444,10 +444,11 @@ class Fusion(Detector):
         """Keep the ``head_keep`` share of the members whose image scores best separate the
         held-out normals ``cal`` (which no member trained on) from the labelled anomalies:
         d' = (anomalies' mean − held-out normals' mean) / held-out normals' std. Members that
-        fitted the anomalies by a cue normal images share score held-out normals high."""
+        fitted the anomalies by a cue normal images share score held-out normals high.
+        Every member's d' is kept as ``member_separation`` (also when all are kept)."""
         K = self.head.members
         keep = max(1, int(round(float(self.config["head_keep"]) * K)))
-        if keep >= K:
+        if K == 1:
             return
         self.head.eval()
         k = self.config["head_topk"]
@@ -458,8 +459,9 @@ class Fusion(Detector):
 
         sc, sa = scores(cal), scores(anom_feats)
         d = (sa.mean(0) - sc.mean(0)) / sc.std(0, unbiased=False).clamp_min(1e-6)
-        self.member_separation = [round(float(v), 3) for v in d]
-        self.head = self.head.subset(sorted(d.argsort(descending=True)[:keep].tolist()))
+        self.member_separation = [round(float(v), 3) for v in d]  # every member's, kept or not
+        if keep < K:
+            self.head = self.head.subset(sorted(d.argsort(descending=True)[:keep].tolist()))
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
