@@ -47,11 +47,12 @@ class CachedExtractor(nn.Module):
         super().__init__()
         self.inner, self.store = inner, store
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, **kw) -> list[torch.Tensor]:
+        # the layout (channels_last) changes no value: the same stored outputs serve either
         keys = [hashlib.blake2b(x[i].cpu().numpy().tobytes(), digest_size=16).digest() for i in range(len(x))]
         miss = [i for i, k in enumerate(keys) if k not in self.store]
         if miss:
-            out = self.inner(x[miss])
+            out = self.inner(x[miss], **kw)
             for j, i in enumerate(miss):
                 self.store[keys[i]] = [o[j].clone() for o in out]
         levels = len(self.store[keys[0]])

@@ -87,6 +87,8 @@ def test_fusion_scores_and_maps_find_the_defects(fitted):
     assert pred.maps.shape == (n, 32, 32) and pred.scores.shape == (n,)
     assert pred.embeddings.shape == (n, 152)  # EfficientNet-Lite0 levels 2 + 3: 40 + 112 channels
     assert det.has_head and 0 < det.memory.shape[0] <= det.config["memory_max"]
+    # the default head: 8 members trained, the 4 that best separate the held-out normals kept
+    assert len(det.member_separation) == 8 and det.head.members == 4
 
 
 def test_fusion_round_trips_through_a_model_file(fitted, tmp_path):
@@ -219,18 +221,23 @@ def test_head_members_keep_those_that_separate_held_out_normals(parts_root, tmp_
     pred = det.predict(sp.test)
     assert roc_auc_score([r.label for r in pred.records], pred.scores) > 0.9
     back = load_detector(det.save(tmp_path / "members.osad"), device="cpu")
-    assert back.head.members == 2 and back.config["head_members"] == 2
+    assert back.head.members == 2 and (back.config["head_members"], back.config["head_keep"]) == (4, 0.5)
     np.testing.assert_array_equal(back.predict(sp.test).scores, pred.scores)
+    # every member kept: the separations are still recorded (a diagnostic), the head is whole
+    all4 = make_detector("fusion", "tiny", dict(TINY, head_members=4, head_keep=1.0))
+    all4.fit(sp.train_normal, sp.train_anomalies)
+    assert all4.head.members == 4 and all4.member_separation == d  # same seed: the same members
 
 
-def test_a_model_file_from_before_head_members_loads_its_single_head(parts_root):
+def test_a_model_file_from_before_head_members_loads_its_single_head(parts_root, tmp_path):
     sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
     det = make_detector("fusion", "tiny", dict(TINY, head_members=1)).fit(sp.train_normal, sp.train_anomalies)
     pred = det.predict(sp.test)
-    old = dict(det.state())  # one head's weights, as every file before the option held
-    back = make_detector("fusion", "tiny", dict(TINY, head_members=8))
-    back.backbone_info = det.backbone_info
-    back.load_state(old)
-    assert back.head.members == 1 and back.config["head_members"] == 1
-    back.fitted = True
-    np.testing.assert_array_equal(back.predict(sp.test).scores, pred.scores)
+    # a file written before the options existed: one head's weights, no head_members / head_keep
+    # in its stored config (loading fills them from today's defaults, 8 and 0.5)
+    del det.config["head_members"], det.config["head_keep"]
+    back = load_detector(det.save(tmp_path / "before.osad"), device="cpu")
+    assert back.head.members == 1 and (back.config["head_members"], back.config["head_keep"]) == (1, 1.0)
+    again = back.predict(sp.test)
+    np.testing.assert_array_equal(again.scores, pred.scores)
+    np.testing.assert_array_equal(again.maps, pred.maps)
