@@ -3,8 +3,9 @@
 By default glibc hands every allocation above a threshold (128 KiB, rising with use up to
 32 MiB) to fresh ``mmap`` pages and gives them back to the kernel on ``free``. A scoring
 batch allocates and frees feature maps of tens of MiB every batch, so each batch pays the
-kernel again for zeroed pages (a third of Fusion's scoring time went to system time on the
-2-core benchmark machine, ``docs/BENCHMARKS.md``). Serving them from the heap and keeping
+kernel again for zeroed pages (on the 2-core benchmark machine, 51 of a HeadCT Fusion run's
+116 CPU seconds went to the kernel; ``docs/BENCHMARKS.md``, "glibc's allocator in job
+processes"). Serving them from the heap and keeping
 freed memory for reuse removes that cost at the price of a larger resident set while the
 job runs (about 15 % at the measured peak). Only job and command-line processes call
 this; the app's own long-running process keeps glibc's defaults.

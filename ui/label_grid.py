@@ -39,9 +39,13 @@ def selected() -> set[int]:
     return st.session_state.setdefault("selected", set())
 
 
+def _generation() -> int:
+    return st.session_state.get("tick_gen", 0)
+
+
 def box_key(image_id: int) -> str:
     """The key of an image's checkbox in the current generation."""
-    return f"tick_{st.session_state.get('tick_gen', 0)}_{image_id}"
+    return f"tick_{_generation()}_{image_id}"
 
 
 def box_image(key: str) -> int:
@@ -50,8 +54,8 @@ def box_image(key: str) -> int:
 
 
 def _new_box_generation() -> None:
-    old = f"tick_{st.session_state.get('tick_gen', 0)}_"
-    st.session_state["tick_gen"] = st.session_state.get("tick_gen", 0) + 1
+    old = f"tick_{_generation()}_"
+    st.session_state["tick_gen"] = _generation() + 1
     for k in [k for k in st.session_state if isinstance(k, str) and k.startswith(old)]:
         del st.session_state[k]
 
