@@ -87,3 +87,31 @@ def test_by_class_matrix_has_a_column_per_seen_class_and_marks_missing_ones(tmp_
     # DRA ran one of the two classes and has no maps: no second line
     assert "| elpv | 10 | DRA | – | 0.900 | 0.900 (1 of 2) | 100 | 0 |" in lines
     assert not any(x.startswith("| elpv | 10 | DRA: pixel") for x in lines)
+
+
+overview_spec = importlib.util.spec_from_file_location("bench_overview",
+                                                       Path(__file__).parents[1] / "scripts/bench_overview.py")
+bench_overview = importlib.util.module_from_spec(overview_spec)
+overview_spec.loader.exec_module(bench_overview)
+
+
+def test_overview_keeps_only_seeds_that_ran_every_seen_class(tmp_path):
+    files = [write(tmp_path / f"{k}{s}.json", row("dra", [s], [a], k, "hard"))
+             for k, s, a in (("mono", 0, 0.6), ("poly", 0, 0.8), ("mono", 1, 0.4))]
+    runs = bench_overview.runs_of(tmp_path, "*.json", {"method": "dra"})
+    mean, std, seeds = bench_overview.summary(runs, "auroc")
+    # seed 1 has mono only: its 0.4 must not count as a seed's mean over both classes
+    assert seeds == [0] and mean == pytest.approx(0.7) and std == 0
+    assert bench_overview.fmt((mean, std, seeds)) == "0.700 (seed 0)"
+
+
+def test_overview_reads_one_variant_of_fusion_variant_files(tmp_path):
+    run = dict(known_class=None, image_auroc=0.9, fit_s_cached=10.0, pixel_auroc=0.8, pro_auc=0.6)
+    (tmp_path / "v.json").write_text(json.dumps({"variants": {
+        "base": {"overrides": {"head_members": 1}, "runs": [dict(run, seed=0, image_auroc=0.1)]},
+        "keep8": {"overrides": {"head_members": 8, "head_keep": 0.5},
+                  "runs": [dict(run, seed=s, image_auroc=a) for s, a in ((0, 0.9), (1, 0.8), (2, 0.7))]}}}))
+    runs = bench_overview.runs_of(tmp_path, "v.json", {"variant": bench_overview.FUSION_DEFAULT})
+    mean, std, seeds = bench_overview.summary(runs, "auroc")
+    assert seeds == [0, 1, 2] and mean == pytest.approx(0.8)
+    assert bench_overview.summary(runs, "pro")[0] == pytest.approx(0.6)
