@@ -325,11 +325,11 @@ class SaliencyCut(DRAFamilyDetector):
 
     def _layout_plans(self) -> list[LayoutPlan | None]:
         """Each scale's :class:`LayoutPlan`, built once for the current ``scales``."""
-        cached = self.__dict__.get("_plans")
-        if cached is None or cached[0] is not self.scales:
+        cached = getattr(self, "_plans", None)
+        if cached is None or cached[0] is not self.scales:  # fit and load assign a new list
             cached = (self.scales, [None if sc["layouts"] is None else
                                     LayoutPlan.build(sc["side"], sc["block"], sc["layouts"]) for sc in self.scales])
-            self.__dict__["_plans"] = cached
+            self._plans = cached
         return cached[1]
 
     def forward(self, x, train):
