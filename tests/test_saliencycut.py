@@ -134,11 +134,12 @@ def _one_conv_per_layout(head, f, lays, b, s):
     return a, acc / cnt.clamp_min(1)
 
 
-@pytest.mark.parametrize("s, kind", [(5, "blocks"), (3, "blocks"), (2, "blocks"), (9, "residuals")])
-def test_layout_plan_scores_every_layout_as_one_convolution_per_layout_does(s, kind):
+@pytest.mark.parametrize("s, offsets, kind", [(5, "free", "blocks"), (3, "free", "blocks"), (2, "free", "blocks"),
+                                              (9, "free", "residuals"), (7, "diagonal", "blocks")])
+def test_layout_plan_scores_every_layout_as_one_convolution_per_layout_does(s, offsets, kind):
     """Quick's 5x5 and 3x3 maps (and tiny's 2x2) convolve their 9 and 4 distinct blocks
     instead of 16 residuals; a 9x9 map (more distinct blocks than layouts) convolves each
-    residual once.
+    residual once; the code's diagonal offsets on a 7x7 map use 4 blocks.
     Head maps and back-projected maps equal the one-convolution-per-layout path to float
     rounding, with BatchNorm as trained and folded."""
     torch.manual_seed(s)
@@ -150,10 +151,10 @@ def test_layout_plan_scores_every_layout_as_one_convolution_per_layout_does(s, k
     bn.weight.data.normal_(1, 0.3)
     bn.bias.data.normal_(0, 0.3)
     head.eval()
-    lays = torch.from_numpy(make_test_layouts(s, b, "free", 16, np.random.default_rng(s)))
+    lays = torch.from_numpy(make_test_layouts(s, b, offsets, 16, np.random.default_rng(s)))
     plan = LayoutPlan.build(s, b, lays)
     assert plan.kind == kind and plan.combine.shape[0] == 16
-    assert len(plan.basis) == {5: 9, 3: 4, 2: 4}.get(s, len(plan.basis)) <= 16
+    assert len(plan.basis) == {5: 9, 3: 4, 2: 4, 7: 4}.get(s, len(plan.basis)) <= 16
     f = torch.randn(n, C, s, s).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         ref_a, ref_m = _one_conv_per_layout(head, f, lays, b, s)
