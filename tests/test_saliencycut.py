@@ -1,13 +1,17 @@
 """SaliencyCut: saliency masks, the patch residual, the pasted pseudo anomalies, persistence
 and tiny training runs (METHODS.md §4)."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from osad_core import augment
+from osad_core.backbones import fold_batchnorm
 from osad_core.data import load_folder
 from osad_core.methods import load_detector, make_detector
-from osad_core.methods.saliencycut import (back_project, block_side, corner_layout, draw_layout,
+from osad_core.methods.dra import ResidualHead
+from osad_core.methods.saliencycut import (LayoutPlan, back_project, block_side, corner_layout, draw_layout,
                                            make_test_layouts, patch_residual)
 from osad_core.protocol import Protocol, make_split
 from conftest import cross_device_tol
@@ -115,6 +119,66 @@ def test_back_projection_adds_block_scores_to_their_sources():
     acc, cnt = back_project(a, [[0, 0], [0, 1], [2, 2], [1, 0]], 2, 4)
     assert cnt.tolist() == [[1, 2, 1, 0], [2, 3, 1, 0], [1, 1, 1, 1], [0, 0, 1, 1]]
     assert acc[0, 0].tolist() == [1, 3, 2, 0] and acc[0, 3].tolist() == [0, 0, 3, 4]
+
+
+def _one_conv_per_layout(head, f, lays, b, s):
+    """The scoring path's definition: the head on each layout's residual, |maps| added back
+    onto the four source blocks and divided by the coverage."""
+    n, L = f.shape[0], len(lays)
+    a = head(torch.cat([patch_residual(f, lay, b) for lay in lays]))
+    acc, cnt = f.new_zeros(n, s, s), f.new_zeros(s, s)
+    for lay, al in zip(lays, a.view(L, n, b, b)):
+        da, dc = back_project(al.abs(), lay, b, s)
+        acc += da
+        cnt += dc
+    return a, acc / cnt.clamp_min(1)
+
+
+@pytest.mark.parametrize("s, offsets, kind", [(5, "free", "blocks"), (3, "free", "blocks"), (2, "free", "blocks"),
+                                              (9, "free", "residuals"), (7, "diagonal", "blocks")])
+def test_layout_plan_scores_every_layout_as_one_convolution_per_layout_does(s, offsets, kind):
+    """Quick's 5x5 and 3x3 maps (and tiny's 2x2) convolve their 9 and 4 distinct blocks
+    instead of 16 residuals; a 9x9 map (more distinct blocks than layouts) convolves each
+    residual once; the code's diagonal offsets on a 7x7 map use 4 blocks.
+    Head maps and back-projected maps equal the one-convolution-per-layout path to float
+    rounding, with BatchNorm as trained and folded."""
+    torch.manual_seed(s)
+    C, n, b = 24, 3, block_side(s)
+    head = ResidualHead(C)
+    bn = head.body[1]
+    bn.running_mean.normal_(0, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.normal_(1, 0.3)
+    bn.bias.data.normal_(0, 0.3)
+    head.eval()
+    lays = torch.from_numpy(make_test_layouts(s, b, offsets, 16, np.random.default_rng(s)))
+    plan = LayoutPlan.build(s, b, lays)
+    assert plan.kind == kind and plan.combine.shape[0] == 16
+    assert len(plan.basis) == {5: 9, 3: 4, 2: 4, 7: 4}.get(s, len(plan.basis)) <= 16
+    f = torch.randn(n, C, s, s).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref_a, ref_m = _one_conv_per_layout(head, f, lays, b, s)
+        for h in (head, fold_batchnorm(copy.deepcopy(head))):
+            a, m = plan.head(h, f, b)
+            assert a.shape == (16 * n, b, b) and m.shape == (n, s, s)
+            assert (a - ref_a).abs().max() <= 1e-5 * ref_a.abs().max()
+            assert (m - ref_m).abs().max() <= 1e-5 * ref_m.abs().max()
+
+
+def test_layout_plan_convolves_a_residual_shared_by_several_layouts_once():
+    # the order of the blocks within each sign does not change R = w4 - w3 + w2 - w1
+    lays = torch.tensor([[[0, 0], [0, 1], [1, 0], [1, 1]], [[1, 0], [1, 1], [0, 0], [0, 1]],
+                         [[0, 0], [0, 1], [1, 1], [1, 0]]])
+    plan = LayoutPlan.build(3, 2, lays)
+    assert plan.kind == "residuals" and len(plan.basis) == 2
+    assert plan.combine.tolist() == [[1, 0], [1, 0], [0, 1]]
+    head = ResidualHead(4).eval()
+    f = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        a, m = plan.head(head, f, 2)
+        ref_a, ref_m = _one_conv_per_layout(head, f, lays, 2, 3)
+    assert torch.equal(a[:2], a[2:4])  # layouts 0 and 1, each of the 2 images
+    assert torch.allclose(a, ref_a, rtol=1e-5, atol=1e-6) and torch.allclose(m, ref_m, rtol=1e-5, atol=1e-6)
 
 
 def test_heads_score_map_and_loss():

@@ -48,13 +48,23 @@ Anomaly map: the head's |b x b| map of each layout is added back onto the four s
 blocks it was computed from, divided by how often each position was covered, averaged
 over the test layouts, upsampled and averaged over the scales (METHODS.md §4.5).
 Test score: anomaly head - normality head, each averaged over the two scales.
+
+Scoring convolves each scale's *basis* once (:class:`LayoutPlan`): the head's 3x3
+convolution is linear up to its bias, so conv(R) = sum_k ±conv(w_k). Where the layouts use
+fewer distinct blocks than they have distinct residuals (quick's 5x5 map: 9 blocks for 16
+layouts; its 3x3 map: 4) the blocks are convolved and a fixed ±1 matrix adds the results
+into each layout's pre-activation; otherwise each distinct residual is convolved once. Same
+outputs as one convolution per layout up to float rounding (docs/BENCHMARKS.md,
+"SaliencyCut's scoring ratio").
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import augment
@@ -130,6 +140,91 @@ def back_project(a: torch.Tensor, layout, b: int, s: int) -> tuple[torch.Tensor,
         acc[:, r:r + b, c:c + b] += a
         cnt[r:r + b, c:c + b] += 1
     return acc, cnt
+
+
+RESIDUAL_SIGNS = (-1.0, 1.0, -1.0, 1.0)  # R = w4 - w3 + w2 - w1 (eq. 8)
+
+
+def conv3x3_nhwc(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv`` without its bias on x (M, C, h, w), as (M, h, w, C_out).
+
+    On maps of at most 3x3 a 3x3, stride-1, zero-padded convolution runs as one matrix
+    product of the 3x3 neighbourhoods (im2col): oneDNN's direct convolution reached 26-42 G
+    multiply-adds per second on 2x2 and 3x3 maps with 320 channels against 77 for the
+    product, and 74-85 on 4x4 and 7x7 maps, where it is kept (one thread, this project's CPU).
+    """
+    h, w = x.shape[-2:]
+    if (max(h, w) > 3 or conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1)
+            or conv.dilation != (1, 1) or conv.groups != 1):
+        return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups).permute(0, 2, 3, 1)
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # NHWC with a zero border
+    cols = torch.cat([xp[:, u:u + h, v:v + w] for u in range(3) for v in range(3)], -1)  # (M, h, w, 9C)
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1)  # (u, v, c) order; a view if channels-last
+    return (cols.reshape(-1, cols.shape[-1]) @ weight.T).view(*cols.shape[:3], -1)
+
+
+@dataclass
+class LayoutPlan:
+    """How one scale's L test layouts are scored with the fewest 3x3 convolutions.
+
+    ``kind`` "blocks": ``basis`` (nb, 2) holds the distinct block corners the layouts use,
+    and ``combine`` (L, nb) the ±1 of each block in each layout's residual; "residuals":
+    ``basis`` (nb, 4, 2) holds the distinct residuals (layouts equal up to the order within
+    each sign give the same R) and ``combine`` picks each layout's one. ``back`` (L*b*b,
+    s*s): the back-projection of a layout's |b x b| map, divided by the coverage.
+    """
+    kind: str
+    basis: np.ndarray
+    combine: torch.Tensor
+    back: torch.Tensor
+
+    @classmethod
+    def build(cls, s: int, b: int, layouts) -> "LayoutPlan":
+        lays = np.asarray(layouts, dtype=np.int64)
+        L = len(lays)
+        corners = sorted({(int(r), int(c)) for lay in lays for r, c in lay})
+        keys = [(frozenset(map(tuple, lay[[1, 3]].tolist())), frozenset(map(tuple, lay[[0, 2]].tolist())))
+                for lay in lays]
+        first = {}
+        for i, k in enumerate(keys):
+            first.setdefault(k, i)
+        if len(corners) < len(first):
+            col = {rc: j for j, rc in enumerate(corners)}
+            combine = torch.zeros(L, len(corners))
+            for i, lay in enumerate(lays):
+                for sign, (r, c) in zip(RESIDUAL_SIGNS, lay):
+                    combine[i, col[(int(r), int(c))]] += sign
+            kind, basis = "blocks", np.array(corners, dtype=np.int64)
+        else:
+            col = {k: j for j, k in enumerate(first)}
+            combine = torch.zeros(L, len(first))
+            combine[torch.arange(L), torch.tensor([col[k] for k in keys])] = 1.0
+            kind, basis = "residuals", lays[list(first.values())]
+        unit = torch.eye(b * b).view(b * b, b, b)  # each block position alone, back-projected
+        parts = [back_project(unit, lay, b, s) for lay in lays]
+        cnt = sum(p[1] for p in parts)
+        back = torch.cat([p[0].view(b * b, s * s) for p in parts]) / cnt.clamp_min(1).view(1, s * s)
+        return cls(kind, basis, combine, back)
+
+    def head(self, head: nn.Module, f: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual head (3x3 conv, BN, ReLU, 1x1 conv) on every layout of the map f
+        (N, C, s, s): (L*N, b, b) head maps, layout-major, and (N, s, s) back-projected |maps|."""
+        n, s = f.shape[0], f.shape[-1]
+        if self.kind == "blocks":
+            x = torch.cat([f[..., r:r + b, c:c + b] for r, c in self.basis])
+        else:
+            x = torch.cat([patch_residual(f, lay, b) for lay in self.basis])
+        conv = head.body[0]
+        co = conv.out_channels
+        # the bias after the sum: the blocks' ±1 add up to 0, a residual's pick to 1
+        rows = conv3x3_nhwc(x, conv).reshape(len(self.basis), -1)
+        pre = (self.combine.to(rows) @ rows).view(-1, b, b, co).permute(0, 3, 1, 2)
+        if conv.bias is not None:
+            pre = pre + conv.bias.view(1, -1, 1, 1)
+        a = head.score(head.body[1:](pre))[:, 0]
+        L = self.combine.shape[0]
+        mags = a.abs().view(L, n, b * b).transpose(0, 1).reshape(n, L * b * b)
+        return a, (mags @ self.back.to(mags)).view(n, s, s)
 
 
 # --------------------------------------------------------------------------------------
@@ -228,6 +323,15 @@ class SaliencyCut(DRAFamilyDetector):
             self.scales.append({"side": s, "block": b if lay is not None else s,
                                 "layouts": None if lay is None else torch.from_numpy(lay)})
 
+    def _layout_plans(self) -> list[LayoutPlan | None]:
+        """Each scale's :class:`LayoutPlan`, built once for the current ``scales``."""
+        cached = getattr(self, "_plans", None)
+        if cached is None or cached[0] is not self.scales:  # fit and load assign a new list
+            cached = (self.scales, [None if sc["layouts"] is None else
+                                    LayoutPlan.build(sc["side"], sc["block"], sc["layouts"]) for sc in self.scales])
+            self._plans = cached
+        return cached[1]
+
     def forward(self, x, train):
         self._random_layout = train  # training and saliency passes draw a fresh layout
         return super().forward(x, train)
@@ -236,7 +340,7 @@ class SaliencyCut(DRAFamilyDetector):
         k = self.config["topk"]
         normal = torch.stack([heads["normal"](f) for f in feats]).mean(0)
         scores, maps = [], []
-        for f, sc in zip(feats, self.scales):
+        for f, sc, plan in zip(feats, self.scales, self._layout_plans()):
             if f.shape[-1] != sc["side"]:
                 raise RuntimeError(f"feature map {f.shape[-1]}x{f.shape[-1]} does not match the model's "
                                    f"patch layouts ({sc['side']}x{sc['side']}); use image_size "
@@ -253,16 +357,10 @@ class SaliencyCut(DRAFamilyDetector):
                 scores.append(topk_mean(a, k))
                 maps.append(None)
                 continue
-            # all stored layouts in one head call: (L*B, C, b, b)
-            n, L = f.shape[0], lays.shape[0]
-            a = heads["anomaly"](torch.cat([patch_residual(f, lay, b) for lay in lays]))
-            scores.append(topk_mean(a, k).view(L, n).mean(0))
-            acc, cnt = f.new_zeros(n, s, s), f.new_zeros(s, s)
-            for lay, al in zip(lays, a.view(L, n, b, b)):
-                da, dc = back_project(al.abs(), lay, b, s)
-                acc += da
-                cnt += dc
-            maps.append(acc / cnt.clamp_min(1))  # never-covered positions stay 0
+            # all stored layouts, each convolution once (LayoutPlan); never-covered positions stay 0
+            a, m = plan.head(heads["anomaly"], f, b)
+            scores.append(topk_mean(a, k).view(lays.shape[0], f.shape[0]).mean(0))
+            maps.append(m)
         anomaly_maps = None if any(m is None for m in maps) else maps
         return {"normal": (normal, None), "anomaly": (torch.stack(scores).mean(0), anomaly_maps)}
 
