@@ -96,7 +96,7 @@ overview_spec.loader.exec_module(bench_overview)
 
 
 def test_overview_keeps_only_seeds_that_ran_every_seen_class(tmp_path):
-    files = [write(tmp_path / f"{k}{s}.json", row("dra", [s], [a], k, "hard"))
+    [write(tmp_path / f"{k}{s}.json", row("dra", [s], [a], k, "hard"))
              for k, s, a in (("mono", 0, 0.6), ("poly", 0, 0.8), ("mono", 1, 0.4))]
     runs = bench_overview.runs_of(tmp_path, "*.json", {"method": "dra"})
     mean, std, seeds = bench_overview.summary(runs, "auroc")

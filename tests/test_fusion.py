@@ -87,8 +87,8 @@ def test_fusion_scores_and_maps_find_the_defects(fitted):
     assert pred.maps.shape == (n, 32, 32) and pred.scores.shape == (n,)
     assert pred.embeddings.shape == (n, 152)  # EfficientNet-Lite0 levels 2 + 3: 40 + 112 channels
     assert det.has_head and 0 < det.memory.shape[0] <= det.config["memory_max"]
-    # the default head: 8 members trained, the 4 that best separate the held-out normals kept
-    assert len(det.member_separation) == 8 and det.head.members == 4
+    # the default head: 4 members trained, the 2 that best separate the held-out normals kept
+    assert len(det.member_separation) == 4 and det.head.members == 2
 
 
 def test_fusion_round_trips_through_a_model_file(fitted, tmp_path):
