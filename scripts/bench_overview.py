@@ -32,6 +32,12 @@ FUSION_DEFAULT = {"head_members": 8, "head_keep": 0.5}
 # "base" for AHL) picks rows of CLI files, "overrides" keeps rows whose --set values include
 # these, "stage_a" reads the AHL rows' own stage-A model, "variant" picks Fusion's overrides.
 _AHL = {"method": "ahl", "base": "dra"}
+
+
+def _fusion(variant: dict, names: list[str]) -> dict[int, tuple[str, dict, str]]:
+    """One Fusion variant's cells: its bench_fusion_variants.py files, in CELLS order."""
+    return {i: (f"fusion_variants/{n}.json", {"variant": variant}, "c") for i, n in enumerate(names)}
+
 SOURCES: dict[str, dict[int, tuple[str, dict, str]]] = {
     "DRA": {
         0: ("spine_headct_lite0.json", {"method": "dra"}, ""),
@@ -92,26 +98,13 @@ SOURCES: dict[str, dict[int, tuple[str, dict, str]]] = {
         5: ("masks_quick/magnetic_tile_ckaad_masks-true_seed*.json", {"method": "ckaad"}, ""),
         6: ("mtile_hard/ckaad_*_s*.json", {"method": "ckaad"}, ""),
     },
-    "Fusion (default)": {
-        0: ("fusion_variants/headct_general_10_keep_seed*.json", {"variant": FUSION_DEFAULT}, "c"),
-        1: ("fusion_variants/headct_general_1_keep8.json", {"variant": FUSION_DEFAULT}, "c"),
-        2: ("fusion_variants/elpv_general_10_keep.json", {"variant": FUSION_DEFAULT}, "c"),
-        3: ("fusion_variants/elpv_general_1_keep8.json", {"variant": FUSION_DEFAULT}, "c"),
-        4: ("fusion_variants/elpv_hard_10_keep8.json", {"variant": FUSION_DEFAULT}, "c"),
-        5: ("fusion_variants/magnetic_tile_general_10_keep.json", {"variant": FUSION_DEFAULT}, "c"),
-        6: ("fusion_variants/magnetic_tile_hard_10_seed*_keep8*.json", {"variant": FUSION_DEFAULT}, "c"),
-    },
-    "Fusion, 4 members, 2 kept": {
-        0: ("fusion_variants/headct_general_10_members4.json", {"variant": {"head_members": 4, "head_keep": 0.5}}, "c"),
-        1: ("fusion_variants/headct_general_1_members4.json", {"variant": {"head_members": 4, "head_keep": 0.5}}, "c"),
-        2: ("fusion_variants/elpv_general_10_members4.json", {"variant": {"head_members": 4, "head_keep": 0.5}}, "c"),
-        3: ("fusion_variants/elpv_general_1_members4.json", {"variant": {"head_members": 4, "head_keep": 0.5}}, "c"),
-        4: ("fusion_variants/elpv_hard_10_members4.json", {"variant": {"head_members": 4, "head_keep": 0.5}}, "c"),
-        5: ("fusion_variants/magnetic_tile_general_10_members4.json",
-            {"variant": {"head_members": 4, "head_keep": 0.5}}, "c"),
-        6: ("fusion_variants/magnetic_tile_hard_10_seed*_m*.json", {"variant": {"head_members": 4, "head_keep": 0.5}},
-            "c"),
-    },
+    "Fusion (default)": _fusion(FUSION_DEFAULT, ["headct_general_10_keep_seed*", "headct_general_1_keep8",
+                                                 "elpv_general_10_keep", "elpv_general_1_keep8", "elpv_hard_10_keep8",
+                                                 "magnetic_tile_general_10_keep", "magnetic_tile_hard_10_seed*_keep8*"]),
+    "Fusion, 4 members, 2 kept": _fusion({"head_members": 4, "head_keep": 0.5}, [
+        "headct_general_10_members4", "headct_general_1_members4", "elpv_general_10_members4",
+        "elpv_general_1_members4", "elpv_hard_10_members4", "magnetic_tile_general_10_members4",
+        "magnetic_tile_hard_10_seed*_m*"]),
 }
 NOTES = {
     "a": "DevNet's own model inside AHL(DevNet) runs (stage A: the quick schedule at 224 px, not 160)",
