@@ -131,7 +131,8 @@ def run_cell(ds, proto: Protocol, preset: str, overrides: dict, diagnose: bool) 
             tn = y == 0  # diagnostic only: each part's scale from the test normals
             oracle = (1 - w) * z(mem, [mem[tn].mean(), mem[tn].std()]) + w * z(head, [head[tn].mean(), head[tn].std()])
             out["fused_auroc_test_moments"] = float(roc_auc_score(y, oracle))
-            out["calib"] = {k: det.calib[k] for k in ("knn_img", "head_img")}
+            out["calib"] = {k: det.calib[k] for k in ("knn_img", "head_img", "knn_patch")}
+            out["feature_dim"] = int(det.dim)
             out["test_normal_moments"] = {"knn_img": [float(mem[tn].mean()), float(mem[tn].std())],
                                           "head_img": [float(head[tn].mean()), float(head[tn].std())]}
     return out
