@@ -241,32 +241,3 @@ def test_a_model_file_from_before_head_members_loads_its_single_head(parts_root,
     again = back.predict(sp.test)
     np.testing.assert_array_equal(again.scores, pred.scores)
     np.testing.assert_array_equal(again.maps, pred.maps)
-
-
-def test_noised_patches_change_one_rectangle_per_map():
-    from osad_core.methods.fusion import noised_patches
-
-    f = torch.randn(6, 8, 16, 16)
-    out = noised_patches(f, 1.0, np.random.default_rng(0))
-    assert out.shape == f.shape and not torch.equal(out, f)
-    for b in range(6):
-        changed = (out[b] != f[b]).any(0).numpy()
-        ys, xs = np.nonzero(changed)
-        box = np.zeros_like(changed)
-        box[ys.min():ys.max() + 1, xs.min():xs.max() + 1] = True
-        assert (changed == box).all()  # one filled rectangle
-        assert 2 <= np.ptp(ys) + 1 <= 8 and 2 <= np.ptp(xs) + 1 <= 8  # sides between 1/8 and 1/2 of the map
-        assert 0.7 < float((out[b] - f[b])[:, changed].std()) < 1.3  # noise of the given sigma
-    torch.testing.assert_close(noised_patches(f, 0.0, np.random.default_rng(0)), f)
-
-
-def test_pseudo_anomalies_train_the_head_and_zero_leaves_it_unchanged(parts_root):
-    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
-    base = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
-    off = make_detector("fusion", "tiny", dict(TINY, head_pseudo=0.0)).fit(sp.train_normal, sp.train_anomalies)
-    losses = [h["loss"] for h in base.history]
-    assert [h["loss"] for h in off.history] == losses  # 0 draws nothing: the same training as before the option
-    on = make_detector("fusion", "tiny", dict(TINY, head_pseudo=1.0)).fit(sp.train_normal, sp.train_anomalies)
-    assert [h["loss"] for h in on.history] != losses
-    pred = on.predict(sp.test)
-    assert roc_auc_score([r.label for r in pred.records], pred.scores) > 0.9

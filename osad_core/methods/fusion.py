@@ -167,24 +167,6 @@ def deviation_loss(scores: torch.Tensor, labels: torch.Tensor, margin: float = 5
     return loss.mean() if weight is None else (loss * weight).sum() / weight.sum().clamp_min(1e-6)
 
 
-def noised_patches(feats: torch.Tensor, sigma: float, rng: np.random.Generator,
-                   side: tuple[float, float] = (0.125, 0.5)) -> torch.Tensor:
-    """Pseudo anomalies in feature space (SimpleNet's idea): a copy of each normal map
-    (B, C, h, w) with Gaussian noise of ``sigma`` (in the standardised features' channel
-    units) added to every patch of one random rectangle, its sides drawn uniformly between
-    ``side`` × the map's. Off the normal patches' manifold in every direction, so a head
-    trained on them as anomalies learns to flag what no normal patch looks like."""
-    B, C, h, w = feats.shape
-    out = feats.clone()
-    for b in range(B):
-        rh = max(1, int(round(rng.uniform(*side) * h)))
-        rw = max(1, int(round(rng.uniform(*side) * w)))
-        y, x = int(rng.integers(h - rh + 1)), int(rng.integers(w - rw + 1))
-        noise = torch.as_tensor(rng.standard_normal((C, rh, rw)), dtype=feats.dtype, device=feats.device)
-        out[b, :, y:y + rh, x:x + rw] += sigma * noise
-    return out
-
-
 def topk_mean(maps: torch.Tensor, frac: float) -> torch.Tensor:
     """Per image the mean of the largest ``frac`` of its (B, h, w) map values (at least one)."""
     flat = maps.flatten(1)
@@ -247,8 +229,6 @@ class Fusion(Detector):
         head_keep=0.5,  # share of the members kept: those that best separate held-out normals from the anomalies
         head_bagging=False,  # each member weighs each training sample by its own Poisson(1) draw
         head_views="flips",  # the labelled anomalies' cached views: "flips" (4) or "dihedral" (8: with 90° turns)
-        head_pseudo=0.0,  # pseudo anomalies per labelled one in each head batch (normals with a noised rectangle)
-        head_pseudo_sigma=1.0,  # their noise, in standardised channel units (about a nearest-normal distance)
         head_steps=300,
         head_batch=16,  # normals and anomalies each per step
         head_lr=1e-3,
@@ -444,19 +424,14 @@ class Fusion(Detector):
         anom_feats = torch.cat([self._features_all(np.ascontiguousarray(v)) for v in views])
         opt = torch.optim.AdamW(self.head.parameters(), lr=c["head_lr"], weight_decay=c["head_weight_decay"])
         B = int(c["head_batch"])
-        P = int(round(float(c["head_pseudo"]) * B))
-        labels = torch.cat([torch.zeros(B), torch.ones(B + P)]).to(self.device)[None]  # one row per member
+        labels = torch.cat([torch.zeros(B), torch.ones(B)]).to(self.device)[None]  # one row per member
         n_n, n_a = normal_feats.shape[0], anom_feats.shape[0]
         bag = bool(c["head_bagging"]) and self.head.members > 1
         self.head.train()
 
         def step(epoch: int, it: int) -> float:
-            parts = [normal_feats[torch.as_tensor(rng.integers(n_n, size=B))],
-                     anom_feats[torch.as_tensor(rng.integers(n_a, size=B))]]
-            if P:
-                parts.append(noised_patches(normal_feats[torch.as_tensor(rng.integers(n_n, size=P))],
-                                            float(c["head_pseudo_sigma"]), rng))
-            fb = torch.cat(parts)
+            fb = torch.cat([normal_feats[torch.as_tensor(rng.integers(n_n, size=B))],
+                            anom_feats[torch.as_tensor(rng.integers(n_a, size=B))]])
             each = self.head(fb, each=True)  # (2B, members, h, w): every member sees the same batch
             pooled = topk_mean(each.transpose(0, 1).flatten(0, 1), c["head_topk"]).view(each.shape[1], -1)
             # online bagging (Oza & Russell): each member weighs each sample by a Poisson(1) count
