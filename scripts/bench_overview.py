@@ -26,7 +26,7 @@ from bench_table import load
 CELLS = [("headct", "general", 10), ("headct", "general", 1), ("elpv", "general", 10), ("elpv", "general", 1),
          ("elpv", "hard", 10), ("magnetic_tile", "general", 10), ("magnetic_tile", "hard", 10)]
 CELL_NAMES = ["HeadCT 10", "HeadCT 1", "ELPV 10", "ELPV 1", "ELPV hard 10", "MT 10", "MT hard 10"]
-FUSION_DEFAULT = {"head_members": 8, "head_keep": 0.5}
+FUSION_DEFAULT = {"head_members": 4, "head_keep": 0.5}
 
 # method -> {cell index: (glob under the root, selection, note)}. Selection: "method" (and
 # "base" for AHL) picks rows of CLI files, "overrides" keeps rows whose --set values include
@@ -50,10 +50,10 @@ SOURCES: dict[str, dict[int, tuple[str, dict, str]]] = {
     },
     "DevNet": {
         0: ("spine_headct_lite0.json", {"method": "devnet"}, ""),
-        1: ("ahl_quick_cpu/headct_general_1_ahl-devnet-s*.json", {"method": "ahl", "stage_a": True}, "a"),
+        1: ("devnet160/headct_general_1_devnet.json", {"method": "devnet"}, ""),
         2: ("spine_elpv_lite0.json", {"method": "devnet"}, ""),
-        3: ("ahl_quick_gpu/stage_a_heads/elpv_general_1_ahl-devnet-*.json", {"method": "ahl", "stage_a": True}, "a"),
-        4: ("ahl_quick_gpu/stage_a_heads/elpv_hard_10_*ahl-devnet-*.json", {"method": "ahl", "stage_a": True}, "a"),
+        3: ("devnet160/elpv_general_1_devnet.json", {"method": "devnet"}, ""),
+        4: ("devnet160/elpv_hard_10_*_devnet.json", {"method": "devnet"}, ""),
         5: ("mtile_general/devnet_s*.json", {"method": "devnet"}, ""),
         6: ("mtile_hard/devnet_*_s*.json", {"method": "devnet"}, ""),
     },
@@ -98,10 +98,10 @@ SOURCES: dict[str, dict[int, tuple[str, dict, str]]] = {
         5: ("masks_quick/magnetic_tile_ckaad_masks-true_seed*.json", {"method": "ckaad"}, ""),
         6: ("mtile_hard/ckaad_*_s*.json", {"method": "ckaad"}, ""),
     },
-    "Fusion (default)": _fusion(FUSION_DEFAULT, ["headct_general_10_keep_seed*", "headct_general_1_keep8",
-                                                 "elpv_general_10_keep", "elpv_general_1_keep8", "elpv_hard_10_keep8",
-                                                 "magnetic_tile_general_10_keep", "magnetic_tile_hard_10_seed*_keep8*"]),
-    "Fusion, 4 members, 2 kept": _fusion({"head_members": 4, "head_keep": 0.5}, [
+    "Fusion, 8 members, 4 kept": _fusion({"head_members": 8, "head_keep": 0.5}, [
+        "headct_general_10_keep_seed*", "headct_general_1_keep8", "elpv_general_10_keep", "elpv_general_1_keep8",
+        "elpv_hard_10_keep8", "magnetic_tile_general_10_keep", "magnetic_tile_hard_10_seed*_keep8*"]),
+    "Fusion (default: 4 members, 2 kept)": _fusion(FUSION_DEFAULT, [
         "headct_general_10_members4", "headct_general_1_members4", "elpv_general_10_members4",
         "elpv_general_1_members4", "elpv_hard_10_members4", "magnetic_tile_general_10_members4",
         "magnetic_tile_hard_10_seed*_m*"]),

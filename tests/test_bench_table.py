@@ -111,7 +111,7 @@ def test_overview_reads_one_variant_of_fusion_variant_files(tmp_path):
         "base": {"overrides": {"head_members": 1}, "runs": [dict(run, seed=0, image_auroc=0.1)]},
         "keep8": {"overrides": {"head_members": 8, "head_keep": 0.5},
                   "runs": [dict(run, seed=s, image_auroc=a) for s, a in ((0, 0.9), (1, 0.8), (2, 0.7))]}}}))
-    runs = bench_overview.runs_of(tmp_path, "v.json", {"variant": bench_overview.FUSION_DEFAULT})
+    runs = bench_overview.runs_of(tmp_path, "v.json", {"variant": {"head_members": 8, "head_keep": 0.5}})
     mean, std, seeds = bench_overview.summary(runs, "auroc")
     assert seeds == [0, 1, 2] and mean == pytest.approx(0.8)
     assert bench_overview.summary(runs, "pro")[0] == pytest.approx(0.6)
