@@ -38,6 +38,14 @@ def _fusion(variant: dict, names: list[str]) -> dict[int, tuple[str, dict, str]]
     """One Fusion variant's cells: its bench_fusion_variants.py files, in CELLS order."""
     return {i: (f"fusion_variants/{n}.json", {"variant": variant}, "c") for i, n in enumerate(names)}
 
+
+def _stack(weight: str, parts: tuple[str, ...]) -> dict[int, tuple[str, dict, str]]:
+    """One weight's cells of scripts/bench_fusion_stack.py (1.000: CKAAD alone, on today's code)."""
+    names = ["headct_general_10", "headct_general_1", "elpv_general_10", "elpv_general_1", "elpv_hard_10",
+             "magnetic_tile_general_10", "magnetic_tile_hard_10"]
+    return {i: (f"fusion_stack/{n}.json", {"stack": weight, "parts": parts}, "s") for i, n in enumerate(names)}
+
+
 SOURCES: dict[str, dict[int, tuple[str, dict, str]]] = {
     "DRA": {
         0: ("spine_headct_lite0.json", {"method": "dra"}, ""),
@@ -105,10 +113,15 @@ SOURCES: dict[str, dict[int, tuple[str, dict, str]]] = {
         "headct_general_10_members4", "headct_general_1_members4", "elpv_general_10_members4",
         "elpv_general_1_members4", "elpv_hard_10_members4", "magnetic_tile_general_10_members4",
         "magnetic_tile_hard_10_seed*_m*"]),
+    "CKAAD, December code": _stack("1.000", ("ckaad",)),
+    "Fusion + CKAAD stacked, w = 1/3": _stack("0.333", ("fusion", "ckaad")),
 }
 NOTES = {
     "a": "DevNet's own model inside AHL(DevNet) runs (stage A: the quick schedule at 224 px, not 160)",
     "g": "trained on the GPU machine (H100), so its train s is not a CPU time",
+    "s": "scripts/bench_fusion_stack.py: Fusion (default) and CKAAD (quick) fitted apart on the cell's split, "
+         "image scores z-normalised on the held-out normals and stacked as (1 − w)·Fusion + w·CKAAD (w = 1: "
+         "CKAAD alone, a run of today's code); train s is the fits' (Fusion's with its feature pass)",
     "c": "Fusion's fit with the backbone features already cached (scripts/bench_fusion_variants.py), "
          "so train s leaves out the feature pass",
 }
@@ -118,6 +131,13 @@ def runs_of(root: Path, pattern: str, sel: dict) -> list[dict]:
     """One dict per (seed, seen class): image AUROC, train s and, where measured, pixel AUROC / PRO."""
     files = sorted(root.glob(pattern))
     out = []
+    if "stack" in sel:  # scripts/bench_fusion_stack.py: scores stacked after the fact, one weight
+        for f in files:
+            for r in json.loads(f.read_text())["runs"]:
+                train_s = sum(r[p]["fit_s"] for p in sel.get("parts", ("fusion", "ckaad")))
+                out.append({"seed": r["seed"], "cls": r["known_class"], "auroc": r["auroc"][sel["stack"]],
+                            "train_s": train_s, "pixel": None, "pro": None})
+        return dedupe(out)
     if "variant" in sel:
         for f in files:
             data = json.loads(f.read_text())

@@ -115,3 +115,13 @@ def test_overview_reads_one_variant_of_fusion_variant_files(tmp_path):
     mean, std, seeds = bench_overview.summary(runs, "auroc")
     assert seeds == [0, 1, 2] and mean == pytest.approx(0.8)
     assert bench_overview.summary(runs, "pro")[0] == pytest.approx(0.6)
+
+
+def test_overview_reads_one_weight_of_the_stack_study(tmp_path):
+    runs = [{"seed": s, "known_class": None, "fusion": {"fit_s": 10.0}, "ckaad": {"fit_s": 5.0},
+             "auroc": {"0.000": 0.9, "0.333": a, "1.000": 0.7}} for s, a in ((0, 0.95), (1, 0.93), (2, 0.91))]
+    (tmp_path / "s.json").write_text(json.dumps({"runs": runs}))
+    both = bench_overview.runs_of(tmp_path, "s.json", {"stack": "0.333", "parts": ("fusion", "ckaad")})
+    assert bench_overview.summary(both, "auroc")[0] == pytest.approx(0.93) and both[0]["train_s"] == 15.0
+    alone = bench_overview.runs_of(tmp_path, "s.json", {"stack": "1.000", "parts": ("ckaad",)})
+    assert bench_overview.summary(alone, "auroc")[0] == pytest.approx(0.7) and alone[0]["train_s"] == 5.0

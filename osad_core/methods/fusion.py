@@ -237,6 +237,13 @@ class Fusion(Detector):
         head_max_normals=256,  # normals whose features are cached for the head
         margin=5.0,
         head_weight=0.5,
+        # a third part, CKAAD's feature reconstruction (osad_core.methods.ckaad) on half the image
+        # size, stacked on the memory + head score: (1 − w)·z(that score) + w·z(reconstruction)
+        recon_weight=0.0,
+        recon_backbone="efficientnet_lite0",  # offline ImageNet weights (CKAAD's own default falls back to it offline)
+        recon_epochs=10,  # CKAAD's quick schedule
+        recon_steps=20,
+        recon_batch=16,
         smooth_sigma=4.0,  # px at a 256-px map; scaled with map_size
         device="auto",
         seed=0,
@@ -246,7 +253,7 @@ class Fusion(Detector):
         "paper": dict(image_size=320, map_size=80),  # no paper: the full setting, for a GPU
         "quick": dict(image_size=256, map_size=64, memory_max=4096, pool_max=50000),
         "tiny": dict(image_size=64, map_size=32, memory_max=512, pool_max=4000, head_steps=20, head_batch=4,
-                     test_batch_size=8),
+                     test_batch_size=8, recon_epochs=2, recon_steps=3, recon_batch=4),
     }
     preset_notes = {
         "paper": "320 px (40×40 patches), memory up to 8,192 patches, 300 head steps",
@@ -257,8 +264,9 @@ class Fusion(Detector):
     def __init__(self, preset: str = "quick", overrides: dict | None = None):
         super().__init__(preset, overrides)
         self.config["layers"] = tuple(int(v) for v in self.config["layers"])
-        if not 0.0 <= float(self.config["head_weight"]) <= 1.0:
-            raise ValueError(f"head_weight must be between 0 and 1, got {self.config['head_weight']!r}")
+        for key in ("head_weight", "recon_weight"):
+            if not 0.0 <= float(self.config[key]) <= 1.0:
+                raise ValueError(f"{key} must be between 0 and 1, got {self.config[key]!r}")
 
     # -- model ---------------------------------------------------------------------------
     def _build(self, fresh: bool, members: int | None = None) -> None:
@@ -275,6 +283,7 @@ class Fusion(Detector):
         self.feat_mean = self.feat_std = None
         self.memory = None
         self.has_head = False
+        self.recon = None
         self.calib: dict = {}
 
     @torch.no_grad()
@@ -305,6 +314,9 @@ class Fusion(Detector):
 
     # -- training ------------------------------------------------------------------------
     def training_stages(self):
+        if float(self.config["recon_weight"]) > 0:
+            return [("Normal features", 0.35), ("Memory coreset", 0.15), ("Anomaly head", 0.1),
+                    ("Reconstruction model", 0.4)]
         return [("Normal features", 0.6), ("Memory coreset", 0.25), ("Anomaly head", 0.15)]
 
     def fit(self, train_normal, train_anomalies, callbacks: Callbacks | None = None):
@@ -312,8 +324,8 @@ class Fusion(Detector):
         cb = self.progress_callbacks(callbacks)
         seed_everything(c["seed"])
         S = c["image_size"]
-        normals, _, bad_n = IMAGE_CACHE.load_many(train_normal, S)
-        anomalies, _, bad_a = IMAGE_CACHE.load_many(train_anomalies, S)
+        normals, ok_n, bad_n = IMAGE_CACHE.load_many(train_normal, S)
+        anomalies, ok_a, bad_a = IMAGE_CACHE.load_many(train_anomalies, S)
         self.skipped_train = bad_n + bad_a
         if len(normals) < 2:
             raise DataError("fusion needs at least two readable normal training images")
@@ -384,6 +396,7 @@ class Fusion(Detector):
 
         cal = torch.stack([cal_feats[j] for j in cal_idx.tolist()])
         self.calib = self._memory_moments(cal_feats, mem_owner)
+        cal_mem = self._cal_memory_scores
 
         # the anomaly head (only with labelled anomalies)
         self.has_head = len(anomalies) > 0
@@ -395,6 +408,15 @@ class Fusion(Detector):
             with torch.no_grad():
                 hc = self.head(cal)
             self.calib.update(head_img=_moments(topk_mean(hc, c["head_topk"])), head_patch=_moments(hc))
+        if float(c["recon_weight"]) > 0:
+            # the memory + head score of the held-out normals, as _parts computes it, and the
+            # reconstruction part trained on the other normals and scored on these
+            fused = _z(cal_mem, self.calib["knn_img"])
+            if self.has_head:
+                wgt = float(c["head_weight"])
+                fused = (1 - wgt) * fused + wgt * _z(topk_mean(hc, c["head_topk"]), self.calib["head_img"])
+            self.calib["fused_img"] = _moments(fused)
+            self._fit_recon([ok_n[j] for j in fit_idx.tolist()], ok_a, normals[cal_idx], callbacks)
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         return self
@@ -409,7 +431,58 @@ class Fusion(Detector):
         q = f.permute(0, 2, 3, 1).reshape(-1, C)
         q_owner = torch.as_tensor(np.repeat(idx, h * w), device=self.device)
         knn = nearest_distance(q, self.memory, exclude=(q_owner, mem_owner)).view(B, h, w)
+        self._cal_memory_scores = topk_mean(knn, self.config["memory_topk"])  # per held-out normal, in idx order
         return {"knn_img": _moments(topk_mean(knn, self.config["memory_topk"])), "knn_patch": _moments(knn)}
+
+    # -- the reconstruction part -----------------------------------------------------------
+    def _recon_factor(self) -> int:
+        """The reconstruction part sees the images average-pooled by this integer factor
+        (256 px -> 128, CKAAD's quick size; small images stay as they are)."""
+        S = int(self.config["image_size"])
+        k = max(1, S // 128)
+        return k if S % k == 0 else 1
+
+    def _make_recon(self, overrides: dict | None = None):
+        from .ckaad import CKAAD
+
+        c = self.config
+        det = CKAAD("quick", overrides or dict(
+            image_size=int(c["image_size"]) // self._recon_factor(), map_size=int(c["map_size"]),
+            backbone=c["recon_backbone"], weights=c["weights"],
+            epochs=int(c["recon_epochs"]), steps_per_epoch=int(c["recon_steps"]), batch_size=int(c["recon_batch"]),
+            device=c["device"], seed=int(c["seed"]), test_batch_size=int(c["test_batch_size"])))
+        det.stage = "Reconstruction model"
+        return det
+
+    def _fit_recon(self, normal_records: list, anomaly_records: list, cal_images: np.ndarray,
+                   callbacks: Callbacks | None) -> None:
+        """CKAAD trained on the normals the head trained on (and the labelled anomalies), its
+        image and pixel scale taken on the held-out normals it has not seen."""
+        self.recon = self._make_recon()
+        self.recon.fit(normal_records, anomaly_records, callbacks)
+        s, m = self._recon_parts(cal_images)
+        self.calib.update(recon_img=_moments(s), recon_pix=_moments(m))
+
+    @torch.no_grad()
+    def _recon_parts(self, images, chunk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction part's (scores (B,), maps (B, map_size, map_size)) of images at
+        this detector's size (uint8 arrays or normalised tensors), pooled to its own size
+        (``chunk``: in batches of ``test_batch_size``; the ONNX graph takes any batch at once)."""
+        x = images if isinstance(images, torch.Tensor) else augment.test_transform(images)
+        x = x.to(self.recon.device)
+        k = self._recon_factor()
+        if k > 1:
+            x = F.avg_pool2d(x, k)
+        self.recon.prepare_export()
+        if not chunk:
+            return self.recon.export_forward(x)
+        s, m = [], []
+        bs = int(self.config["test_batch_size"])
+        for i in range(0, len(x), bs):
+            si, mi = self.recon.export_forward(x[i:i + bs])
+            s.append(si)
+            m.append(mi)
+        return torch.cat(s), torch.cat(m)
 
     def _fit_head(self, normal_feats: torch.Tensor, anomalies: np.ndarray, rng: np.random.Generator,
                   cb: Callbacks, cal: torch.Tensor) -> list[dict]:
@@ -490,6 +563,18 @@ class Fusion(Detector):
             pmap = (1 - wgt) * pmap + wgt * _z(hm, cal["head_patch"])
         return score, pmap, f.mean((2, 3))
 
+    def _stack(self, score: torch.Tensor, smap: torch.Tensor, images, chunk: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """With the reconstruction part: its z-scores stacked on the memory + head ones (the
+        image score re-standardised on the held-out normals first; ``smap`` is the smoothed
+        map at ``map_size``)."""
+        if self.recon is None:
+            return score, smap
+        cal, w = self.calib, float(self.config["recon_weight"])
+        rs, rm = self._recon_parts(images, chunk)
+        return ((1 - w) * _z(score, cal["fused_img"]) + w * _z(rs, cal["recon_img"]),
+                (1 - w) * smap + w * _z(rm, cal["recon_pix"]))
+
     def _memory_rhs(self) -> torch.Tensor:
         """The memory's side of the search, once per memory (fits and loads replace the
         tensor; kept out of the state)."""
@@ -510,6 +595,9 @@ class Fusion(Detector):
             up = F.interpolate(pm[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
             if sigma > 0:
                 up = np.stack([gaussian_filter(m, sigma) for m in up])
+            if self.recon is not None:
+                s, up = self._stack(s, torch.from_numpy(up).to(s.device), images[i:i + batch_size])
+                s, up = s, up.cpu().numpy()
             scores.append(s.cpu().numpy())
             maps.append(up.astype(np.float32))
             embs.append(e.float().cpu().numpy())
@@ -520,6 +608,8 @@ class Fusion(Detector):
     def prepare_export(self) -> None:
         self.extractor.eval()
         self.head.eval()
+        if self.recon is not None:
+            self.recon.prepare_export()
 
     def export_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images -> (scores, maps), as :meth:`predict_arrays` computes them: the
@@ -544,7 +634,7 @@ class Fusion(Detector):
             pmap = (1 - wgt) * pmap + wgt * _z(hm, cal["head_patch"])
         S = int(c["map_size"])
         up = F.interpolate(pmap[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0]
-        return score, gaussian_blur(up, float(c["smooth_sigma"]) * S / 256)
+        return self._stack(score, gaussian_blur(up, float(c["smooth_sigma"]) * S / 256), x, chunk=False)
 
     # -- persistence ---------------------------------------------------------------------
     def state(self) -> dict:
@@ -557,6 +647,8 @@ class Fusion(Detector):
             "has_head": self.has_head,
             "calib": self.calib,
             "memory_topk": float(self.config["memory_topk"]),  # the pooling the stored moments were taken with
+            "recon": None if self.recon is None else {"config": dict(self.recon.config), "state": self.recon.state(),
+                                                      "backbone_info": self.recon.backbone_info},
         }
 
     def load_state(self, state: dict) -> None:
@@ -577,6 +669,14 @@ class Fusion(Detector):
         self.calib = {k: [float(v) for v in pair] for k, pair in state["calib"].items()}
         # files written before memory_topk existed scored the memory by its largest patch
         self.config["memory_topk"] = float(state.get("memory_topk", 0.0))
+        rec = state.get("recon")  # files from before the reconstruction part have none
+        if rec is None:
+            self.config["recon_weight"] = 0.0
+        else:
+            self.recon = self._make_recon(dict(rec["config"], device=self.config["device"]))
+            self.recon.backbone_info = rec["backbone_info"]
+            self.recon.load_state(rec["state"])
+            self.recon.fitted = True
 
 
 def _kept(members: int, share: float) -> int:
