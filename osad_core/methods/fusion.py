@@ -70,6 +70,16 @@ magnetic tile hard 10 0.892 -> 0.890. With one labelled anomaly every member sep
 ranks by the held-out normals alone (HeadCT 1, one seed: 0.749 with 8 / 4). ``head_members=1,
 head_keep=1``
 gives the single head of before. Model files from before hold one head and load as such.
+
+Reconstruction part (``recon_weight`` w, default 0 = off): CKAAD (osad_core.methods.ckaad) at its
+quick schedule on the images average-pooled to half the size, trained on the head's normals and the
+labelled anomalies; the memory + head score and CKAAD's are z-normalised on the held-out normals
+(which neither fitted) and stacked as (1 − w)·z(memory + head) + w·z(CKAAD), maps likewise. With
+w = 1/3 (fixed beforehand: equal trust in three parts) HeadCT general 1 rose from 0.905 to 0.945
+(seeds 0-2, scores stacked after the fact, scripts/bench_fusion_stack.py; in this code 0.900 ->
+0.937) and ELPV by 0.001-0.008, but magnetic tile fell by 0.019 (general 10) and 0.013 (hard,
+seed 0), where CKAAD alone scores 0.70: more than the 0.01 the rule written before the runs
+allowed, so it is not the default (docs/BENCHMARKS.md, "HeadCT with 1 shot: what was tried next").
 """
 from __future__ import annotations
 
