@@ -606,8 +606,8 @@ class Fusion(Detector):
             if sigma > 0:
                 up = np.stack([gaussian_filter(m, sigma) for m in up])
             if self.recon is not None:
-                s, up = self._stack(s, torch.from_numpy(up).to(s.device), images[i:i + batch_size])
-                s, up = s, up.cpu().numpy()
+                s, up_t = self._stack(s, torch.from_numpy(up).to(s.device), images[i:i + batch_size])
+                up = up_t.cpu().numpy()
             scores.append(s.cpu().numpy())
             maps.append(up.astype(np.float32))
             embs.append(e.float().cpu().numpy())
