@@ -108,6 +108,8 @@ def run_cell(ds, proto: Protocol, preset: str, overrides: dict, diagnose: bool) 
     out = {"seed": proto.seed, "known_class": proto.known_class, "fit_s_cached": round(time.monotonic() - t0, 1)}
     if getattr(det, "member_separation", None):
         out["member_separation"] = det.member_separation  # every member's d', before half were kept
+    if getattr(det, "recon_evidence", None):
+        out["recon_evidence"] = det.recon_evidence  # the reconstruction gate's AUROCs and whether it opened
     has_masks = any(r.mask_path for r in split.test if r.label == 1)
     if has_masks or not diagnose:
         pred = det.predict(split.test, batch_size=det.config["test_batch_size"])
