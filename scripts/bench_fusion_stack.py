@@ -36,7 +36,7 @@ import torch
 
 from osad_core.data import IMAGE_CACHE, resolve_dataset
 from osad_core.methods.base import make_detector
-from osad_core.methods.fusion import nearest_distance, topk_mean
+from osad_core.methods.fusion import _separation, topk_mean
 from osad_core.operating_point import DEFAULT_CALIBRATION_FRACTION, split_calibration
 from osad_core.protocol import Protocol, make_split
 
@@ -63,19 +63,13 @@ def fit_and_score(method: str, split, hold: list, seed: int, preset: str, overri
 def memory_scores(det, records: list) -> list[float]:
     """Fusion's normal memory alone: the raw image score (top-k mean of nearest-patch distances)."""
     arr, _, _ = IMAGE_CACHE.load_many(records, det.config["image_size"])
-    out = []
-    for i in range(0, len(arr), 16):
-        f = det._features(arr[i:i + 16])
-        B, C, h, w = f.shape
-        knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), det.memory).view(B, h, w)
-        out += topk_mean(knn, det.config["memory_topk"]).tolist()
-    return out
+    return [float(v) for i in range(0, len(arr), 16)
+            for v in topk_mean(det._knn(det._features(arr[i:i + 16])), det.config["memory_topk"])]
 
 
 def separation(anom: list[float], normal: list[float]) -> float:
-    """AUROC of the labelled anomalies against the held-out normals (ties count half)."""
-    a, n = np.asarray(anom)[:, None], np.asarray(normal)[None]
-    return float(((a > n).mean() + 0.5 * (a == n).mean()))
+    """AUROC of the labelled anomalies against the held-out normals (ties count half): Fusion's gate's."""
+    return _separation(torch.tensor(anom), torch.tensor(normal))
 
 
 def earned_weight(ev: dict, w: float = 1 / 3) -> float:

@@ -35,7 +35,7 @@ import osad_core.methods.fusion as fusion_module
 from osad_core.data import IMAGE_CACHE, resolve_dataset
 from osad_core.evaluate import evaluate_prediction
 from osad_core.methods.base import make_detector
-from osad_core.methods.fusion import nearest_distance, topk_mean
+from osad_core.methods.fusion import topk_mean
 from osad_core.operating_point import DEFAULT_CALIBRATION_FRACTION, split_calibration
 from osad_core.protocol import Protocol, make_split
 
@@ -80,9 +80,7 @@ def parts(det, arrays: np.ndarray, bs: int = 16) -> tuple[np.ndarray, np.ndarray
     mem, head, members = [], [], []
     for i in range(0, len(arrays), bs):
         f = det._features(arrays[i:i + bs])
-        B, C, h, w = f.shape
-        knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), det.memory).view(B, h, w)
-        mem.append(topk_mean(knn, det.config["memory_topk"]).cpu().numpy())
+        mem.append(topk_mean(det._knn(f), det.config["memory_topk"]).cpu().numpy())
         if det.has_head:
             det.head.eval()
             each = det.head(f, each=True)

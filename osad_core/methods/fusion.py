@@ -413,8 +413,7 @@ class Fusion(Detector):
         del pool, pool_t
 
         cal = torch.stack([cal_feats[j] for j in cal_idx.tolist()])
-        self.calib = self._memory_moments(cal_feats, mem_owner)
-        cal_mem = self._cal_memory_scores
+        self.calib, cal_mem = self._memory_moments(cal_feats, mem_owner)
 
         # the anomaly head (only with labelled anomalies)
         self.has_head = len(anomalies) > 0
@@ -429,28 +428,26 @@ class Fusion(Detector):
         if float(c["recon_weight"]) > 0:
             # the memory + head score of the held-out normals, as _parts computes it, and the
             # reconstruction part trained on the other normals and scored on these
-            fused = _z(cal_mem, self.calib["knn_img"])
-            if self.has_head:
-                wgt = float(c["head_weight"])
-                fused = (1 - wgt) * fused + wgt * _z(topk_mean(hc, c["head_topk"]), self.calib["head_img"])
-            self.calib["fused_img"] = _moments(fused)
-            self._fit_recon([ok_n[j] for j in fit_idx.tolist()], ok_a, normals[cal_idx], anomalies, callbacks)
+            head_img = topk_mean(hc, c["head_topk"]) if self.has_head else None
+            self.calib["fused_img"] = _moments(self._fused_image(cal_mem, head_img))
+            self._fit_recon([ok_n[j] for j in fit_idx.tolist()], ok_a, normals[cal_idx], cal_mem, anomalies,
+                            callbacks)
         self.train_seconds = time.monotonic() - t0
         self.fitted = True
         return self
 
-    def _memory_moments(self, feats: dict[int, torch.Tensor], mem_owner: torch.Tensor) -> dict:
+    def _memory_moments(self, feats: dict[int, torch.Tensor], mem_owner: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """The memory's scale on normals it has not seen: z-moments of the image and patch
         scores of the normals in ``feats`` (index -> features), each image's own patches left
-        out of the nearest-neighbour search."""
+        out of the nearest-neighbour search; and those image scores, in index order."""
         idx = np.array(sorted(feats))
         f = torch.stack([feats[j] for j in idx.tolist()])
         B, C, h, w = f.shape
         q = f.permute(0, 2, 3, 1).reshape(-1, C)
         q_owner = torch.as_tensor(np.repeat(idx, h * w), device=self.device)
         knn = nearest_distance(q, self.memory, exclude=(q_owner, mem_owner)).view(B, h, w)
-        self._cal_memory_scores = topk_mean(knn, self.config["memory_topk"])  # per held-out normal, in idx order
-        return {"knn_img": _moments(topk_mean(knn, self.config["memory_topk"])), "knn_patch": _moments(knn)}
+        img = topk_mean(knn, self.config["memory_topk"])
+        return {"knn_img": _moments(img), "knn_patch": _moments(knn)}, img
 
     # -- the reconstruction part -----------------------------------------------------------
     def _recon_factor(self) -> int:
@@ -474,7 +471,7 @@ class Fusion(Detector):
         return det
 
     def _fit_recon(self, normal_records: list, anomaly_records: list, cal_images: np.ndarray,
-                   anomalies: np.ndarray, callbacks: Callbacks | None) -> None:
+                   cal_memory: torch.Tensor, anomalies: np.ndarray, callbacks: Callbacks | None) -> None:
         """CKAAD trained on the normals the head trained on, its image and pixel scale taken on
         the held-out normals it has not seen. Without ``recon_gate`` it also trains on the
         labelled anomalies and is always kept. With it, it trains on the normals alone, so that
@@ -491,11 +488,12 @@ class Fusion(Detector):
         if gate:
             ev = {"memory": None, "reconstruction": None, "open": False}
             if len(anomalies):
+                k, bs = self.config["memory_topk"], int(self.config["test_batch_size"])
                 with torch.no_grad():
-                    mem_a = torch.cat([self._memory_image_scores(self._features(anomalies[i:i + 16]))
-                                       for i in range(0, len(anomalies), 16)])
+                    mem_a = torch.cat([topk_mean(self._knn(self._features(anomalies[i:i + bs])), k)
+                                       for i in range(0, len(anomalies), bs)])
                 rec_a = self._recon_parts(anomalies)[0]
-                ev["memory"] = _separation(mem_a, self._cal_memory_scores)
+                ev["memory"] = _separation(mem_a, cal_memory)
                 ev["reconstruction"] = _separation(rec_a, s)
                 ev["open"] = ev["reconstruction"] >= ev["memory"]
             self.recon_evidence = ev
@@ -504,10 +502,10 @@ class Fusion(Detector):
                 for key in ("fused_img", "recon_img", "recon_pix"):
                     self.calib.pop(key, None)
 
-    def _memory_image_scores(self, f: torch.Tensor) -> torch.Tensor:
+    def _knn(self, f: torch.Tensor) -> torch.Tensor:
+        """Standardised features (B, C, h, w) -> each patch's distance to its nearest memory patch (B, h, w)."""
         B, C, h, w = f.shape
-        knn = nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), self.memory, rhs=self._memory_rhs())
-        return topk_mean(knn.view(B, h, w), self.config["memory_topk"])
+        return nearest_distance(f.permute(0, 2, 3, 1).reshape(-1, C), self.memory, rhs=self._memory_rhs()).view(B, h, w)
 
     @torch.no_grad()
     def _recon_parts(self, images, chunk: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -596,18 +594,24 @@ class Fusion(Detector):
         """(fused image scores (B,), fused patch maps (B, h, w), embeddings (B, C))."""
         c, cal = self.config, self.calib
         f = self._features(images)
-        B, C, h, w = f.shape
-        q = f.permute(0, 2, 3, 1).reshape(-1, C)
-        knn = nearest_distance(q, self.memory, rhs=self._memory_rhs()).view(B, h, w)
-        score = _z(topk_mean(knn, c["memory_topk"]), cal["knn_img"])
+        knn = self._knn(f)
         pmap = _z(knn, cal["knn_patch"])
+        hm = None
         if self.has_head:
             self.head.eval()
             hm = self.head(f)
             wgt = float(c["head_weight"])
-            score = (1 - wgt) * score + wgt * _z(topk_mean(hm, c["head_topk"]), cal["head_img"])
             pmap = (1 - wgt) * pmap + wgt * _z(hm, cal["head_patch"])
+        score = self._fused_image(topk_mean(knn, c["memory_topk"]), None if hm is None else topk_mean(hm, c["head_topk"]))
         return score, pmap, f.mean((2, 3))
+
+    def _fused_image(self, memory_img: torch.Tensor, head_img: torch.Tensor | None) -> torch.Tensor:
+        """The memory + head image score from the parts' raw image scores (memory alone without a head)."""
+        cal, score = self.calib, _z(memory_img, self.calib["knn_img"])
+        if head_img is None:
+            return score
+        wgt = float(self.config["head_weight"])
+        return (1 - wgt) * score + wgt * _z(head_img, cal["head_img"])
 
     def _stack(self, score: torch.Tensor, smap: torch.Tensor, images, chunk: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -695,7 +699,7 @@ class Fusion(Detector):
             "memory_topk": float(self.config["memory_topk"]),  # the pooling the stored moments were taken with
             "recon": None if self.recon is None else {"config": dict(self.recon.config), "state": self.recon.state(),
                                                       "backbone_info": self.recon.backbone_info},
-            "recon_evidence": getattr(self, "recon_evidence", None),
+            "recon_evidence": self.recon_evidence,
         }
 
     def load_state(self, state: dict) -> None:
