@@ -270,6 +270,12 @@ METRIC_DETAILS = {
                                 "which did not set it",
     "operating_point_recall_test": "share of test anomalies flagged at the operating point",
     "pixel_auroc": "ROC AUC over all pixels of masked test images at the map resolution",
+    "reconstruction_kept": "Fusion: 1 if its reconstruction part (CKAAD) was kept, 0 if the gate dropped it: kept "
+                           "when gate_reconstruction_auroc >= gate_memory_auroc",
+    "gate_memory_auroc": "Fusion's gate: ROC AUC of the labelled training anomalies against the held-out training "
+                         "normals, by the normal memory's image score (neither fitted on them)",
+    "gate_reconstruction_auroc": "Fusion's gate: ROC AUC of the labelled training anomalies against the held-out "
+                                 "training normals, by the reconstruction part trained on normals alone",
     "salient_fraction": "mean share of pixels marked salient (saliency above the threshold) over every pseudo "
                         "anomaly made in training; that share of each pseudo anomaly comes from another normal image",
 }

@@ -26,7 +26,8 @@ from bench_table import load
 CELLS = [("headct", "general", 10), ("headct", "general", 1), ("elpv", "general", 10), ("elpv", "general", 1),
          ("elpv", "hard", 10), ("magnetic_tile", "general", 10), ("magnetic_tile", "hard", 10)]
 CELL_NAMES = ["HeadCT 10", "HeadCT 1", "ELPV 10", "ELPV 1", "ELPV hard 10", "MT 10", "MT hard 10"]
-FUSION_DEFAULT = {"head_members": 4, "head_keep": 0.5}
+FUSION_M4K2 = {"head_members": 4, "head_keep": 0.5}
+FUSION_DEFAULT = {"recon_weight": 0.333333}  # 4 / 2 and the reconstruction part behind its gate
 
 # method -> {cell index: (glob under the root, selection, note)}. Selection: "method" (and
 # "base" for AHL) picks rows of CLI files, "overrides" keeps rows whose --set values include
@@ -109,12 +110,15 @@ SOURCES: dict[str, dict[int, tuple[str, dict, str]]] = {
     "Fusion, 8 members, 4 kept": _fusion({"head_members": 8, "head_keep": 0.5}, [
         "headct_general_10_keep_seed*", "headct_general_1_keep8", "elpv_general_10_keep", "elpv_general_1_keep8",
         "elpv_hard_10_keep8", "magnetic_tile_general_10_keep", "magnetic_tile_hard_10_seed*_keep8*"]),
-    "Fusion (default: 4 members, 2 kept)": _fusion(FUSION_DEFAULT, [
+    "Fusion, 4 members, 2 kept, no reconstruction": _fusion(FUSION_M4K2, [
         "headct_general_10_members4", "headct_general_1_members4", "elpv_general_10_members4",
         "elpv_general_1_members4", "elpv_hard_10_members4", "magnetic_tile_general_10_members4",
         "magnetic_tile_hard_10_seed*_m*"]),
     "CKAAD, December code": _stack("1.000", ("ckaad",)),
     "Fusion + CKAAD stacked, w = 1/3": _stack("0.333", ("fusion", "ckaad")),
+    "Fusion (default: 4 / 2, reconstruction behind its gate)": _fusion(FUSION_DEFAULT, [
+        "headct_general_10_gate", "headct_general_1_gate", "elpv_general_10_gate", "elpv_general_1_gate",
+        "elpv_hard_10_gate", "magnetic_tile_general_10_gate", "magnetic_tile_hard_10_s*_gate"]),
 }
 NOTES = {
     "a": "DevNet's own model inside AHL(DevNet) runs (stage A: the quick schedule at 224 px, not 160)",

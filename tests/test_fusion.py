@@ -151,7 +151,8 @@ def test_fit_extracts_each_normal_once(parts_root):
 
     hook = torch.nn.modules.module.register_module_forward_hook(count)
     try:
-        det = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
+        # without the reconstruction part, which runs its own backbone
+        det = make_detector("fusion", "tiny", dict(TINY, recon_weight=0)).fit(sp.train_normal, sp.train_anomalies)
     finally:
         hook.remove()
     assert seen[0] == len(sp.train_normal) + 4 * len(sp.train_anomalies)
@@ -164,8 +165,9 @@ def test_memory_topk_scores_the_mean_of_the_largest_patches_in_predict_and_expor
     from osad_core.data import IMAGE_CACHE
 
     sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
-    # memory alone (head weight 0), a 64-px image's 8×8 patches: top 25 % = the 16 largest distances
-    det = make_detector("fusion", "tiny", dict(TINY, memory_topk=0.25, head_weight=0.0))
+    # memory alone (head weight 0, no reconstruction), a 64-px image's 8×8 patches: top 25 % = the 16
+    # largest distances
+    det = make_detector("fusion", "tiny", dict(TINY, memory_topk=0.25, head_weight=0.0, recon_weight=0))
     det.fit(sp.train_normal, sp.train_anomalies)
     pred = det.predict(sp.test)
     arr, _, _ = IMAGE_CACHE.load_many(pred.records, det.config["image_size"])
@@ -198,6 +200,11 @@ def test_a_model_file_from_before_memory_topk_keeps_the_largest_patch_score(fitt
     back.backbone_info = det.backbone_info  # as load_detector sets it from the file
     back.load_state(old)
     assert back.config["memory_topk"] == 0.0
+    # likewise before the reconstruction part: none, and the model's settings say w = 0
+    assert back.config["recon_weight"] == pytest.approx(1 / 3)
+    del old["recon"], old["recon_evidence"]
+    back.load_state(old)
+    assert back.config["recon_weight"] == 0.0 and back.recon is None
 
 
 def test_head_members_keep_those_that_separate_held_out_normals(parts_root, tmp_path):
@@ -270,8 +277,8 @@ def test_reconstruction_part_is_stacked_on_held_out_normals_and_saved(parts_root
     back = load_detector(det.save(tmp_path / "recon.osad"), device="cpu")
     assert back.recon is not None and back.recon.stage == "Reconstruction model"
     np.testing.assert_allclose(back.predict(sp.test).scores, pred.scores, atol=1e-6)
-    # off by default: no reconstruction model, the scores of before
-    base = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
+    # w = 0: no reconstruction model, the memory + head scores
+    base = make_detector("fusion", "tiny", dict(TINY, recon_weight=0)).fit(sp.train_normal, sp.train_anomalies)
     assert base.recon is None and "recon_img" not in base.calib
     np.testing.assert_array_equal(base.predict(sp.test).scores, plain.scores)
 
@@ -279,12 +286,16 @@ def test_reconstruction_part_is_stacked_on_held_out_normals_and_saved(parts_root
 def test_reconstruction_gate_keeps_the_part_only_where_it_separates_as_well_as_the_memory(parts_root, tmp_path,
                                                                                          monkeypatch):
     sp = make_split(load_folder(parts_root), Protocol("general", 2, seed=0))
-    det = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3))  # the gate is on by default
+    det = make_detector("fusion", "tiny", TINY)  # w = 1/3 and the gate are the defaults
+    assert det.config["recon_weight"] == pytest.approx(1 / 3) and det.config["recon_gate"] is True
     det.fit(sp.train_normal, sp.train_anomalies)
     ev = det.recon_evidence
     assert 0 <= ev["memory"] <= 1 and 0 <= ev["reconstruction"] <= 1
     assert ev["open"] == (ev["reconstruction"] >= ev["memory"]) == (det.recon is not None)
-    plain = make_detector("fusion", "tiny", TINY).fit(sp.train_normal, sp.train_anomalies)
+    # stored with the run's metrics, so the results say whether the part was kept and why
+    assert det.training_metrics() == {"reconstruction_kept": float(ev["open"]), "gate_memory_auroc": ev["memory"],
+                                      "gate_reconstruction_auroc": ev["reconstruction"]}
+    plain = make_detector("fusion", "tiny", dict(TINY, recon_weight=0)).fit(sp.train_normal, sp.train_anomalies)
     if not ev["open"]:  # dropped: the memory + head scores, unchanged
         np.testing.assert_array_equal(det.predict(sp.test).scores, plain.predict(sp.test).scores)
     else:
@@ -307,5 +318,14 @@ def test_reconstruction_gate_keeps_the_part_only_where_it_separates_as_well_as_t
     assert _separation(torch.tensor([3.0, 1.0]), torch.tensor([0.0, 1.0, 2.0])) == pytest.approx((3 + 1.5) / 6)
     # no labelled anomaly: no evidence, no reconstruction part
     sp0 = make_split(load_folder(parts_root), Protocol("general", 0, seed=0))
-    none = make_detector("fusion", "tiny", dict(TINY, recon_weight=1 / 3)).fit(sp0.train_normal, [])
+    from osad_core.train import Callbacks
+
+    seen = []
+    none = make_detector("fusion", "tiny", TINY).fit(sp0.train_normal, [], Callbacks(on_progress=seen.append,
+                                                                                    every_s=0))
     assert none.recon is None and none.recon_evidence == {"memory": None, "reconstruction": None, "open": False}
+    assert none.training_metrics() == {}
+    # not trained at all (no epochs reported), and its stage still ends so progress reaches 100 %
+    recon_stage = [p for p in seen if p.stage == "Reconstruction model"]
+    assert recon_stage and not any(p.epochs for p in recon_stage) and recon_stage[-1].step == recon_stage[-1].total
+    assert seen[-1].fraction == pytest.approx(1.0)

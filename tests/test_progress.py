@@ -22,7 +22,7 @@ TINY = {
 STAGES = {
     "dra": ["Training"], "devnet": ["Training"], "saliencycut": ["Training"],
     "bgad": ["Normal features", "Training", "Score scale"], "ckaad": ["Training"],
-    "fusion": ["Normal features", "Memory coreset", "Anomaly head"],
+    "fusion": ["Normal features", "Memory coreset", "Anomaly head", "Reconstruction model"],
 }
 
 

@@ -19,6 +19,9 @@ METRIC_NAMES = {
     "operating_point_frr_test": "False rejects at the operating point · held-out normals",
     "operating_point_recall_test": "Recall at the operating point",
     "salient_fraction": "Mean salient fraction of the pseudo anomalies",
+    "reconstruction_kept": "Reconstruction part kept (1) or dropped (0)",
+    "gate_memory_auroc": "Gate · memory's AUROC on the labelled anomalies",
+    "gate_reconstruction_auroc": "Gate · reconstruction's AUROC on the labelled anomalies",
     "best_f1_threshold": "Best-F1 threshold on the test labels (a reference only)",
 }
 
