@@ -617,8 +617,9 @@ class Fusion(Detector):
 
     # -- inference -----------------------------------------------------------------------
     @torch.no_grad()
-    def _parts(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(fused image scores (B,), fused patch maps (B, h, w), embeddings (B, C))."""
+    def _parts(self, images: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fused image scores (B,), fused patch maps (B, h, w), embeddings (B, C)) of uint8
+        images or normalised ones."""
         c, cal = self.config, self.calib
         f = self._features(images)
         knn = self._knn(f)
@@ -668,12 +669,15 @@ class Fusion(Detector):
         sigma = float(self.config["smooth_sigma"]) * S / 256
         scores, maps, embs = [], [], []
         for i in range(0, len(images), batch_size):
-            s, pm, e = self._parts(images[i:i + batch_size])
+            # normalised once for both the memory + head and the reconstruction part (the
+            # transform of 16 images at 256 px costs about an eighth of the trunk)
+            x = augment.test_transform(images[i:i + batch_size])
+            s, pm, e = self._parts(x)
             up = F.interpolate(pm[:, None], size=(S, S), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
             if sigma > 0:
                 up = np.stack([gaussian_filter(m, sigma) for m in up])
             if self.recon is not None:
-                s, up_t = self._stack(s, torch.from_numpy(up).to(s.device), images[i:i + batch_size])
+                s, up_t = self._stack(s, torch.from_numpy(up).to(s.device), x)
                 up = up_t.cpu().numpy()
             scores.append(s.cpu().numpy())
             maps.append(up.astype(np.float32))
