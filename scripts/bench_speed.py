@@ -48,7 +48,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("fusion", "dra", "devnet", "saliencycut", "ahl", "bgad", "ckaad")
+METHODS = ("fusion", "fusion-w0", "dra", "devnet", "saliencycut", "ahl", "bgad", "ckaad")
+# names of the score / train parts that are a method with other settings
+ALIASES = {"fusion-w0": ("fusion", {"recon_weight": 0})}  # Fusion without its reconstruction part
 # a few steps of each method's training loop: the rate is what counts, not the model
 SHORT_FIT = {
     "dra": dict(epochs=1, steps_per_epoch=3), "devnet": dict(epochs=1, steps_per_epoch=3),
@@ -176,7 +178,8 @@ def _fitted(method: str, preset: str, n_normal: int, n_anomaly: int):
 
     ds = elpv_subset(None)
     split = make_split(ds, Protocol("general", n_anomaly, seed=0))
-    det = make_detector(method, preset, dict(SHORT_FIT.get(method, {}), seed=0))
+    method, extra = ALIASES.get(method, (method, {}))
+    det = make_detector(method, preset, dict(SHORT_FIT.get(method, {}), seed=0, **extra))
     normals = split.train_normal[:n_normal]
     return det, normals, split.train_anomalies
 
