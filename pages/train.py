@@ -27,12 +27,11 @@ def _presets(method: str) -> list[str]:
     return sorted(names, key=lambda p: (PRESET_ORDER.index(p) if p in PRESET_ORDER else 99, p))
 
 
-def _preset_hint(method: str, preset: str) -> str:
+def _preset_note(method: str, preset: str) -> str:
+    """What the preset means for this method (shown under its name)."""
     from osad_core.methods.base import REGISTRY
 
-    note = (getattr(REGISTRY[method], "preset_notes", {}) or {}).get(preset)
-    base = fmt.PRESET_HINTS.get(preset, preset)
-    return f"{base} ({note})" if note else base
+    return (getattr(REGISTRY[method], "preset_notes", {}) or {}).get(preset, "")
 
 
 def availability_panel(av: training.Availability) -> None:
@@ -64,7 +63,11 @@ def train_form(project_id: int, av: training.Availability) -> None:
             presets = _presets(method)
             if st.session_state.get("t_preset") not in presets:
                 st.session_state["t_preset"] = presets[0]
-            preset = st.radio("Preset", presets, format_func=lambda p: _preset_hint(method, p), key="t_preset")
+            # the option's label is the same for every method and its method-specific note a
+            # caption: the radio's value is its label, so a click sent while the page still
+            # showed the previous method's labels is not lost when the method changes
+            preset = st.radio("Preset", presets, format_func=lambda p: fmt.PRESET_HINTS.get(p, p), key="t_preset",
+                              captions=[_preset_note(method, p) for p in presets])
         with c2:
             seed = st.number_input("Seed", 0, 2**31 - 1, 42, step=1, key="t_seed",
                                    help="Same seed and labels on a CPU repeat a run exactly.")

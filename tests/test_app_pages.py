@@ -597,7 +597,11 @@ def test_train_lists_every_registered_method_and_queues_a_job(seeded):
     assert any("quick — minutes on a CPU" in o for o in at.radio(key="t_preset").options)
     assert any("paper — the published settings; GPU recommended" in o for o in at.radio(key="t_preset").options)
     assert at.selectbox(key="t_device").options[0].startswith("auto — found ")
+    labels = list(at.radio(key="t_preset").options)
     at.selectbox(key="t_method").set_value("dra").run()
+    # a preset's label (the radio's value) does not depend on the method: a click sent while the
+    # previous method's page was still shown keeps its meaning
+    assert list(at.radio(key="t_preset").options) == labels
     at.radio(key="t_preset").set_value("tiny").run()
     assert "**Plan:**" in texts(at)
     at.button(key="train_button").click().run()
