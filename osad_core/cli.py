@@ -326,9 +326,10 @@ def benchmark_cell(ds, preset: str, over: dict, record: dict | None, cell: tuple
         from .store import record_run
 
         record_run(res, ds, source="benchmark", project_name=record["project"], created_by=record["user"])
-    # per-head AUROCs and training statistics (SaliencyCut's salient fraction, Fusion's gate), one list per row
-    extras = {k: v for k, v in res.metrics.items()
-              if k.startswith(("head_", "gate_")) or k in ("salient_fraction", "reconstruction_kept")}
+    # per-head AUROCs and the method's own training statistics (SaliencyCut's salient fraction,
+    # Fusion's gate), one list per row
+    own = res.detector.training_metrics()
+    extras = {k: v for k, v in res.metrics.items() if k.startswith("head_") or k in own}
     return {"label": label, "summary": s, "auroc": res.metrics.get("image_auroc", float("nan")), "extras": extras,
             "base_auroc": res.metrics.get("base_image_auroc"),  # AHL: its own base model, same run
             "base": res.detector.config.get("base"), "train_s": res.train_seconds, "ips": res.images_per_s}

@@ -512,17 +512,14 @@ class Fusion(Detector):
         s, m = self._recon_parts(cal_images)
         self.calib.update(recon_img=_moments(s), recon_pix=_moments(m))
         self.recon_evidence = None
-        if gate:
-            ev = {"memory": None, "reconstruction": None, "open": False}
-            if len(anomalies):
-                k, bs = self.config["memory_topk"], int(self.config["test_batch_size"])
-                with torch.no_grad():
-                    mem_a = torch.cat([topk_mean(self._knn(self._features(anomalies[i:i + bs])), k)
-                                       for i in range(0, len(anomalies), bs)])
-                rec_a = self._recon_parts(anomalies)[0]
-                ev["memory"] = _separation(mem_a, cal_memory)
-                ev["reconstruction"] = _separation(rec_a, s)
-                ev["open"] = ev["reconstruction"] >= ev["memory"]
+        if gate:  # there are labelled anomalies here (none: returned above)
+            k, bs = self.config["memory_topk"], int(self.config["test_batch_size"])
+            with torch.no_grad():
+                mem_a = torch.cat([topk_mean(self._knn(self._features(anomalies[i:i + bs])), k)
+                                   for i in range(0, len(anomalies), bs)])
+            ev = {"memory": _separation(mem_a, cal_memory),
+                  "reconstruction": _separation(self._recon_parts(anomalies)[0], s)}
+            ev["open"] = ev["reconstruction"] >= ev["memory"]
             self.recon_evidence = ev
             if not ev["open"]:
                 self.recon = None
