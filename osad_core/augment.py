@@ -44,12 +44,19 @@ def cutmix(img: np.ndarray, rng: np.random.Generator, donor: np.ndarray | None =
     return out
 
 
-def to_tensor(batch: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1]."""
+def uint8_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) as a tensor, sharing a numpy array's memory where it can."""
+    if isinstance(batch, torch.Tensor):
+        return batch
     batch = np.ascontiguousarray(batch)
     if not batch.flags.writeable:  # cached images are read-only; torch wants writable memory
         batch = batch.copy()
-    return torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+    return torch.from_numpy(batch)
+
+
+def to_tensor(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], on the input's device."""
+    return uint8_tensor(batch).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +79,8 @@ def random_rotate(x: torch.Tensor, gen: torch.Generator | None = None, max_deg: 
     return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
-def train_transform(batch: np.ndarray, gen: torch.Generator | None = None, rotate: bool = True) -> torch.Tensor:
+def train_transform(batch: np.ndarray | torch.Tensor, gen: torch.Generator | None = None,
+                    rotate: bool = True) -> torch.Tensor:
     """Training pipeline of METHODS.md §0.1: rotation (after any synthesis), then normalise."""
     x = to_tensor(batch)
     if rotate:

@@ -52,10 +52,20 @@ FAMILY_DEFAULTS = dict(
     freeze_levels=0,  # 0 = fine-tune everything, as the papers do; only applied to pretrained trunks
     trunk_stride=32,  # 16: the trunk ends after its stride-16 level (a 14×14 map at 224 px)
     device="auto",
+    # training-speed settings for a GPU (any device accepts them; the defaults are what every
+    # benchmark here ran): mixed precision ("bf16", or "fp16" with loss scaling), the
+    # channels-last layout ("auto": on a CPU, where oneDNN's kernels want it, not on CUDA), and
+    # the training images kept on the device as uint8, augmented there
+    amp="off",
+    channels_last="auto",
+    data_on_device=False,
     seed=42,
     map_size=64,
     test_batch_size=32,
 )
+FAMILY_CHOICES = {"amp": ("off", "bf16", "fp16"), "channels_last": ("auto", True, False),
+                  "data_on_device": (True, False)}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def topk_mean(smap: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -105,6 +115,7 @@ def freeze_levels(trunk: nn.Module, levels: int) -> list[nn.Module]:
 
 class DRAFamilyDetector(Detector):
     defaults = FAMILY_DEFAULTS
+    choices = FAMILY_CHOICES
     map_heads: tuple[str, ...] = ()  # heads whose position maps make the anomaly map
     subtracted_heads: tuple[str, ...] = ("normal",)  # heads the test score subtracts (high on normals)
     n_refs = 0  # reference images prepended to each batch (DRA's residual head)
@@ -146,14 +157,39 @@ class DRAFamilyDetector(Detector):
         self.device_name = describe_device(self.device)
         # channels-last lets oneDNN pick faster convolution kernels on the CPU (a 32-image
         # 224 px EfficientNet-Lite0 training pass took 51 s instead of 84 s on a busy
-        # 2-core machine); CUDA keeps the default layout
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        # 2-core machine); CUDA keeps the default layout unless asked
+        cl = c.get("channels_last", "auto")
+        self.memory_format = (torch.channels_last if (cl == "auto" and self.device.type == "cpu") or cl is True
+                              else torch.contiguous_format)
         self.model.to(self.device, memory_format=self.memory_format)
 
     def _load_arrays(self, records: list[ImageRecord]) -> np.ndarray:
         arr, ok, bad = IMAGE_CACHE.load_many(records, self.config["image_size"])
         self.skipped_train = getattr(self, "skipped_train", []) + bad
         return arr
+
+    def _batch_images(self, normals: np.ndarray, anomalies: np.ndarray):
+        """A function from a batch's picks (see ``fit``'s step) to its uint8 images (B, S, S, 3):
+        stacked on the host, or, with ``data_on_device``, gathered from copies of the training
+        images kept on the device (only the synthesised ones travel each step)."""
+        if not self.config.get("data_on_device"):
+            sources = {"normal": normals, "anomaly": anomalies}
+            return lambda picks: np.stack([v if k == "pseudo" else sources[k][v] for k, v in picks])
+        dev = self.device
+        kept = {"normal": augment.uint8_tensor(normals).to(dev), "anomaly": augment.uint8_tensor(anomalies).to(dev)}
+
+        def gather(picks: list) -> torch.Tensor:
+            x = torch.empty((len(picks), *normals.shape[1:]), dtype=torch.uint8, device=dev)
+            for kind in ("normal", "anomaly", "pseudo"):
+                pos = [j for j, (k, _) in enumerate(picks) if k == kind]
+                if not pos:
+                    continue
+                if kind == "pseudo":
+                    x[pos] = augment.uint8_tensor(np.stack([picks[j][1] for j in pos])).to(dev)
+                else:
+                    x[pos] = kept[kind][torch.tensor([picks[j][1] for j in pos], device=dev)]
+            return x
+        return gather
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":
@@ -183,32 +219,40 @@ class DRAFamilyDetector(Detector):
         opt = torch.optim.Adam(params, lr=c["lr"], weight_decay=c["weight_decay"])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c["lr_step_epochs"], gamma=c["lr_gamma"])
 
+        amp = c.get("amp", "off")
+        # fp16 needs loss scaling (its small gradients underflow); bf16 has float32's range
+        scaler = torch.amp.GradScaler(self.device.type, enabled=amp == "fp16")
+        batch_images = self._batch_images(normals, anomalies)
+
         def step(epoch: int, it: int) -> float:
-            imgs, ys = [], []
+            picks, ys = [], []  # per slot ("normal" | "anomaly", index) or ("pseudo", image)
             for i in s_norm.take(n_slots):
                 if c["pseudo_prob"] > 0 and rng.random() < c["pseudo_prob"]:
                     src = normals[int(rng.integers(len(normals)))]  # DRA: a random normal image
-                    imgs.append(self.make_pseudo(src, normals, rng))
+                    picks.append(("pseudo", self.make_pseudo(src, normals, rng)))
                     ys.append(2)
                 else:
-                    imgs.append(normals[i])
+                    picks.append(("normal", i))
                     ys.append(0)
             for i in s_an.take(n_an):
-                imgs.append(anomalies[i])
+                picks.append(("anomaly", i))
                 ys.append(1)
-            x = augment.train_transform(np.stack(imgs), gen, rotate=c["rotate"])
+            x = augment.train_transform(batch_images(picks), gen, rotate=c["rotate"])
             y = torch.tensor(ys).to(self.device)
             x = self.prepare_batch(self._to_device(x), y, rng)
             self.model.train()
             for m in self.frozen:
                 m.eval()
-            out = self.forward(x, train=True)
-            loss = self.loss(out, y)
+            with torch.autocast(self.device.type, dtype=AMP_DTYPES.get(amp), enabled=amp != "off"):
+                out = self.forward(x, train=True)
+                loss = self.loss(out, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if c["grad_clip"]:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, c["grad_clip"])
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             return loss.item()
 
         def epoch_start(epoch: int) -> None:
@@ -224,13 +268,15 @@ class DRAFamilyDetector(Detector):
 
         def get_state() -> dict:
             return {"model": self.model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                    "scaler": scaler.state_dict(), "rng": rng.bit_generator.state, "gen": gen.get_state(),
                     "streams": [list(s_norm._perm), list(s_an._perm)], "extra": self.extra_train_state()}
 
         def set_state(st: dict) -> None:
             self.model.load_state_dict(st["model"])
             opt.load_state_dict(st["opt"])
             sched.load_state_dict(st["sched"])
+            if st.get("scaler"):
+                scaler.load_state_dict(st["scaler"])
             rng.bit_generator.state = st["rng"]
             gen.set_state(st["gen"])
             s_norm._perm, s_an._perm = [int(i) for i in st["streams"][0]], [int(i) for i in st["streams"][1]]

@@ -72,7 +72,7 @@ from ..losses import deviation_loss
 from ..train import InfiniteStream
 from .base import register
 from .dra import DRA, NormalityHead, ResidualHead
-from .drafamily import FAMILY_DEFAULTS, DRAFamilyDetector, topk_mean
+from .drafamily import FAMILY_CHOICES, FAMILY_DEFAULTS, DRAFamilyDetector, topk_mean
 
 REFRESH_MODES = ("iteration", "epoch")
 PATCH_SIDES = ("half", "code")
@@ -265,7 +265,8 @@ class SaliencyCut(DRAFamilyDetector):
     }
     map_heads = ("anomaly",)
 
-    choices = {"pseudo_refresh": REFRESH_MODES, "patch_side": PATCH_SIDES, "patch_offsets": PATCH_OFFSETS}
+    choices = {**FAMILY_CHOICES, "pseudo_refresh": REFRESH_MODES, "patch_side": PATCH_SIDES,
+               "patch_offsets": PATCH_OFFSETS}
 
     def fit(self, train_normal, train_anomalies, callbacks=None):
         self._callbacks = callbacks  # the per-epoch saliency refresh checks for cancel too
