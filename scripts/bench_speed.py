@@ -14,6 +14,13 @@ Independent parts (``--part``, repeatable; default all):
 * ``train``: training throughput (backbone image-equivalents per second during ``fit``,
   at the method's resolution) against the bare backbone's forward + backward rate at
   the method's training batch size, per method.
+* ``first``: the first scoring pass right after training against the next two (on a GPU
+  the first used to take seconds where the next took a fraction of one); ``--profile-first``
+  prints where the first pass's time went.
+* ``schedule``: DRA's paper preset (448 px, batch 48: the official code's schedule), timed
+  per training setting (as is, channels-last, bf16 mixed precision, images kept on the
+  device, all three): seconds per step after two, projected to the full 600 steps, and the
+  speed-up of each. For a GPU (``--device cuda``); ``--schedule-size`` tries it on a CPU.
 * ``tsne``: the t-SNE map of 1k / 5k / 10k embeddings, and the job's t-SNE stage at 10k /
   20k / 50k / 100k embeddings before and after its cap (fitted on every embedding against a
   fixed sample with the others placed into it; seconds, peak memory; ``scripts/bench_ui_speed.py``).
@@ -23,6 +30,7 @@ Independent parts (``--part``, repeatable; default all):
   by running it directly with ``--pg-tmp``).
 
     OMP_NUM_THREADS=1 python scripts/bench_speed.py --part score --part train --short
+    python scripts/bench_speed.py --device cuda --part first --part schedule --part train --profile-first
     python scripts/bench_speed.py --part press --press-methods fusion,dra --json out.json
 
 ``--clock cpu`` times the score and train parts by the process's CPU time instead of the
@@ -60,6 +68,10 @@ SHORT_FIT = {
     # the reconstruction part kept whatever its gate would say: the slower of Fusion's two cases
     "fusion": dict(head_steps=20, recon_epochs=1, recon_steps=3, recon_gate=False),
 }
+# normals fitted before scoring: Fusion's search costs in proportion to its memory, which
+# fills (memory_max patches) from about 40 normals on at the quick preset, as in any real
+# project; 24 normals left it at 2,458 of 4,096 patches, and its scoring a fifth cheaper
+SCORE_NORMALS = {"fusion": 48, "fusion-w0": 48}
 
 
 def load_cpu() -> str:
@@ -179,21 +191,32 @@ def _fitted(method: str, preset: str, n_normal: int, n_anomaly: int):
     ds = elpv_subset(None)
     split = make_split(ds, Protocol("general", n_anomaly, seed=0))
     method, extra = ALIASES.get(method, (method, {}))
-    det = make_detector(method, preset, dict(SHORT_FIT.get(method, {}), seed=0, **extra))
+    det = make_detector(method, preset, dict(SHORT_FIT.get(method, {}), seed=0, device=DEVICE, **extra))
     normals = split.train_normal[:n_normal]
     return det, normals, split.train_anomalies
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 CLOCK = CLOCKS["wall"]
+DEVICE = "auto"  # --device: where the detectors of the score, train, first and schedule parts run
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work (its calls return before it is done), so clocks are honest."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _rate(fn, n_images: int, repeats: int) -> float:
     fn()  # warm-up: allocator, oneDNN kernel choice
+    _sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = CLOCK()
         fn()
+        _sync()
         best = min(best, CLOCK() - t0)
     return n_images / best
 
@@ -203,7 +226,7 @@ def score_one(method: str, preset: str, n: int, repeats: int) -> dict:
 
     from osad_core import augment
 
-    det, normals, anomalies = _fitted(method, preset, 24, 4)
+    det, normals, anomalies = _fitted(method, preset, SCORE_NORMALS.get(method, 24), 4)
     det.fit(normals, anomalies)
     c = det.config
     S, bs = int(c["image_size"]), int(c.get("test_batch_size", 32))
@@ -220,7 +243,8 @@ def score_one(method: str, preset: str, n: int, repeats: int) -> dict:
     bare_rate = _rate(bare, n, repeats)
     full_rate = _rate(lambda: det.predict_arrays(images, bs), n, repeats)
     return {"method": method, "preset": preset, "image_size": S, "batch": bs, "backbone": det.backbone_info["name"],
-            "bare_img_s": bare_rate, "method_img_s": full_rate, "ratio": full_rate / bare_rate}
+            "bare_img_s": bare_rate, "method_img_s": full_rate, "ratio": full_rate / bare_rate,
+            "memory_patches": int(det.memory.shape[0]) if getattr(det, "memory", None) is not None else None}
 
 
 def train_one(method: str, preset: str, repeats: int) -> dict:
@@ -243,6 +267,7 @@ def train_one(method: str, preset: str, repeats: int) -> dict:
     try:
         t0 = CLOCK()
         det.fit(normals, anomalies)
+        _sync()
         fit_s = CLOCK() - t0
     finally:
         hook.remove()
@@ -280,12 +305,13 @@ def _unfrozen(ext, x):
 def part_score(a) -> list[dict]:
     out = []
     print(f"\nscore: {a.n_score} random images per method, best of {a.repeats} ({load_cpu()})", flush=True)
-    print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'bare img/s':>11s} {'method img/s':>13s} {'ratio':>6s}")
+    print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'bare img/s':>11s} {'method img/s':>13s} {'ratio':>6s} "
+          f"{'memory':>7s}")
     for m in a.methods.split(","):
         r = score_one(m, a.preset, a.n_score, a.repeats)
         out.append(r)
         print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['bare_img_s']:11.1f} {r['method_img_s']:13.1f} "
-              f"{r['ratio']:6.2f}", flush=True)
+              f"{r['ratio']:6.2f} {r['memory_patches'] or '-':>7}", flush=True)
     return out
 
 
@@ -299,6 +325,126 @@ def part_train(a) -> list[dict]:
         out.append(r)
         print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['fit_s']:7.1f} {r['method_img_s']:13.1f} "
               f"{r['bare_fwd_bwd_img_s']:15.1f} {r['ratio']:6.2f}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# first: the first scoring pass after training against the next ones (a GPU's warm-up)
+# --------------------------------------------------------------------------------------
+def first_one(method: str, preset: str, n: int, profile: bool) -> dict:
+    import torch
+
+    det, normals, anomalies = _fitted(method, preset, SCORE_NORMALS.get(method, 24), 4)
+    det.fit(normals, anomalies)
+    _sync()
+    S, bs = int(det.config["image_size"]), int(det.config.get("test_batch_size", 32))
+    images = np.random.default_rng(0).integers(0, 256, size=(n, S, S, 3), dtype=np.uint8)
+    passes, table = [], ""
+    for k in range(3):
+        prof = None
+        if k == 0 and profile:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+        t0 = time.perf_counter()  # wall clock: a warm-up is waiting, whoever waits
+        det.predict_arrays(images, bs)
+        _sync()
+        passes.append(time.perf_counter() - t0)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return {"method": method, "preset": preset, "image_size": S, "batch": bs, "images": n,
+            "device": det.device_name, "passes_s": passes, "first_over_second": passes[0] / passes[1],
+            "profile_first_pass": table}
+
+
+def part_first(a) -> list[dict]:
+    out = []
+    print(f"\nfirst: {a.n_first} random images scored three times right after training ({load_cpu()})", flush=True)
+    print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'1st s':>8s} {'2nd s':>8s} {'3rd s':>8s} "
+          f"{'1st/2nd':>8s}  device")
+    for m in a.methods.split(","):
+        r = first_one(m, a.preset, a.n_first, a.profile_first)
+        out.append(r)
+        p = r["passes_s"]
+        print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {p[0]:8.2f} {p[1]:8.2f} {p[2]:8.2f} "
+              f"{r['first_over_second']:8.1f}  {r['device']}", flush=True)
+        if r["profile_first_pass"]:
+            print(f"  first pass of {m}, by self CPU time:\n{r['profile_first_pass']}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# schedule: DRA's paper preset (the official code's schedule), per training setting
+# --------------------------------------------------------------------------------------
+SCHEDULE_VARIANTS = {
+    "as is": {},
+    "channels-last": {"channels_last": True},
+    "bf16": {"amp": "bf16"},
+    "data on device": {"data_on_device": True},
+    "all three": {"channels_last": True, "amp": "bf16", "data_on_device": True},
+}
+
+
+def _synthetic_folder(root: Path, size: int, n_normal: int = 100, n_anomaly: int = 12) -> Path:
+    """HeadCT's shape in MVTec layout (100 training normals, 10 of the anomalies labelled) of
+    random images: a step's time does not depend on what the pixels show."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for sub, n in (("train/good", n_normal), ("test/defect", n_anomaly), ("test/good", 2)):
+        d = root / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
+def schedule_one(name: str, over: dict, steps: int, size: int | None, data: Path) -> dict:
+    from osad_core.data import load_folder
+    from osad_core.methods.base import make_detector
+    from osad_core.protocol import Protocol, make_split
+    from osad_core.train import Callbacks
+
+    split = make_split(load_folder(data), Protocol("general", 10, seed=0))
+    cfg = dict(over, device=DEVICE, seed=0, epochs=1, steps_per_epoch=steps, **({"image_size": size} if size else {}))
+    det = make_detector("dra", "paper", cfg)
+    stamps: list[float] = []
+
+    class Stamps(Callbacks):
+        def advance(self, step, *args, **kw):
+            _sync()
+            stamps.append(time.perf_counter())
+            super().advance(step, *args, **kw)
+
+    t0 = time.perf_counter()
+    det.fit(split.train_normal, split.train_anomalies, Stamps())
+    fit_s = time.perf_counter() - t0
+    step_s = float(np.median(np.diff(stamps[2:]))) if len(stamps) > 3 else (stamps[-1] - t0) / max(1, len(stamps))
+    paper = make_detector("dra", "paper").config
+    full_steps = int(paper["epochs"]) * int(paper["steps_per_epoch"])
+    return {"variant": name, "settings": over, "image_size": int(det.config["image_size"]),
+            "batch": int(det.config["batch_size"]), "steps": steps, "fit_s": fit_s, "step_s": step_s,
+            "full_steps": full_steps, "projected_full_s": fit_s - steps * step_s + full_steps * step_s,
+            "device": det.device_name}
+
+
+def part_schedule(a) -> list[dict]:
+    data = Path(a.schedule_data) if a.schedule_data else _synthetic_folder(
+        Path(tempfile.mkdtemp(prefix="osad-bench-schedule-")), a.schedule_size or 448)
+    steps = 4 if a.short else a.schedule_steps
+    print(f"\nschedule: DRA paper preset, {steps} steps per setting, the median step after two "
+          f"projected to the full schedule; data {data} ({load_cpu()})", flush=True)
+    print(f"  {'setting':15s} {'size':>5s} {'batch':>5s} {'s/step':>8s} {'full s':>8s} {'speed-up':>9s}  device")
+    out = []
+    for name, over in SCHEDULE_VARIANTS.items():
+        r = schedule_one(name, over, steps, a.schedule_size, data)
+        r["speed_up"] = out[0]["step_s"] / r["step_s"] if out else 1.0
+        out.append(r)
+        print(f"  {name:15s} {r['image_size']:5d} {r['batch']:5d} {r['step_s']:8.3f} {r['projected_full_s']:8.1f} "
+              f"{r['speed_up']:9.2f}  {r['device']}", flush=True)
     return out
 
 
@@ -327,8 +473,8 @@ def part_scale(a) -> list[dict]:
     return json.loads(out.read_text()) if out.is_file() else []
 
 
-PARTS = {"press": part_press, "score": part_score, "train": part_train,
-         "tsne": part_tsne, "paint": part_paint, "scale": part_scale}
+PARTS = {"press": part_press, "score": part_score, "train": part_train, "first": part_first,
+         "schedule": part_schedule, "tsne": part_tsne, "paint": part_paint, "scale": part_scale}
 
 
 def main(argv=None) -> int:
@@ -344,16 +490,25 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=CLOCKS, default="wall",
                    help="score and train rates by wall-clock or by this process's CPU time (steadier on a "
                         "shared machine with one thread; counts every thread's time with more)")
+    p.add_argument("--device", default="auto", help="the detectors' device: auto, cpu, cuda")
+    p.add_argument("--n-first", type=int, default=115, help="images of the first part (HeadCT's test set)")
+    p.add_argument("--profile-first", action="store_true", help="print a profile of each first scoring pass")
+    p.add_argument("--schedule-steps", type=int, default=20, help="training steps timed per setting")
+    p.add_argument("--schedule-size", type=int, default=None, help="image size of the schedule part "
+                   "(default the paper preset's 448 px; smaller to try the part on a CPU)")
+    p.add_argument("--schedule-data", help="an MVTec-layout folder instead of random images")
     p.add_argument("--short", action="store_true", help="a quick check: fewer images and repeats")
     p.add_argument("--json", help="also write the numbers here")
     a = p.parse_args(argv)
     if a.short:
-        a.n_score, a.repeats = 32, 1
-    global CLOCK
-    CLOCK = CLOCKS[a.clock]
-    parts = list(PARTS) if not a.part or "all" in a.part else a.part
+        a.n_score, a.repeats, a.n_first = 32, 1, 32
+    global CLOCK, DEVICE
+    CLOCK, DEVICE = CLOCKS[a.clock], a.device
     import torch
 
+    # the schedule part trains at 448 px: minutes per step on a CPU, so only asked for there
+    every = [k for k in PARTS if k != "schedule" or torch.cuda.is_available()]
+    parts = every if not a.part or "all" in a.part else a.part
     print(f"bench_speed: parts {', '.join(parts)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{a.clock} clock; {load_cpu()}")
     results = {name: PARTS[name](a) for name in parts}
