@@ -192,9 +192,13 @@ class DRAFamilyDetector(Detector):
         return gather
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device).contiguous(memory_format=self.memory_format)
+        """A batch on the model's device and in its layout (a batch already there, e.g. with
+        ``data_on_device``, is only laid out: only host memory can be pinned)."""
+        if x.device.type == "cpu" and self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        else:
+            x = x.to(self.device)
+        return x.contiguous(memory_format=self.memory_format)
 
     def fit(self, train_normal, train_anomalies, callbacks: Callbacks | None = None):
         c = self.config
