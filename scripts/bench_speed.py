@@ -41,6 +41,7 @@ wall clock: with one thread it leaves out the time other users' processes hold t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -302,30 +303,31 @@ def _unfrozen(ext, x):
     return out
 
 
-def part_score(a) -> list[dict]:
+def _each_method(a, measure, row) -> list[dict]:
+    """``measure(method)`` for each of ``--methods``, printing ``row(method, result)`` as each ends."""
     out = []
+    for m in a.methods.split(","):
+        out.append(measure(m))
+        print(row(m, out[-1]), flush=True)
+    return out
+
+
+def part_score(a) -> list[dict]:
     print(f"\nscore: {a.n_score} random images per method, best of {a.repeats} ({load_cpu()})", flush=True)
     print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'bare img/s':>11s} {'method img/s':>13s} {'ratio':>6s} "
           f"{'memory':>7s}")
-    for m in a.methods.split(","):
-        r = score_one(m, a.preset, a.n_score, a.repeats)
-        out.append(r)
-        print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['bare_img_s']:11.1f} {r['method_img_s']:13.1f} "
-              f"{r['ratio']:6.2f} {r['memory_patches'] or '-':>7}", flush=True)
-    return out
+    return _each_method(a, lambda m: score_one(m, a.preset, a.n_score, a.repeats), lambda m, r: (
+        f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['bare_img_s']:11.1f} {r['method_img_s']:13.1f} "
+        f"{r['ratio']:6.2f} {r['memory_patches'] or '-':>7}"))
 
 
 def part_train(a) -> list[dict]:
-    out = []
     print(f"\ntrain: a few steps of each method on ELPV images ({load_cpu()})", flush=True)
     print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'fit s':>7s} {'method img/s':>13s} {'bare f+b img/s':>15s} "
           f"{'ratio':>6s}")
-    for m in a.methods.split(","):
-        r = train_one(m, a.preset, a.repeats)
-        out.append(r)
-        print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['fit_s']:7.1f} {r['method_img_s']:13.1f} "
-              f"{r['bare_fwd_bwd_img_s']:15.1f} {r['ratio']:6.2f}", flush=True)
-    return out
+    return _each_method(a, lambda m: train_one(m, a.preset, a.repeats), lambda m, r: (
+        f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {r['fit_s']:7.1f} {r['method_img_s']:13.1f} "
+        f"{r['bare_fwd_bwd_img_s']:15.1f} {r['ratio']:6.2f}"))
 
 
 # --------------------------------------------------------------------------------------
@@ -339,21 +341,17 @@ def first_one(method: str, preset: str, n: int, profile: bool) -> dict:
     _sync()
     S, bs = int(det.config["image_size"]), int(det.config.get("test_batch_size", 32))
     images = np.random.default_rng(0).integers(0, 256, size=(n, S, S, 3), dtype=np.uint8)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                   if torch.cuda.is_available() else [])
     passes, table = [], ""
     for k in range(3):
-        prof = None
-        if k == 0 and profile:
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            prof = torch.profiler.profile(activities=acts)
-            prof.__enter__()
-        t0 = time.perf_counter()  # wall clock: a warm-up is waiting, whoever waits
-        det.predict_arrays(images, bs)
-        _sync()
-        passes.append(time.perf_counter() - t0)
-        if prof is not None:
-            prof.__exit__(None, None, None)
+        profiled = k == 0 and profile
+        with torch.profiler.profile(activities=acts) if profiled else contextlib.nullcontext() as prof:
+            t0 = time.perf_counter()  # wall clock: a warm-up is waiting, whoever waits
+            det.predict_arrays(images, bs)
+            _sync()
+            passes.append(time.perf_counter() - t0)
+        if profiled:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     return {"method": method, "preset": preset, "image_size": S, "batch": bs, "images": n,
             "device": det.device_name, "passes_s": passes, "first_over_second": passes[0] / passes[1],
@@ -361,19 +359,17 @@ def first_one(method: str, preset: str, n: int, profile: bool) -> dict:
 
 
 def part_first(a) -> list[dict]:
-    out = []
     print(f"\nfirst: {a.n_first} random images scored three times right after training ({load_cpu()})", flush=True)
     print(f"  {'method':12s} {'size':>5s} {'batch':>5s} {'1st s':>8s} {'2nd s':>8s} {'3rd s':>8s} "
           f"{'1st/2nd':>8s}  device")
-    for m in a.methods.split(","):
-        r = first_one(m, a.preset, a.n_first, a.profile_first)
-        out.append(r)
+
+    def row(m, r):
         p = r["passes_s"]
-        print(f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {p[0]:8.2f} {p[1]:8.2f} {p[2]:8.2f} "
-              f"{r['first_over_second']:8.1f}  {r['device']}", flush=True)
-        if r["profile_first_pass"]:
-            print(f"  first pass of {m}, by self CPU time:\n{r['profile_first_pass']}", flush=True)
-    return out
+        table = r["profile_first_pass"]
+        profile = f"\n  first pass of {m}, by self CPU time:\n{table}" if table else ""
+        return (f"  {m:12s} {r['image_size']:5d} {r['batch']:5d} {p[0]:8.2f} {p[1]:8.2f} {p[2]:8.2f} "
+                f"{r['first_over_second']:8.1f}  {r['device']}{profile}")
+    return _each_method(a, lambda m: first_one(m, a.preset, a.n_first, a.profile_first), row)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,13 +398,10 @@ def _synthetic_folder(root: Path, size: int, n_normal: int = 100, n_anomaly: int
     return root
 
 
-def schedule_one(name: str, over: dict, steps: int, size: int | None, data: Path) -> dict:
-    from osad_core.data import load_folder
+def schedule_one(name: str, over: dict, steps: int, size: int | None, split) -> dict:
     from osad_core.methods.base import make_detector
-    from osad_core.protocol import Protocol, make_split
     from osad_core.train import Callbacks
 
-    split = make_split(load_folder(data), Protocol("general", 10, seed=0))
     cfg = dict(over, device=DEVICE, seed=0, epochs=1, steps_per_epoch=steps, **({"image_size": size} if size else {}))
     det = make_detector("dra", "paper", cfg)
     stamps: list[float] = []
@@ -422,7 +415,7 @@ def schedule_one(name: str, over: dict, steps: int, size: int | None, data: Path
     t0 = time.perf_counter()
     det.fit(split.train_normal, split.train_anomalies, Stamps())
     fit_s = time.perf_counter() - t0
-    step_s = float(np.median(np.diff(stamps[2:]))) if len(stamps) > 3 else (stamps[-1] - t0) / max(1, len(stamps))
+    step_s = float(np.median(np.diff(stamps[2:])))  # steps after the first two (at least 4 steps)
     paper = make_detector("dra", "paper").config
     full_steps = int(paper["epochs"]) * int(paper["steps_per_epoch"])
     return {"variant": name, "settings": over, "image_size": int(det.config["image_size"]),
@@ -432,15 +425,19 @@ def schedule_one(name: str, over: dict, steps: int, size: int | None, data: Path
 
 
 def part_schedule(a) -> list[dict]:
+    from osad_core.data import load_folder
+    from osad_core.protocol import Protocol, make_split
+
     data = Path(a.schedule_data) if a.schedule_data else _synthetic_folder(
         Path(tempfile.mkdtemp(prefix="osad-bench-schedule-")), a.schedule_size or 448)
-    steps = 4 if a.short else a.schedule_steps
+    split = make_split(load_folder(data), Protocol("general", 10, seed=0))
+    steps = 4 if a.short else max(4, a.schedule_steps)
     print(f"\nschedule: DRA paper preset, {steps} steps per setting, the median step after two "
           f"projected to the full schedule; data {data} ({load_cpu()})", flush=True)
     print(f"  {'setting':15s} {'size':>5s} {'batch':>5s} {'s/step':>8s} {'full s':>8s} {'speed-up':>9s}  device")
     out = []
     for name, over in SCHEDULE_VARIANTS.items():
-        r = schedule_one(name, over, steps, a.schedule_size, data)
+        r = schedule_one(name, over, steps, a.schedule_size, split)
         r["speed_up"] = out[0]["step_s"] / r["step_s"] if out else 1.0
         out.append(r)
         print(f"  {name:15s} {r['image_size']:5d} {r['batch']:5d} {r['step_s']:8.3f} {r['projected_full_s']:8.1f} "
