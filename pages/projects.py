@@ -200,16 +200,16 @@ def project_card(p: dict, importing: bool = False) -> None:
             st.markdown(f"#### {p['name']}{badge}")
             st.caption(f"{p['source']} · {p['description'] or ''}"
                        + (f" · `{p['root_path']}`" if p["root_path"] and p["source"] != "elpv" else ""))
-        with actions:
-            b1, b2, b3 = st.columns(3)
-            if b1.button("Open", key=f"open_{p['id']}", type="primary" if current else "secondary",
+        # a row of buttons at their own widths: equal thirds cut "Delete" to "D…"
+        with actions.container(horizontal=True, horizontal_alignment="right"):
+            if st.button("Open", key=f"open_{p['id']}", type="primary" if current else "secondary",
                          help="Make this the current project and go to labelling"):
                 common.set_project(p["id"])
                 st.switch_page(common.PAGES["label"])
-            if auth.can("train") and b2.button("Train", key=f"train_{p['id']}"):
+            if auth.can("train") and st.button("Train", key=f"train_{p['id']}"):
                 common.set_project(p["id"])
                 st.switch_page(common.PAGES["train"])
-            if auth.can("delete_project") and b3.button("Delete", key=f"delete_{p['id']}", icon=":material/delete:"):
+            if auth.can("delete_project") and st.button("Delete", key=f"delete_{p['id']}", icon=":material/delete:"):
                 st.session_state["confirm_delete"] = p["id"]
         cols = st.columns(6)
         cols[0].metric("Images", f"{p['images']:,}")
