@@ -72,6 +72,44 @@ def _cached_multiscale_for(config, backbone_info, fresh):
 fusion_module.multiscale_for = _cached_multiscale_for
 
 
+def record_recon_trajectory() -> None:
+    """Make the reconstruction gate's evidence also hold ``trajectory``: the reconstruction
+    part's AUROC of the labelled anomalies against the held-out normals (the gate's own
+    measure) after each epoch of its training; the last entry is the evidence itself.
+    Scoring between epochs runs without gradients and draws no random numbers, so the
+    training it watches is the one without it."""
+    import osad_core.methods.ckaad as ckaad_module
+
+    fit_recon, loop = fusion_module.Fusion._fit_recon, ckaad_module.run_loop
+    watch: dict = {}
+
+    def watched_fit_recon(self, normal_records, anomaly_records, cal_images, cal_memory, anomalies, callbacks):
+        watch.update(det=self, cal=cal_images, anomalies=anomalies, trajectory=[])
+        try:
+            fit_recon(self, normal_records, anomaly_records, cal_images, cal_memory, anomalies, callbacks)
+        finally:
+            trajectory = watch.pop("trajectory", [])
+            watch.clear()
+        if self.recon_evidence and self.recon_evidence.get("reconstruction") is not None:
+            self.recon_evidence["trajectory"] = trajectory + [self.recon_evidence["reconstruction"]]
+
+    def watched_loop(step_fn, epochs, steps, callbacks=None, on_epoch_start=None, **kw):
+        if not watch or not len(watch["anomalies"]):
+            return loop(step_fn, epochs, steps, callbacks, on_epoch_start=on_epoch_start, **kw)
+        det = watch["det"]
+
+        def each_epoch(epoch: int) -> None:
+            if epoch:
+                watch["trajectory"].append(fusion_module._separation(
+                    det._recon_parts(watch["anomalies"])[0], det._recon_parts(watch["cal"])[0]))
+            if on_epoch_start:
+                on_epoch_start(epoch)
+        return loop(step_fn, epochs, steps, callbacks, on_epoch_start=each_epoch, **kw)
+
+    fusion_module.Fusion._fit_recon = watched_fit_recon
+    ckaad_module.run_loop = watched_loop
+
+
 @torch.no_grad()
 def parts(det, arrays: np.ndarray, bs: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Raw image scores of the memory (top-k mean of the nearest-patch distances), of the head
@@ -164,8 +202,12 @@ def main() -> None:
     ap.add_argument("--diagnose", nargs="*", default=None,
                     help="variants whose parts' AUROCs are computed too (one more scoring pass; default: the first)")
     ap.add_argument("--json", required=True)
+    ap.add_argument("--recon-trajectory", action="store_true",
+                    help="record the reconstruction gate's AUROC after every epoch of its training")
     ap.add_argument("--feature-cache", help="file of remembered backbone outputs: read if present, written at the end")
     a = ap.parse_args()
+    if a.recon_trajectory:
+        record_recon_trajectory()
     if a.feature_cache and Path(a.feature_cache).exists():
         STORES.update(torch.load(a.feature_cache))
     n_cached = sum(len(s) for s in STORES.values())
@@ -186,6 +228,11 @@ def main() -> None:
                 print(f"{name:14s} seed {seed} {kc or '-':8s} " + "  ".join(
                     f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "fit_s_cached")
                     + (f"  members {' '.join(f'{x:.3f}' for x in members)}" if members else ""), flush=True)
+                ev = r.get("recon_evidence") or {}
+                if ev.get("trajectory"):
+                    print(f"{'':14s} gate: memory {ev['memory']:.3f}, reconstruction by epoch "
+                          + " ".join(f"{x:.3f}" for x in ev["trajectory"]) + f" -> {'open' if ev['open'] else 'closed'}",
+                          flush=True)
                 Path(a.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.json).write_text(json.dumps(results, indent=2))
     if a.feature_cache and sum(len(s) for s in STORES.values()) > n_cached:
