@@ -3,6 +3,7 @@
 # method): quick DRA, Fusion with one head and Fusion with 8 head members (4 kept), one after
 # another on the same CPU, each under /usr/bin/time with the load average before and after.
 # Usage: scripts/bench_fusion_cost.sh            (DATA="headct elpv" SEED=0 OUT=bench_results/fusion_cost)
+#        (the *-nocache runs: the frozen-feature cache off, as before it existed)
 #        RUNS="dra fusion-default fusion-recon" scripts/bench_fusion_cost.sh   (names from the table below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,9 @@ for data in $DATA; do
       fusion-m4k2) method=fusion extra="--set head_members=4 --set head_keep=0.5 --set recon_weight=0" ;;
       fusion-recon) method=fusion extra="--set head_members=4 --set head_keep=0.5 --set recon_weight=0.333333" ;;
       fusion-default) method=fusion extra="" ;;  # whatever the code's defaults are
+      fusion-recon-nocache) method=fusion extra="--set recon_feature_cache_mb=0" ;;  # features per draw
+      ckaad) method=ckaad extra="" ;;
+      ckaad-nocache) method=ckaad extra="--set feature_cache_mb=0" ;;
       *) echo "unknown run $name" >&2; exit 2 ;;
     esac
     echo "$(date -u +%T) start $data $name load: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -48,6 +48,7 @@ from torch import nn
 from .. import augment
 from ..backbones import multiscale_for
 from ..data import IMAGE_CACHE, DataError, ImageRecord, read_mask
+from ..feature_cache import FrozenFeatureCache
 from ..smoothing import resize_maps
 from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction, register
@@ -361,12 +362,12 @@ class BGAD(Detector):
         self._build(fresh=True)
         rng = np.random.default_rng(c["seed"])
         gen = torch.Generator().manual_seed(c["seed"])
-        self._feat_cache = None
         cb = self.progress_callbacks(callbacks)
         if c["standardize_features"]:
             cb.begin("Normal features", message="feature statistics")
             self._fit_feature_stats(self._normals[self._stats_subset(rng)])
-        self._cache_normal_features(cb)
+        self._feat_cache = FrozenFeatureCache(self._normals, self._features, c["feature_cache_mb"])
+        self._feat_cache.fill(c["test_batch_size"], cb)
 
         entries = [("normal", i) for i in range(len(self._normals))] + self._entry_kinds()
         B = min(c["batch_size"], len(entries))
@@ -455,31 +456,9 @@ class BGAD(Detector):
         return np.sort(rng.choice(n, size=k, replace=False)) if k < n else np.arange(n)
 
     def _normal_features(self, idx) -> list[torch.Tensor]:
-        """Standardised features of training normals: from the cache when there is one
-        (normals are never augmented, so their frozen features never change)."""
-        if self._feat_cache is not None:
-            t = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-            return [f[t.to(f.device)].to(self.device) for f in self._feat_cache]
-        return self._features(self._normals[np.asarray(idx)])
-
-    @torch.no_grad()
-    def _cache_normal_features(self, cb: Callbacks | None = None) -> None:
-        """Keep every normal's features when they fit in ``feature_cache_mb``."""
-        self._feat_cache = None
-        limit = self.config["feature_cache_mb"]
-        S, n = self.config["image_size"], len(self._normals)
-        per_image = sum(ch * (S // st) ** 2 for ch, st in zip(self.backbone_info["layer_channels"],
-                                                               self.backbone_info["layer_strides"])) * 4
-        if not limit or per_image * n > limit * 2 ** 20:
-            return
-        bs, parts = self.config["test_batch_size"], []
-        cb = cb or Callbacks()
-        cb.begin("Normal features", n)
-        for i in range(0, n, bs):
-            cb.check_cancel()
-            parts.append(self._features(self._normals[i:i + bs]))
-            cb.advance(min(n, i + bs))
-        self._feat_cache = [torch.cat(p) for p in zip(*parts)]
+        """Standardised features of training normals (during fit): each computed once while
+        they fit in ``feature_cache_mb`` (normals are never augmented, so they never change)."""
+        return self._feat_cache.take(idx)
 
     def _estimate_boundaries(self, rng: np.random.Generator) -> list[float]:
         """b_n per level from the normal training distribution: the β-th quantile (sorted,

@@ -16,6 +16,8 @@ Variants: ``generator_loss`` "paper" (λ·γ·E[D(G(·))], eq. 13's only term th
 G) or "code" (λ·E[D(G(·))], the same gradient up to γ). ``elastic_anomalies``: the
 industrial recipe's elastically deformed normal copies as anomalies — "auto" uses them only
 when no labelled anomaly is given (the code then trains on reconstruction alone, "never").
+Our addition: the frozen features of the normals and the labelled anomalies (never
+augmented) are computed once per image and kept (``feature_cache_mb``), not once per draw.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch import nn
 from .. import augment
 from ..backbones import multiscale_for
 from ..data import IMAGE_CACHE, DataError, read_mask
+from ..feature_cache import FrozenFeatureCache
 from ..smoothing import resize_maps
 from ..train import Callbacks, InfiniteStream, describe_device, resolve_device, run_loop, seed_everything
 from .base import Detector, Prediction, register
@@ -245,6 +248,7 @@ class CKAAD(Detector):
         device="auto",
         seed=111,
         test_batch_size=32,
+        feature_cache_mb=2048,  # keep the un-augmented training images' frozen features up to this size (0 = never)
     )
     presets = {
         "paper": {},
@@ -316,6 +320,9 @@ class CKAAD(Detector):
         self.anomaly_source = ("labelled" if len(anomalies) else "none") + (" + elastic copies" if use_elastic else "")
         an_masks, n_gt = self._anomaly_masks(ok_an, S)
         self.mask_sources = {"ground_truth": n_gt, "image_level": len(ok_an) - n_gt, "image_level_as": "coarse"}
+        # normals and labelled anomalies are never augmented: each one's frozen features once
+        cache_n = FrozenFeatureCache(normals, self._features, c["feature_cache_mb"])
+        cache_a = FrozenFeatureCache(anomalies, self._features, c["feature_cache_mb"])
         s_norm = InfiniteStream(len(normals), rng)
         s_an = InfiniteStream(max(1, len(anomalies)), rng)
         n_an = min(B, len(anomalies))
@@ -330,16 +337,16 @@ class CKAAD(Detector):
         def step(epoch: int, it: int) -> float:
             self.ae.train()
             self.discs.train()
-            nb = normals[s_norm.take(B)]
-            f_pos = self._features(nb)
+            i_norm = s_norm.take(B)
+            f_pos = cache_n.take(i_norm)
             anom_parts, mask_parts = [], []
             if n_an:
                 idx = s_an.take(n_an)
-                anom_parts.append(self._features(anomalies[idx]))
+                anom_parts.append(cache_a.take(idx))
                 mask_parts.append(an_masks[idx])
             if use_elastic:
-                anom_parts.append(self._features(self._elastic(nb)))
-                mask_parts.append(np.ones((len(nb), S, S), np.float32))
+                anom_parts.append(self._features(self._elastic(normals[i_norm])))
+                mask_parts.append(np.ones((len(i_norm), S, S), np.float32))
             m_neg = None
             if n_gt:  # without any mask the loss is exactly the paper's (every position)
                 m_neg = torch.from_numpy(np.concatenate(mask_parts))[:, None].to(self.device)

@@ -273,6 +273,7 @@ class Fusion(Detector):
         recon_epochs=10,  # CKAAD's quick schedule
         recon_steps=20,
         recon_batch=16,
+        recon_feature_cache_mb=2048,  # its training images' frozen features kept up to this size (0 = never)
         smooth_sigma=4.0,  # px at a 256-px map; scaled with map_size
         device="auto",
         seed=0,
@@ -485,6 +486,7 @@ class Fusion(Detector):
             image_size=int(c["image_size"]) // self._recon_factor(), map_size=int(c["map_size"]),
             backbone=c["recon_backbone"], weights=c["weights"],
             epochs=int(c["recon_epochs"]), steps_per_epoch=int(c["recon_steps"]), batch_size=int(c["recon_batch"]),
+            feature_cache_mb=float(c["recon_feature_cache_mb"]),
             device=c["device"], seed=int(c["seed"]), test_batch_size=int(c["test_batch_size"]),
             **({"elastic_anomalies": "never"} if gate else {})))
         det.stage = "Reconstruction model"
